@@ -1,0 +1,3 @@
+from tmemfs.cli import main
+
+raise SystemExit(main())

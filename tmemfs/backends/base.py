@@ -1,0 +1,111 @@
+"""The interface every backend implements, and the worker-thread helper they share.
+
+A backend is an allocator for page contents, like a zpool under zswap: the engine
+keeps the index (which key holds which handle) and decides what is admitted; the
+backend decides how a page is represented and what it costs. Encoding and decoding
+are batched and run in worker threads, because pyfuse3 serves every request from
+one trio thread and a 1 MiB request is 256 pages of CPU work.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Below this many pages a batch is not worth splitting over several threads.
+_MIN_PAGES_PER_THREAD = 16
+
+
+@dataclass(slots=True)
+class Encoded:
+    """A page ready to be kept: its representation, and what keeping it costs at most.
+
+    `poor` says the page compressed worse than the reject ratio and is held raw;
+    the engine refuses it instead when --reject-poor is set.
+    """
+
+    value: Any
+    cost: int
+    poor: bool = False
+
+
+class Backend(ABC):
+    """Where page contents live. Handles are opaque to the engine."""
+
+    #: The name used by --backend and shown in stats.
+    name: str = ""
+
+    def __init__(self, page_size: int, limiter: trio.CapacityLimiter) -> None:
+        self.page_size = page_size
+        self.limiter = limiter
+
+    @abstractmethod
+    async def encode_many(self, pages: Sequence[bytes]) -> list[Encoded]:
+        """Turn full pages into their stored form (compression happens here)."""
+
+    @abstractmethod
+    def store(self, encoded: Encoded) -> Any:
+        """Keep an encoded page and return its handle. Never fails: the engine admits first."""
+
+    @abstractmethod
+    async def load_many(self, handles: Sequence[Any]) -> list[bytes]:
+        """Return the full pages behind the handles, in order."""
+
+    @abstractmethod
+    def invalidate(self, handle: Any) -> None:
+        """Release one reference to a handle."""
+
+    @abstractmethod
+    def payload_share(self, handle: Any) -> float:
+        """Payload bytes charged to one page; a shared (deduplicated) payload is split."""
+
+    @abstractmethod
+    def is_same_filled(self, handle: Any) -> bool:
+        """Whether the page is kept as a repeated 8-byte word with no payload."""
+
+    @abstractmethod
+    def is_shared(self, handle: Any) -> bool:
+        """Whether the page's payload is shared with another page (deduplicated)."""
+
+    @abstractmethod
+    def memory_used(self) -> int:
+        """All memory the backend holds for pages: payloads plus per-handle overhead."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Backend-wide counters (compr_data_size, same_filled_pages, dedup_pages)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op for RAM backends
+        """Release connections and files."""
+
+    def describe(self) -> str:
+        """A one-line description for logs and stats."""
+        return self.name
+
+    async def run_batched(self, func: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
+        """Run `func` over `items` in worker threads, one chunk per core, keeping order."""
+        if not items:
+            return []
+        chunks = max(1, min(int(self.limiter.total_tokens), len(items) // _MIN_PAGES_PER_THREAD))
+        if chunks == 1:
+            return await trio.to_thread.run_sync(func, items, limiter=self.limiter)
+        size = math.ceil(len(items) / chunks)
+        parts: list[list[R]] = [[] for _ in range(chunks)]
+
+        async def run_part(i: int) -> None:
+            parts[i] = await trio.to_thread.run_sync(
+                func, items[i * size : (i + 1) * size], limiter=self.limiter
+            )
+
+        async with trio.open_nursery() as nursery:
+            for i in range(chunks):
+                nursery.start_soon(run_part, i)
+        return [r for part in parts for r in part]

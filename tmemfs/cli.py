@@ -1,0 +1,189 @@
+"""The command line: `tmemfs mount`, `tmemfs umount`, `tmemfs stat`.
+
+Every failure a user can cause is one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from tmemfs import __version__
+from tmemfs.backends import BACKEND_NAMES
+from tmemfs.engine import stats as statsfmt
+from tmemfs.mount import MountError, MountOptions, mount, umount
+from tmemfs.sizes import format_size, parse_size
+
+DEFAULT_MAX_POOL = "20%"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 1."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: {message}\n")
+        raise SystemExit(1)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="tmemfs", description="Transcendent memory as a FUSE filesystem.")
+    parser.add_argument("--version", action="version", version=f"tmemfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    m = sub.add_parser("mount", help="mount a tmemfs")
+    m.add_argument("mountpoint", type=Path)
+    m.add_argument("--backend", default="lz4", help="lz4 (default) or raw")
+    m.add_argument("--max-pool", default=DEFAULT_MAX_POOL,
+                   help="memory budget: bytes with K/M/G, or N%% of RAM (default 20%%)")
+    m.add_argument("--page-size", type=int, default=4096,
+                   help="page size in bytes, a power of two from 512 to 65536 (default 4096)")
+    m.add_argument("--reject-ratio", type=float, default=0.875,
+                   help="pages compressing worse than this are stored raw (default 0.875)")
+    m.add_argument("--reject-poor", action="store_true",
+                   help="refuse poorly compressing pages instead of storing them raw")
+    m.add_argument("--exclusive-gets", action="store_true",
+                   help="a successful read of a frontswap or private cleancache page invalidates it")
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users in (permissions are then checked by mode bits)")
+    m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    m.add_argument("--debug", action="store_true", help="log every request")
+    m.add_argument("--log", dest="log_file", metavar="FILE",
+                   help="log to FILE (default: stderr in the foreground, syslog as a daemon)")
+
+    u = sub.add_parser("umount", help="unmount a tmemfs and wait for its daemon to exit")
+    u.add_argument("mountpoint", type=Path)
+
+    s = sub.add_parser("stat", help="show the counters of a mounted tmemfs")
+    s.add_argument("mountpoint", type=Path)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
+    if args.backend not in BACKEND_NAMES:
+        parser.error(f"unknown backend {args.backend!r} (choose from {', '.join(BACKEND_NAMES)})")
+    try:
+        max_pool = parse_size(args.max_pool)
+    except ValueError as exc:
+        parser.error(f"--max-pool: {exc}")
+    size = args.page_size
+    if size < 512 or size > 65536 or size & (size - 1):
+        parser.error("--page-size must be a power of two from 512 to 65536")
+    if max_pool < size:
+        parser.error("--max-pool must hold at least one page")
+    if not 0 < args.reject_ratio <= 1:
+        parser.error("--reject-ratio must be in (0, 1]")
+    return MountOptions(
+        mountpoint=args.mountpoint.absolute(),
+        backend=args.backend,
+        max_pool=max_pool,
+        page_size=size,
+        reject_ratio=args.reject_ratio,
+        reject_poor=args.reject_poor,
+        exclusive_gets=args.exclusive_gets,
+        allow_other=args.allow_other,
+        foreground=args.foreground,
+        debug=args.debug,
+        log_file=args.log_file,
+    )
+
+
+# -- stat --------------------------------------------------------------------------------
+
+_COLUMNS = (
+    ("POOL", None),
+    ("PAGES", "stored_pages"),
+    ("ORIG", "orig_data_size"),
+    ("COMPR", "compr_data_size"),
+    ("TOTAL", "pool_total_size"),
+    ("RATIO", None),
+    ("SAME", "same_filled_pages"),
+    ("DEDUP", "dedup_pages"),
+    ("EVICTED", "evicted_pages"),
+    ("REJECTED", None),
+    ("LOADS", "loads"),
+    ("MISSES", "load_misses"),
+)
+_SIZES = {"orig_data_size", "compr_data_size", "pool_total_size"}
+
+
+def read_stats(mountpoint: Path) -> dict[str, dict[str, int]]:
+    """Every stats file of a mount: {"total": {...}, "frontswap/0": {...}, ...}."""
+    def load(path: Path) -> dict[str, int]:
+        values = statsfmt.parse(path.read_text())
+        return {k: int(v) for k, v in values.items() if v.lstrip("-").isdigit()}
+
+    result = {"total": load(mountpoint / "stats")}
+    for kind in ("frontswap", "cleancache"):
+        for pool in sorted((mountpoint / kind).iterdir()):
+            if pool.is_dir():
+                try:
+                    result[f"{kind}/{pool.name}"] = load(pool / ".stats")
+                except FileNotFoundError:
+                    continue  # flushed while we looked
+    return result
+
+
+def format_table(stats: dict[str, dict[str, int]]) -> str:
+    rows = [[title for title, _ in _COLUMNS]]
+    for name, values in [*((k, v) for k, v in stats.items() if k != "total"),
+                         ("total", stats["total"])]:
+        row = []
+        for title, key in _COLUMNS:
+            if title == "POOL":
+                row.append(name)
+            elif title == "RATIO":
+                compr = values.get("compr_data_size", 0)
+                orig = values.get("orig_data_size", 0)
+                row.append(f"{orig / compr:.2f}" if compr else "-")
+            elif title == "REJECTED":
+                row.append(str(values.get("reject_compress_poor", 0)
+                               + values.get("pool_limit_hit", 0)
+                               + values.get("reject_alloc_fail", 0)))
+            else:
+                assert key is not None
+                value = values.get(key, 0)
+                row.append(format_size(value) if key in _SIZES else str(value))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    )
+
+
+def stat(mountpoint: Path, as_json: bool) -> int:
+    try:
+        stats = read_stats(mountpoint)
+    except OSError as exc:
+        raise MountError(f"cannot read the stats of {mountpoint}: {exc.strerror}") from None
+    if as_json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        print(format_table(stats))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "mount":
+            return mount(mount_options(args, parser))
+        if args.command == "umount":
+            return umount(args.mountpoint.absolute())
+        return stat(args.mountpoint, args.json)
+    except MountError as exc:
+        sys.stderr.write(f"tmemfs: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -1,0 +1,47 @@
+"""The tmem engine: pools, keys, semantics, budget and statistics. No FUSE here."""
+
+from tmemfs.engine.engine import ENTRY_OVERHEAD, Engine
+from tmemfs.engine.errors import (
+    BadName,
+    NoSuchObject,
+    NoSuchPage,
+    NoSuchPool,
+    PageLost,
+    PoolExists,
+    StoreRejected,
+    TmemError,
+)
+from tmemfs.engine.keys import (
+    SWAP_OBJECT,
+    PageKey,
+    PoolId,
+    PoolKind,
+    is_shared_pool_name,
+    parse_decimal,
+    parse_name,
+)
+from tmemfs.engine.pool import Entry, Owner, Pool, TmemObject
+
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "SWAP_OBJECT",
+    "BadName",
+    "Engine",
+    "Entry",
+    "NoSuchObject",
+    "NoSuchPage",
+    "NoSuchPool",
+    "Owner",
+    "PageKey",
+    "PageLost",
+    "Pool",
+    "PoolExists",
+    "PoolId",
+    "PoolKind",
+    "StoreRejected",
+    "TmemError",
+    "TmemObject",
+    "is_shared_pool_name",
+    "parse_decimal",
+    "parse_name",
+]

@@ -1,0 +1,67 @@
+"""Pools and objects: the index of what is stored, and who owns it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tmemfs.engine.keys import SWAP_OBJECT, PoolId, PoolKind, is_shared_pool_name
+from tmemfs.engine.stats import new_counters
+
+
+class Entry:
+    """One stored page: the backend's handle and the time of the store."""
+
+    __slots__ = ("handle", "mtime_ns")
+
+    def __init__(self, handle: Any, mtime_ns: int) -> None:
+        self.handle = handle
+        self.mtime_ns = mtime_ns
+
+
+@dataclass(slots=True)
+class Owner:
+    """Who created a pool or object, and the mode it was given (mkdir's mode minus umask)."""
+
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o755
+    ctime_ns: int = field(default_factory=time.time_ns)
+
+
+@dataclass(slots=True)
+class TmemObject:
+    """A cleancache object (an inode key), or the single object of a frontswap pool."""
+
+    owner: Owner
+    pages: dict[int, Entry] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Pool:
+    """A frontswap (persistent) or cleancache (ephemeral) pool."""
+
+    id: PoolId
+    owner: Owner
+    objects: dict[str, TmemObject] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=new_counters)
+
+    @property
+    def persistent(self) -> bool:
+        return self.id.kind is PoolKind.PERSISTENT
+
+    @property
+    def shared(self) -> bool:
+        """A cleancache pool named by a UUID (init_shared_fs); frontswap pools never are."""
+        return not self.persistent and is_shared_pool_name(self.id.name)
+
+    def page_count(self) -> int:
+        return sum(len(obj.pages) for obj in self.objects.values())
+
+    @classmethod
+    def create(cls, pool_id: PoolId, owner: Owner) -> Pool:
+        pool = cls(pool_id, owner)
+        if pool.persistent:
+            pool.objects[SWAP_OBJECT] = TmemObject(owner)
+        return pool

@@ -1,0 +1,657 @@
+"""The pyfuse3 adapter: a protocol translator only.
+
+Paths and inodes become tmem keys, engine results become replies, engine
+exceptions become errnos in one place (`errno_for`). No tmem rule is decided here:
+the engine decides what is stored, loaded, evicted or refused. Every handler is
+wrapped so that no exception other than FUSEError reaches pyfuse3, which would
+otherwise end the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from tmemfs.engine import (
+    SWAP_OBJECT,
+    BadName,
+    Engine,
+    NoSuchObject,
+    NoSuchPage,
+    NoSuchPool,
+    Owner,
+    PageKey,
+    PageLost,
+    PoolExists,
+    PoolId,
+    PoolKind,
+    StoreRejected,
+    TmemError,
+    parse_decimal,
+    parse_name,
+)
+from tmemfs.engine import stats as statsfmt
+from tmemfs.nodes import CLEANCACHE, DAEMON, FRONTSWAP, STATS, InodeTable, Kind, Node
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_ERRNO: dict[type[TmemError], int] = {
+    BadName: errno.EINVAL,
+    NoSuchPool: errno.ENOENT,
+    NoSuchObject: errno.ENOENT,
+    NoSuchPage: errno.ENOENT,
+    PoolExists: errno.EEXIST,
+    StoreRejected: errno.ENOSPC,
+    PageLost: errno.EIO,
+}
+_STATS_NAME = b".stats"
+_TOP = {
+    b"stats": STATS,
+    b"frontswap": FRONTSWAP,
+    b"cleancache": CLEANCACHE,
+    b".daemon": DAEMON,
+}
+# Directories change only through this mount, so the kernel may cache them briefly;
+# pages can vanish behind its back (eviction, exclusive gets), so they are never cached.
+_DIR_TIMEOUT = 1.0
+
+
+def errno_for(exc: BaseException) -> int:
+    """The one mapping from failures to errnos."""
+    if isinstance(exc, FUSEError):
+        return exc.errno
+    for cls in type(exc).__mro__:
+        if cls in _ERRNO:
+            return _ERRNO[cls]
+    return errno.EIO
+
+
+def translate_errors(
+    handler: Callable[P, Awaitable[R]],
+) -> Callable[P, Awaitable[R]]:
+    """Let only FUSEErrors out of a handler; anything unexpected is logged and is EIO."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except FUSEError:
+            raise
+        except TmemError as exc:
+            raise FUSEError(errno_for(exc)) from None
+        except Exception:
+            log.exception("unexpected error in %s", handler.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def fail(code: int) -> FUSEError:
+    return FUSEError(code)
+
+
+@dataclass(slots=True)
+class OpenPage:
+    """A page file opened for I/O; partial writes are assembled here until flush."""
+
+    key: PageKey
+    writable: bool
+    buffer: bytearray | None = None
+    dirty: bool = False
+    created: bool = False
+    loaded: bytes | None = None
+
+
+@dataclass(slots=True)
+class OpenStats:
+    """A stats file: its text is taken once at open, so a reader sees one snapshot."""
+
+    text: bytes
+
+
+@dataclass(slots=True)
+class Listing:
+    """An open directory: its entries, taken when a listing starts at offset 0."""
+
+    node: Node
+    entries: list[tuple[bytes, Node]] = field(default_factory=list)
+
+
+class TmemOperations(pyfuse3.Operations):
+    """The tmemfs tree of SPEC section 1 over an Engine."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, engine: Engine, daemon_info: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.engine = engine
+        # What `.daemon` shows: pid, version, options; `tmemfs umount` reads the pid.
+        self.daemon_info = daemon_info or {}
+        self.page_size = engine.page_size
+        self.inodes = InodeTable()
+        self._handles: dict[int, OpenPage | OpenStats | Listing] = {}
+        self._next_fh = 1
+        # Pages created by an open file that has not stored them yet: they exist for
+        # stat and lookup, as a freshly created file does.
+        self._creating: Counter[PageKey] = Counter()
+        self._started_ns = time.time_ns()
+
+    # -- the tree ----------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self.inodes.node(inode)
+        if node is None or not self._exists(node):
+            raise fail(errno.ENOENT)
+        return node
+
+    def _exists(self, node: Node) -> bool:
+        kind = node.kind
+        if kind in (Kind.ROOT, Kind.STATS, Kind.DAEMON, Kind.FRONTSWAP, Kind.CLEANCACHE):
+            return True
+        assert node.pool is not None
+        pool = self.engine.pools.get(node.pool)
+        if pool is None:
+            return False
+        if kind in (Kind.POOL, Kind.POOL_STATS):
+            return True
+        if node.object not in pool.objects:
+            return False
+        if kind is Kind.OBJECT:
+            return True
+        key = node.page_key
+        return self.engine.entry(key) is not None or key in self._creating
+
+    def _child(self, parent: Node, name: bytes) -> Node:
+        """The node `name` in `parent` would be, whether or not it exists.
+
+        Raises BadName when the name cannot be in that directory at all.
+        """
+        kind = parent.kind
+        if kind is Kind.ROOT:
+            if name in _TOP:
+                return _TOP[name]
+        elif kind is Kind.FRONTSWAP:
+            return Node(Kind.POOL, PoolId(PoolKind.PERSISTENT, str(parse_decimal(name))))
+        elif kind is Kind.CLEANCACHE:
+            return Node(Kind.POOL, PoolId(PoolKind.EPHEMERAL, parse_name(name)))
+        elif kind is Kind.POOL:
+            assert parent.pool is not None
+            if name == _STATS_NAME:
+                return Node(Kind.POOL_STATS, parent.pool)
+            if parent.pool.kind is PoolKind.PERSISTENT:
+                return Node(Kind.PAGE, parent.pool, SWAP_OBJECT, parse_decimal(name))
+            return Node(Kind.OBJECT, parent.pool, parse_name(name))
+        elif kind is Kind.OBJECT:
+            return Node(Kind.PAGE, parent.pool, parent.object, parse_decimal(name))
+        raise BadName(name)
+
+    def _children(self, node: Node) -> list[tuple[bytes, Node]]:
+        engine = self.engine
+        if node.kind is Kind.ROOT:
+            return list(_TOP.items())
+        if node.kind in (Kind.FRONTSWAP, Kind.CLEANCACHE):
+            want = PoolKind.PERSISTENT if node.kind is Kind.FRONTSWAP else PoolKind.EPHEMERAL
+            pools = sorted(
+                (p for p in engine.pools if p.kind is want),
+                key=lambda p: (len(p.name), p.name) if want is PoolKind.PERSISTENT else p.name,
+            )
+            return [(p.name.encode(), Node(Kind.POOL, p)) for p in pools]
+        assert node.pool is not None
+        pool = engine.pool(node.pool)
+        entries = []
+        if node.kind is Kind.POOL:
+            entries.append((_STATS_NAME, Node(Kind.POOL_STATS, node.pool)))
+        if node.kind is Kind.POOL and not pool.persistent:
+            entries += [
+                (name.encode(), Node(Kind.OBJECT, node.pool, name)) for name in sorted(pool.objects)
+            ]
+            return entries
+        obj = SWAP_OBJECT if node.kind is Kind.POOL else node.object
+        assert obj is not None
+        pages = pool.objects[obj].pages
+        entries += [
+            (str(i).encode(), Node(Kind.PAGE, node.pool, obj, i)) for i in sorted(pages)
+        ]
+        return entries
+
+    # -- attributes --------------------------------------------------------------------
+
+    def _attrs(self, node: Node, inode: int | None = None) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode if inode is not None else self.inodes.inode(node)
+        attr.generation = 0
+        attr.st_blksize = self.page_size
+        attr.st_nlink = 1
+        mtime = self._started_ns
+        kind = node.kind
+        if kind in (Kind.ROOT, Kind.FRONTSWAP, Kind.CLEANCACHE):
+            attr.st_mode = stat.S_IFDIR | 0o755
+            attr.st_nlink = 2
+            attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
+        elif kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_size = len(self._stats_text(node))
+            attr.entry_timeout = _DIR_TIMEOUT
+            attr.attr_timeout = 0
+            mtime = time.time_ns()
+        elif kind in (Kind.POOL, Kind.OBJECT):
+            owner = self._owner(node)
+            attr.st_mode = stat.S_IFDIR | owner.mode
+            attr.st_nlink = 2
+            attr.st_uid, attr.st_gid = owner.uid, owner.gid
+            mtime = owner.ctime_ns
+            attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
+        else:
+            owner = self._owner(node)
+            attr.st_mode = stat.S_IFREG | (owner.mode & 0o666)
+            attr.st_uid, attr.st_gid = owner.uid, owner.gid
+            attr.st_size = self.page_size
+            entry = self.engine.entry(node.page_key)
+            if entry is not None:
+                mtime = entry.mtime_ns
+                # What the page really costs, so du shows memory used and ls -l the page.
+                attr.st_blocks = -(-int(self.engine.page_cost(entry)) // 512)
+            else:
+                mtime = time.time_ns()
+            attr.entry_timeout = attr.attr_timeout = 0
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
+        return attr
+
+    def _owner(self, node: Node) -> Owner:
+        assert node.pool is not None
+        pool = self.engine.pool(node.pool)
+        if node.kind is Kind.POOL or pool.persistent:
+            return pool.owner
+        assert node.object is not None
+        return self.engine.get_object(node.pool, node.object).owner
+
+    def _stats_text(self, node: Node) -> bytes:
+        if node.kind is Kind.STATS:
+            return statsfmt.render(dict(self.engine.stats()))
+        if node.kind is Kind.DAEMON:
+            return statsfmt.render(dict(self.daemon_info))
+        assert node.pool is not None
+        return statsfmt.render(dict(self.engine.pool_stats(node.pool)))
+
+    def _entry_reply(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = self._attrs(node)
+        self.inodes.remember(attr.st_ino)
+        return attr
+
+    # -- lookup, getattr, setattr --------------------------------------------------------
+
+    @translate_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        try:
+            node = self._child(parent, name)
+        except BadName:
+            raise fail(errno.ENOENT) from None
+        if not self._exists(node):
+            raise fail(errno.ENOENT)
+        return self._entry_reply(node)
+
+    @translate_errors
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
+
+    @translate_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode), inode)
+
+    @translate_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.kind in (Kind.POOL, Kind.OBJECT):
+            self._change_owner(node, attr, fields, ctx)
+        elif fields.update_mode or fields.update_uid or fields.update_gid:
+            raise fail(errno.EPERM)
+        if fields.update_size:
+            if node.kind is Kind.PAGE:
+                await self._truncate_page(node, attr.st_size, fh)
+            elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
+                raise fail(errno.EACCES)
+            else:
+                raise fail(errno.EISDIR)
+        # Times are not kept apart from the store time; touch on a page just succeeds.
+        return self._attrs(node, inode)
+
+    def _change_owner(
+        self,
+        node: Node,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        owner = self._owner(node)
+        if fields.update_mode:
+            if ctx.uid not in (0, owner.uid):
+                raise fail(errno.EPERM)
+            owner.mode = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid or fields.update_gid:
+            new_uid = attr.st_uid if fields.update_uid else owner.uid
+            new_gid = attr.st_gid if fields.update_gid else owner.gid
+            if ctx.uid != 0 and (new_uid != owner.uid or ctx.uid != owner.uid):
+                raise fail(errno.EPERM)
+            owner.uid, owner.gid = new_uid, new_gid
+
+    async def _truncate_page(self, node: Node, size: int, fh: int | None) -> None:
+        """truncate(2) of a page: past the page is EFBIG; shorter zeroes the tail."""
+        if size > self.page_size:
+            raise fail(errno.EFBIG)
+        if size == self.page_size:
+            return
+        handle = self._handles.get(fh) if fh is not None else None
+        if isinstance(handle, OpenPage) and handle.writable:
+            buffer = await self._write_buffer(handle)
+            buffer[size:] = bytes(self.page_size - size)
+            handle.dirty = True
+            return
+        page = await self.engine.load(node.page_key)
+        if page is None:
+            raise fail(errno.ENOENT)
+        await self.engine.store(node.page_key, page[:size].ljust(self.page_size, b"\0"))
+
+    # -- directories -------------------------------------------------------------------
+
+    @translate_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if parent.kind not in (Kind.FRONTSWAP, Kind.CLEANCACHE) and not (
+            parent.kind is Kind.POOL and parent.pool and parent.pool.kind is PoolKind.EPHEMERAL
+        ):
+            raise fail(errno.EEXIST if parent.kind is Kind.ROOT and name in _TOP else errno.EPERM)
+        if name == _STATS_NAME:
+            raise fail(errno.EEXIST)
+        node = self._child(parent, name)
+        owner = Owner(ctx.uid, ctx.gid, mode & ~ctx.umask & 0o7777)
+        assert node.pool is not None
+        if node.kind is Kind.POOL:
+            self.engine.create_pool(node.pool, owner)
+        else:
+            assert node.object is not None
+            self.engine.create_object(node.pool, node.object, owner)
+        return self._entry_reply(node)
+
+    @translate_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        try:
+            node = self._child(parent, name)
+        except BadName:
+            raise fail(errno.ENOENT) from None
+        if not self._exists(node):
+            raise fail(errno.ENOENT)
+        assert node.pool is not None or node.kind in (Kind.FRONTSWAP, Kind.CLEANCACHE, Kind.STATS)
+        if node.kind is Kind.POOL:
+            assert node.pool is not None
+            self.engine.flush_pool(node.pool)
+        elif node.kind is Kind.OBJECT:
+            assert node.pool is not None and node.object is not None
+            self.engine.invalidate_object(node.pool, node.object)
+        elif node.kind in (Kind.FRONTSWAP, Kind.CLEANCACHE):
+            raise fail(errno.EPERM)
+        else:
+            raise fail(errno.ENOTDIR)
+
+    @translate_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return self._new_handle(Listing(self._node(inode)))
+
+    @translate_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self._handles[fh]
+        assert isinstance(listing, Listing)
+        if start_id == 0:
+            listing.entries = self._children(listing.node)
+        for position in range(start_id, len(listing.entries)):
+            name, node = listing.entries[position]
+            if not self._exists(node):
+                continue
+            attr = self._attrs(node)
+            if not pyfuse3.readdir_reply(token, name, attr, position + 1):
+                break
+            # readdirplus hands the kernel an inode reference for each entry.
+            self.inodes.remember(attr.st_ino)
+
+    @translate_errors
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    # -- page files --------------------------------------------------------------------
+
+    @translate_errors
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._node(parent_inode)
+        if parent.kind is Kind.OBJECT or (
+            parent.kind is Kind.POOL and parent.pool and parent.pool.kind is PoolKind.PERSISTENT
+        ):
+            if name == _STATS_NAME:
+                raise fail(errno.EEXIST)
+            node = self._child(parent, name)
+        else:
+            raise fail(errno.EPERM)
+        key = node.page_key
+        if self.engine.entry(key) is not None and flags & os.O_EXCL:
+            raise fail(errno.EEXIST)
+        handle = OpenPage(key, writable=True, created=True)
+        handle.buffer = bytearray(self.page_size)
+        self._creating[key] += 1
+        fh = self._new_handle(handle)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry_reply(node)
+
+    @translate_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        handle: OpenPage | OpenStats
+        if node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
+            if writable or flags & os.O_TRUNC:
+                raise fail(errno.EACCES)
+            handle = OpenStats(self._stats_text(node))
+        elif node.kind is Kind.PAGE:
+            handle = OpenPage(node.page_key, writable)
+            if writable and flags & os.O_TRUNC:
+                # `echo hi > page`: the page becomes what is written, zero-padded.
+                handle.buffer = bytearray(self.page_size)
+                handle.dirty = True
+        else:
+            raise fail(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
+
+    @translate_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        if isinstance(handle, OpenStats):
+            return handle.text[off : off + size]
+        assert isinstance(handle, OpenPage)
+        if off >= self.page_size:
+            return b""
+        if handle.dirty and handle.buffer is not None:
+            # A writer reads back what it wrote, as it would from the page cache.
+            return bytes(handle.buffer[off : off + size])
+        if off == 0 or handle.loaded is None:
+            # A read from the start is a fresh get; later offsets continue the same copy.
+            page = await self.engine.load(handle.key)
+            if page is None:
+                raise fail(errno.ENOENT)
+            handle.loaded = page
+        return handle.loaded[off : off + size]
+
+    @translate_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        if not isinstance(handle, OpenPage):
+            raise fail(errno.EBADF)
+        if off + len(buf) > self.page_size:
+            raise fail(errno.EFBIG)
+        if off == 0 and len(buf) == self.page_size:
+            # A whole page is a store at once; nothing is left to assemble.
+            handle.dirty = handle.created = False
+            handle.buffer = None
+            await self._store(handle.key, bytes(buf))
+            return len(buf)
+        buffer = await self._write_buffer(handle)
+        buffer[off : off + len(buf)] = buf
+        handle.dirty = True
+        return len(buf)
+
+    async def _write_buffer(self, handle: OpenPage) -> bytearray:
+        """The page being assembled: its stored content (read-modify-write) or zeros."""
+        if handle.buffer is None:
+            page = await self.engine.load(handle.key)
+            handle.buffer = bytearray(page if page is not None else bytes(self.page_size))
+        return handle.buffer
+
+    async def _store(self, key: PageKey, page: bytes) -> None:
+        try:
+            await self.engine.store(key, page)
+        except StoreRejected:
+            log.debug("store of %s refused", key)
+            raise
+
+    async def _store_pending(self, handle: OpenPage) -> None:
+        if not (handle.dirty or handle.created):
+            return
+        page = bytes(handle.buffer) if handle.buffer is not None else bytes(self.page_size)
+        handle.dirty = False
+        self._stop_creating(handle)
+        await self._store(handle.key, page)
+
+    def _stop_creating(self, handle: OpenPage) -> None:
+        if handle.created:
+            handle.created = False
+            self._creating[handle.key] -= 1
+            if self._creating[handle.key] <= 0:
+                del self._creating[handle.key]
+
+    @translate_errors
+    async def flush(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        # A created page with nothing written yet waits for release: tools such as dd
+        # close a dup of the file before they write, and that close must not store zeros.
+        if isinstance(handle, OpenPage) and handle.dirty:
+            await self._store_pending(handle)
+
+    @translate_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
+
+    @translate_errors
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, OpenPage):
+            try:
+                await self._store_pending(handle)
+            except TmemError as exc:
+                # flush() already reported this to close(); release has no caller to tell.
+                log.warning("store at release of %s failed: %s", handle.key, type(exc).__name__)
+            finally:
+                self._stop_creating(handle)
+
+    @translate_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        try:
+            node = self._child(parent, name)
+        except BadName:
+            raise fail(errno.ENOENT) from None
+        if node.kind is Kind.PAGE:
+            if not self.engine.invalidate_page(node.page_key):
+                raise fail(errno.ENOENT)
+        elif not self._exists(node):
+            raise fail(errno.ENOENT)
+        elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
+            raise fail(errno.EPERM)
+        else:
+            raise fail(errno.EISDIR)
+
+    # -- what the tree does not allow ----------------------------------------------------
+
+    @translate_errors
+    async def rename(self, *args: Any) -> None:
+        raise fail(errno.EPERM)
+
+    @translate_errors
+    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise fail(errno.EPERM)
+
+    @translate_errors
+    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise fail(errno.EPERM)
+
+    @translate_errors
+    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise fail(errno.EPERM)
+
+    @translate_errors
+    async def setxattr(self, *args: Any) -> None:
+        raise fail(errno.ENOTSUP)
+
+    @translate_errors
+    async def getxattr(self, *args: Any) -> bytes:
+        raise fail(errno.ENODATA)
+
+    @translate_errors
+    async def listxattr(self, *args: Any) -> list[bytes]:
+        return []
+
+    @translate_errors
+    async def removexattr(self, *args: Any) -> None:
+        raise fail(errno.ENODATA)
+
+    @translate_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """df shows the budget: size is --max-pool, used is pool_total_size."""
+        engine = self.engine
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = self.page_size
+        data.f_blocks = engine.max_pool // self.page_size
+        data.f_bfree = data.f_bavail = max(engine.max_pool - engine.pool_total_size(), 0) // (
+            self.page_size
+        )
+        stored = engine.stats()["stored_pages"]
+        data.f_files = stored + data.f_bfree
+        data.f_ffree = data.f_favail = data.f_bfree
+        data.f_namemax = 255
+        return data
+
+    def _new_handle(self, handle: OpenPage | OpenStats | Listing) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh

@@ -1,0 +1,316 @@
+"""Mounting and unmounting: the daemon's life from fork to exit.
+
+The parent process checks everything it can before forking, so a bad option or a
+busy mount point is one line on stderr. The child mounts, then tells the parent
+through a pipe that the mount is there (or why it is not), and only then detaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from tmemfs import __version__
+from tmemfs.backends import open_backend
+from tmemfs.engine import Engine
+from tmemfs.fs import TmemOperations
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.tmemfs"
+
+
+class MountError(Exception):
+    """A mount or unmount that cannot go ahead; its message is the one line users see."""
+
+
+@dataclass(slots=True)
+class MountOptions:
+    """Everything `tmemfs mount` was asked for, already validated."""
+
+    mountpoint: Path
+    backend: str = "lz4"
+    max_pool: int = 0
+    page_size: int = 4096
+    reject_ratio: float = 0.875
+    reject_poor: bool = False
+    exclusive_gets: bool = False
+    allow_other: bool = False
+    foreground: bool = False
+    debug: bool = False
+    log_file: str | None = None
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "pid": str(os.getpid()),
+            "version": __version__,
+            "mountpoint": str(self.mountpoint),
+            "backend": self.backend,
+            "max_pool": str(self.max_pool),
+            "page_size": str(self.page_size),
+            "reject_ratio": str(self.reject_ratio),
+            "reject_poor": str(int(self.reject_poor)),
+            "exclusive_gets": str(int(self.exclusive_gets)),
+            "allow_other": str(int(self.allow_other)),
+        }
+
+
+# -- the mount table ---------------------------------------------------------------------
+
+
+def mount_entry(path: Path) -> tuple[str, str] | None:
+    """(fstype, source) of the mount at `path`, or None if nothing is mounted there."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mount_point = fields[4].replace("\\040", " ")
+            if mount_point == target:
+                sep = fields.index("-")
+                return fields[sep + 1], fields[sep + 2]
+    return None
+
+
+def is_stale(path: Path) -> bool:
+    """A FUSE mount whose daemon is gone answers ENOTCONN."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def detach(path: Path) -> None:
+    """Lazily unmount a dead tmemfs mount point."""
+    for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+        if mount_entry(path) is None:
+            return
+    raise MountError(f"cannot clean up the stale mount at {path}")
+
+
+def check_mountpoint(path: Path) -> None:
+    """Fail with one clear line unless `path` can be mounted on; clean a dead tmemfs."""
+    entry = mount_entry(path)
+    if entry is not None:
+        if entry[0] == FSTYPE and is_stale(path):
+            log.warning("cleaning up the stale tmemfs mount at %s", path)
+            detach(path)
+        else:
+            raise MountError(f"{path} is already a mount point ({entry[0]}); it is in use")
+    if not path.exists():
+        raise MountError(f"mount point {path} does not exist")
+    if not path.is_dir():
+        raise MountError(f"mount point {path} is not a directory")
+
+
+def check_fuse_device() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse does not exist (is the fuse module loaded?)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("/dev/fuse is not readable and writable by this user")
+
+
+# -- mount -------------------------------------------------------------------------------
+
+
+def mount(opts: MountOptions) -> int:
+    """`tmemfs mount`: returns the exit status."""
+    check_fuse_device()
+    check_mountpoint(opts.mountpoint)
+    if opts.foreground:
+        setup_logging(opts, to_stderr=True)
+        return serve(opts, ready=None)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as ready:
+            message = ready.read().decode(errors="replace").strip()
+        if message == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        raise MountError(message or "the daemon exited before mounting")
+    os.close(read_fd)
+    os.setsid()
+    setup_logging(opts, to_stderr=False)
+    status = 1
+    try:
+        status = serve(opts, ready=write_fd)
+    except MountError as exc:
+        _tell(write_fd, str(exc))
+    except BaseException as exc:
+        log.exception("daemon failed")
+        _tell(write_fd, f"daemon failed: {exc}")
+    finally:
+        os._exit(status)
+
+
+def _tell(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+
+
+def serve(opts: MountOptions, ready: int | None) -> int:
+    """Mount, serve until unmounted or signalled, unmount. Runs in the daemon."""
+    limiter_size = os.cpu_count() or 1
+    info = opts.describe()
+    fuse_options = {"fsname=tmemfs", f"subtype={FSTYPE.split('.')[1]}", "default_permissions"}
+    if opts.allow_other:
+        fuse_options.add("allow_other")
+    if opts.debug:
+        fuse_options.add("debug")
+
+    async def run() -> None:
+        backend = open_backend(
+            opts.backend,
+            page_size=opts.page_size,
+            limiter=trio.CapacityLimiter(limiter_size),
+            reject_ratio=opts.reject_ratio,
+        )
+        engine = Engine(
+            backend,
+            max_pool=opts.max_pool,
+            exclusive_gets=opts.exclusive_gets,
+            reject_poor=opts.reject_poor,
+        )
+        operations = TmemOperations(engine, daemon_info=info)
+        try:
+            pyfuse3.init(operations, str(opts.mountpoint), fuse_options)
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount {opts.mountpoint}: {exc}") from None
+        log.info(
+            "mounted %s: backend %s, max_pool %d, page size %d, pid %d",
+            opts.mountpoint, backend.describe(), opts.max_pool, opts.page_size, os.getpid(),
+        )
+        _tell(ready, "ok")
+        if ready is not None:
+            _detach_stdio()
+        clean = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_terminate_on_signal)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+            clean = True
+        finally:
+            # After an unmount the session is gone already; after a signal or a crash
+            # the mount is still there and close() takes it down.
+            pyfuse3.close(unmount=True)
+            await backend.close()
+            log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
+
+    trio.run(run)
+    return 0
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.chdir("/")
+
+
+def setup_logging(opts: MountOptions, *, to_stderr: bool) -> None:
+    """stderr in the foreground; syslog (or --log FILE) for a daemon."""
+    handler: logging.Handler
+    if opts.log_file:
+        handler = logging.FileHandler(opts.log_file)
+    elif to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.ident = f"tmemfs[{os.getpid()}]: "
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
+
+
+# -- umount ------------------------------------------------------------------------------
+
+
+def daemon_pid(path: Path) -> int | None:
+    """The daemon's pid, from the mount's own `.daemon` file."""
+    try:
+        text = (path / ".daemon").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "pid" and value.isdigit():
+            return int(value)
+    return None
+
+
+def umount(path: Path, timeout: float = 30.0) -> int:
+    """`tmemfs umount`: unmount, then wait for the daemon to exit."""
+    entry = mount_entry(path)
+    if entry is None:
+        raise MountError(f"{path} is not mounted")
+    if entry[0] != FSTYPE:
+        raise MountError(f"{path} is not a tmemfs mount ({entry[0]})")
+    if is_stale(path):
+        detach(path)
+        return 0
+    pid = daemon_pid(path)
+    result = subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        if "busy" in reason.lower():
+            raise MountError(f"{path} is busy (open files, a cwd, or a loop device); not unmounted")
+        raise MountError(f"cannot unmount {path}: {reason}")
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise MountError(f"unmounted {path}, but the daemon (pid {pid}) has not exited")
+            time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def lock_memory() -> bool:
+    """mlockall(MCL_CURRENT | MCL_FUTURE), so that serving swap never needs swap."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(1 | 2) != 0:
+        log.warning("mlockall failed (%s); pages held by tmemfs may be swapped",
+                    os.strerror(ctypes.get_errno()))
+        return False
+    return True

@@ -1,0 +1,98 @@
+"""What each inode of the tree is, and the table that numbers them.
+
+A node is a value (its kind and key), so the same path always gets the same
+inode number while the kernel remembers it, and a pool made anew under an old name
+is found again at the same number. Whether a node exists is never stored here: it
+is asked of the engine each time.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import pyfuse3
+
+from tmemfs.engine import PageKey, PoolId
+
+
+class Kind(enum.Enum):
+    ROOT = "root"
+    STATS = "stats"
+    DAEMON = "daemon"
+    FRONTSWAP = "frontswap"
+    CLEANCACHE = "cleancache"
+    POOL = "pool"
+    POOL_STATS = "pool-stats"
+    OBJECT = "object"
+    PAGE = "page"
+    IMAGE = "image"
+
+
+class Node(NamedTuple):
+    """One place in the tree. `pool`, `object` and `index` are set where they apply."""
+
+    kind: Kind
+    pool: PoolId | None = None
+    object: str | None = None
+    index: int | None = None
+
+    @property
+    def page_key(self) -> PageKey:
+        assert self.pool is not None and self.object is not None and self.index is not None
+        return PageKey(self.pool, self.object, self.index)
+
+
+ROOT = Node(Kind.ROOT)
+STATS = Node(Kind.STATS)
+DAEMON = Node(Kind.DAEMON)
+FRONTSWAP = Node(Kind.FRONTSWAP)
+CLEANCACHE = Node(Kind.CLEANCACHE)
+_FIXED = {
+    pyfuse3.ROOT_INODE: ROOT,
+    pyfuse3.ROOT_INODE + 1: STATS,
+    pyfuse3.ROOT_INODE + 2: FRONTSWAP,
+    pyfuse3.ROOT_INODE + 3: CLEANCACHE,
+    pyfuse3.ROOT_INODE + 4: DAEMON,
+}
+
+
+class InodeTable:
+    """Inode numbers for nodes, kept while the kernel holds a lookup count on them."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, Node] = dict(_FIXED)
+        self._inodes: dict[Node, int] = {node: ino for ino, node in _FIXED.items()}
+        self._lookups: dict[int, int] = {}
+        self._next = max(_FIXED) + 1
+
+    def node(self, inode: int) -> Node | None:
+        return self._nodes.get(inode)
+
+    def inode(self, node: Node) -> int:
+        """The number of a node, allocated on first use."""
+        ino = self._inodes.get(node)
+        if ino is None:
+            ino = self._inodes[node] = self._next
+            self._nodes[ino] = node
+            self._next += 1
+        return ino
+
+    def remember(self, inode: int) -> None:
+        """The kernel was handed this inode (lookup, create, mkdir, readdirplus)."""
+        if inode not in _FIXED:
+            self._lookups[inode] = self._lookups.get(inode, 0) + 1
+
+    def forget(self, inode: int, count: int) -> None:
+        left = self._lookups.get(inode, 0) - count
+        if left > 0:
+            self._lookups[inode] = left
+            return
+        self._lookups.pop(inode, None)
+        node = self._nodes.get(inode)
+        if node is not None and inode not in _FIXED:
+            del self._nodes[inode]
+            del self._inodes[node]
+
+    def __len__(self) -> int:
+        return len(self._nodes)
