@@ -47,7 +47,7 @@ def build_parser() -> Parser:
     m.add_argument("--reject-poor", action="store_true",
                    help="refuse poorly compressing pages instead of storing them raw")
     m.add_argument("--exclusive-gets", action="store_true",
-                   help="a successful read of a frontswap or private cleancache page invalidates it")
+                   help="a read of a frontswap or private cleancache page invalidates it")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users in (permissions are then checked by mode bits)")
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")

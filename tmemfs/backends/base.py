@@ -90,7 +90,9 @@ class Backend(ABC):
         """A one-line description for logs and stats."""
         return self.name
 
-    async def run_batched(self, func: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
+    async def run_batched(
+        self, func: Callable[[Sequence[T]], list[R]], items: Sequence[T]
+    ) -> list[R]:
         """Run `func` over `items` in worker threads, one chunk per core, keeping order."""
         if not items:
             return []

@@ -61,7 +61,8 @@ class Lz4Backend(Backend):
                 out.append(Encoded(int.from_bytes(head, "little"), _SAME_FILLED_OVERHEAD))
                 continue
             payload = lz4.block.compress(page, store_size=False)
-            poor = len(payload) > limit
+            # A payload as long as the page would be mistaken for a raw page on load.
+            poor = len(payload) > limit or len(payload) >= self.page_size
             if poor:
                 payload = bytes(page)
             hash(payload)  # cached in the object, so the dedup lookup costs the trio thread nothing

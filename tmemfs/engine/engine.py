@@ -186,31 +186,56 @@ class Engine:
     ) -> list[bytes | None]:
         """Load pages of one object; None for each miss."""
         pool = self.pool(pool_id)
-        pages = self.get_object(pool_id, obj).pages
+        tobj = self.get_object(pool_id, obj)
         exclusive = self.exclusive_gets and not pool.shared
-        entries: list[Entry | None] = []
-        for index in indexes:
-            entry = pages.pop(index, None) if exclusive else pages.get(index)
-            entries.append(entry)
-            if entry is not None and not pool.persistent:
-                key = PageKey(pool_id, obj, index)
-                if exclusive:
-                    self._lru.pop(key, None)
-                else:
-                    self._lru.move_to_end(key)
-        hits = [e for e in entries if e is not None]
-        self._count(pool, "loads", len(hits))
-        self._count(pool, "load_misses", len(entries) - len(hits))
+        indexes = list(indexes)
         if exclusive:
             # Taken out of the index before the await, so no other load can get them too.
-            self._entries -= len(hits)
-            self._count(pool, "invalidates", len(hits))
-        # Holding the handles keeps their payloads alive even if invalidated meanwhile.
-        data = iter(await self.backend.load_many([e.handle for e in hits]))
+            entries = [self._take(pool, tobj, PageKey(pool_id, obj, i)) for i in indexes]
+        else:
+            entries = [tobj.pages.get(index) for index in indexes]
+        hits = [(i, e) for i, e in zip(indexes, entries, strict=True) if e is not None]
+        if not exclusive and not pool.persistent:
+            for index, _ in hits:
+                self._lru.move_to_end(PageKey(pool_id, obj, index))
+        try:
+            # Holding the handles keeps their payloads alive even if invalidated meanwhile.
+            data = iter(await self.backend.load_many([e.handle for _, e in hits]))
+        except BaseException:
+            if exclusive:
+                self._put_back(pool, tobj, obj, hits)
+            raise
         if exclusive:
-            for entry in hits:
+            for _, entry in hits:
                 self.backend.invalidate(entry.handle)
+            self._count(pool, "invalidates", len(hits))
+        self._count(pool, "loads", len(hits))
+        self._count(pool, "load_misses", len(entries) - len(hits))
         return [None if e is None else next(data) for e in entries]
+
+    def _take(self, pool: Pool, tobj: TmemObject, key: PageKey) -> Entry | None:
+        """Remove an entry for an exclusive get; its handle is released after decoding."""
+        entry = tobj.pages.pop(key.index, None)
+        if entry is not None:
+            self._entries -= 1
+            if not pool.persistent:
+                self._lru.pop(key, None)
+        return entry
+
+    def _put_back(
+        self, pool: Pool, tobj: TmemObject, name: str, taken: list[tuple[int, Entry]]
+    ) -> None:
+        """An exclusive get that did not complete (cancelled, failed) loses nothing."""
+        alive = self.pools.get(pool.id) is pool and pool.objects.get(name) is tobj
+        for index, entry in taken:
+            if alive and index not in tobj.pages:
+                tobj.pages[index] = entry
+                self._entries += 1
+                if not pool.persistent:
+                    self._lru[PageKey(pool.id, name, index)] = None
+            else:
+                # Flushed, or stored anew, meanwhile: this copy is no longer wanted.
+                self.backend.invalidate(entry.handle)
 
     # -- invalidate --------------------------------------------------------------------
 
