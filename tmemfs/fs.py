@@ -59,6 +59,7 @@ _ERRNO: dict[type[TmemError], int] = {
     PageLost: errno.EIO,
 }
 _STATS_NAME = b".stats"
+_IMAGE_SUFFIX = b".img"
 _TOP = {
     b"stats": STATS,
     b"frontswap": FRONTSWAP,
@@ -120,6 +121,13 @@ class OpenPage:
 
 
 @dataclass(slots=True)
+class OpenImage:
+    """frontswap/N.img opened: byte range [k*P, (k+1)*P) is page k of pool N."""
+
+    pool: PoolId
+
+
+@dataclass(slots=True)
 class OpenStats:
     """A stats file: its text is taken once at open, so a reader sees one snapshot."""
 
@@ -140,14 +148,21 @@ class TmemOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, engine: Engine, daemon_info: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        daemon_info: dict[str, str] | None = None,
+        on_first_image: Callable[[], object] | None = None,
+    ) -> None:
         super().__init__()
         self.engine = engine
+        # Called once, when the first image is made (the daemon locks its memory then).
+        self._on_first_image = on_first_image
         # What `.daemon` shows: pid, version, options; `tmemfs umount` reads the pid.
         self.daemon_info = daemon_info or {}
         self.page_size = engine.page_size
         self.inodes = InodeTable()
-        self._handles: dict[int, OpenPage | OpenStats | Listing] = {}
+        self._handles: dict[int, OpenPage | OpenImage | OpenStats | Listing] = {}
         self._next_fh = 1
         # Pages created by an open file that has not stored them yet: they exist for
         # stat and lookup, as a freshly created file does.
@@ -172,6 +187,8 @@ class TmemOperations(pyfuse3.Operations):
             return False
         if kind in (Kind.POOL, Kind.POOL_STATS):
             return True
+        if kind is Kind.IMAGE:
+            return pool.image_size is not None
         if node.object not in pool.objects:
             return False
         if kind is Kind.OBJECT:
@@ -189,6 +206,9 @@ class TmemOperations(pyfuse3.Operations):
             if name in _TOP:
                 return _TOP[name]
         elif kind is Kind.FRONTSWAP:
+            if name.endswith(_IMAGE_SUFFIX):
+                number = parse_decimal(name[: -len(_IMAGE_SUFFIX)])
+                return Node(Kind.IMAGE, PoolId(PoolKind.PERSISTENT, str(number)))
             return Node(Kind.POOL, PoolId(PoolKind.PERSISTENT, str(parse_decimal(name))))
         elif kind is Kind.CLEANCACHE:
             return Node(Kind.POOL, PoolId(PoolKind.EPHEMERAL, parse_name(name)))
@@ -213,7 +233,13 @@ class TmemOperations(pyfuse3.Operations):
                 (p for p in engine.pools if p.kind is want),
                 key=lambda p: (len(p.name), p.name) if want is PoolKind.PERSISTENT else p.name,
             )
-            return [(p.name.encode(), Node(Kind.POOL, p)) for p in pools]
+            entries = [(p.name.encode(), Node(Kind.POOL, p)) for p in pools]
+            entries += [
+                (p.name.encode() + _IMAGE_SUFFIX, Node(Kind.IMAGE, p))
+                for p in pools
+                if engine.pools[p].image_size is not None
+            ]
+            return entries
         assert node.pool is not None
         pool = engine.pool(node.pool)
         entries = []
@@ -259,6 +285,15 @@ class TmemOperations(pyfuse3.Operations):
             attr.st_uid, attr.st_gid = owner.uid, owner.gid
             mtime = owner.ctime_ns
             attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
+        elif kind is Kind.IMAGE:
+            assert node.pool is not None
+            pool = self.engine.pool(node.pool)
+            attr.st_mode = stat.S_IFREG | (pool.owner.mode & 0o666)
+            attr.st_uid, attr.st_gid = pool.owner.uid, pool.owner.gid
+            attr.st_size = pool.image_size or 0
+            attr.st_blocks = -(-self.engine.pool_stats(node.pool)["compr_data_size"] // 512)
+            attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
+            mtime = pool.owner.ctime_ns
         else:
             owner = self._owner(node)
             attr.st_mode = stat.S_IFREG | (owner.mode & 0o666)
@@ -337,6 +372,9 @@ class TmemOperations(pyfuse3.Operations):
         if fields.update_size:
             if node.kind is Kind.PAGE:
                 await self._truncate_page(node, attr.st_size, fh)
+            elif node.kind is Kind.IMAGE:
+                assert node.pool is not None
+                await self.engine.resize_image(node.pool, attr.st_size)
             elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
                 raise fail(errno.EACCES)
             else:
@@ -394,6 +432,8 @@ class TmemOperations(pyfuse3.Operations):
         if name == _STATS_NAME:
             raise fail(errno.EEXIST)
         node = self._child(parent, name)
+        if node.kind not in (Kind.POOL, Kind.OBJECT):
+            raise BadName(name)
         owner = Owner(ctx.uid, ctx.gid, mode & ~ctx.umask & 0o7777)
         assert node.pool is not None
         if node.kind is Kind.POOL:
@@ -466,6 +506,8 @@ class TmemOperations(pyfuse3.Operations):
             if name == _STATS_NAME:
                 raise fail(errno.EEXIST)
             node = self._child(parent, name)
+        elif parent.kind is Kind.FRONTSWAP and name.endswith(_IMAGE_SUFFIX):
+            return await self._create_image(self._child(parent, name), flags, mode, ctx)
         else:
             raise fail(errno.EPERM)
         key = node.page_key
@@ -477,6 +519,26 @@ class TmemOperations(pyfuse3.Operations):
         fh = self._new_handle(handle)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry_reply(node)
 
+    async def _create_image(
+        self, node: Node, flags: int, mode: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """`truncate -s SIZE frontswap/N.img`: a block view of pool N, made if needed."""
+        assert node.pool is not None
+        if self._exists(node) and flags & os.O_EXCL:
+            raise fail(errno.EEXIST)
+        if node.pool not in self.engine.pools:
+            self.engine.create_pool(node.pool, Owner(ctx.uid, ctx.gid, 0o755))
+        if not self._exists(node) or flags & os.O_TRUNC:
+            await self.engine.resize_image(node.pool, 0)
+        self._image_made()
+        fh = self._new_handle(OpenImage(node.pool))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry_reply(node)
+
+    def _image_made(self) -> None:
+        if self._on_first_image is not None:
+            callback, self._on_first_image = self._on_first_image, None
+            callback()
+
     @translate_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
@@ -486,6 +548,11 @@ class TmemOperations(pyfuse3.Operations):
             if writable or flags & os.O_TRUNC:
                 raise fail(errno.EACCES)
             handle = OpenStats(self._stats_text(node))
+        elif node.kind is Kind.IMAGE:
+            assert node.pool is not None
+            if writable and flags & os.O_TRUNC:
+                await self.engine.resize_image(node.pool, 0)
+            handle = OpenImage(node.pool)
         elif node.kind is Kind.PAGE:
             handle = OpenPage(node.page_key, writable)
             if writable and flags & os.O_TRUNC:
@@ -501,6 +568,8 @@ class TmemOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         if isinstance(handle, OpenStats):
             return handle.text[off : off + size]
+        if isinstance(handle, OpenImage):
+            return await self._read_image(handle.pool, off, size)
         assert isinstance(handle, OpenPage)
         if off >= self.page_size:
             return b""
@@ -518,6 +587,8 @@ class TmemOperations(pyfuse3.Operations):
     @translate_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
+        if isinstance(handle, OpenImage):
+            return await self._write_image(handle.pool, off, buf)
         if not isinstance(handle, OpenPage):
             raise fail(errno.EBADF)
         if off + len(buf) > self.page_size:
@@ -531,6 +602,51 @@ class TmemOperations(pyfuse3.Operations):
         buffer = await self._write_buffer(handle)
         buffer[off : off + len(buf)] = buf
         handle.dirty = True
+        return len(buf)
+
+    async def _read_image(self, pool_id: PoolId, off: int, size: int) -> bytes:
+        """One request, one batch: every page it covers is loaded together."""
+        pool = self.engine.pool(pool_id)
+        end = min(off + size, pool.image_size or 0)
+        if off >= end:
+            return b""
+        psize = self.page_size
+        first, last = off // psize, (end - 1) // psize
+        pages = await self.engine.load_many(
+            pool_id, SWAP_OBJECT, range(first, last + 1), exclusive=False
+        )
+        zero = bytes(psize)
+        data = b"".join(zero if page is None else page for page in pages)
+        start = off - first * psize
+        return data[start : start + end - off]
+
+    async def _write_image(self, pool_id: PoolId, off: int, buf: bytes) -> int:
+        """One request, one batch; pages the request only partly covers are read first."""
+        pool = self.engine.pool(pool_id)
+        psize = self.page_size
+        end = off + len(buf)
+        if not buf:
+            return 0
+        first, last = off // psize, (end - 1) // psize
+        partial = sorted({i for i in (first, last) if off > i * psize or end < (i + 1) * psize})
+        loaded = await self.engine.load_many(pool_id, SWAP_OBJECT, partial, exclusive=False)
+        old = dict(zip(partial, loaded, strict=True))
+        view = memoryview(buf)
+        pages: list[tuple[int, bytes]] = []
+        for index in range(first, last + 1):
+            start = index * psize
+            lo, hi = max(off, start), min(end, start + psize)
+            if index in old:
+                page = bytearray(old[index] or bytes(psize))
+                page[lo - start : hi - start] = view[lo - off : hi - off]
+                pages.append((index, bytes(page)))
+            else:
+                pages.append((index, bytes(view[lo - off : hi - off])))
+        stored = await self.engine.store_many(pool_id, SWAP_OBJECT, pages)
+        if pool.image_size is not None and end > pool.image_size:
+            pool.image_size = end
+        if not all(stored):
+            raise StoreRejected(f"{pool_id}.img")
         return len(buf)
 
     async def _write_buffer(self, handle: OpenPage) -> bytearray:
@@ -598,6 +714,11 @@ class TmemOperations(pyfuse3.Operations):
                 raise fail(errno.ENOENT)
         elif not self._exists(node):
             raise fail(errno.ENOENT)
+        elif node.kind is Kind.IMAGE:
+            assert node.pool is not None
+            self.engine.remove_image(node.pool)
+        elif not self._exists(node):
+            raise fail(errno.ENOENT)
         elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
             raise fail(errno.EPERM)
         else:
@@ -653,7 +774,7 @@ class TmemOperations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    def _new_handle(self, handle: OpenPage | OpenStats | Listing) -> int:
+    def _new_handle(self, handle: OpenPage | OpenImage | OpenStats | Listing) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle

@@ -191,7 +191,7 @@ def serve(opts: MountOptions, ready: int | None) -> int:
             exclusive_gets=opts.exclusive_gets,
             reject_poor=opts.reject_poor,
         )
-        operations = TmemOperations(engine, daemon_info=info)
+        operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory)
         try:
             pyfuse3.init(operations, str(opts.mountpoint), fuse_options)
         except RuntimeError as exc:

@@ -182,12 +182,16 @@ class Engine:
         return page
 
     async def load_many(
-        self, pool_id: PoolId, obj: str, indexes: Iterable[int]
+        self, pool_id: PoolId, obj: str, indexes: Iterable[int], *, exclusive: bool = True
     ) -> list[bytes | None]:
-        """Load pages of one object; None for each miss."""
+        """Load pages of one object; None for each miss.
+
+        `exclusive=False` never invalidates on load, whatever --exclusive-gets says: a
+        block device's reader (the image) may read a block again and must find it.
+        """
         pool = self.pool(pool_id)
         tobj = self.get_object(pool_id, obj)
-        exclusive = self.exclusive_gets and not pool.shared
+        exclusive = exclusive and self.exclusive_gets and not pool.shared
         indexes = list(indexes)
         if exclusive:
             # Taken out of the index before the await, so no other load can get them too.
@@ -258,6 +262,36 @@ class Engine:
             self._release(pool, PageKey(pool_id, obj, index), pages.pop(index))
         self._count(pool, "invalidates", len(doomed))
         return len(doomed)
+
+    # -- the block image -----------------------------------------------------------------
+
+    async def resize_image(self, pool_id: PoolId, size: int) -> None:
+        """Give a frontswap pool a block image of `size` bytes (made with the pool if needed).
+
+        Shrinking invalidates the pages past the new end, and zeroes the tail of a page
+        the new end cuts, so that growing again shows zeros, as a file would.
+        """
+        if pool_id.kind is not PoolKind.PERSISTENT:
+            raise NoSuchPool(str(pool_id))
+        pool = self.pools.get(pool_id) or self.create_pool(pool_id)
+        old = pool.image_size or 0
+        pool.image_size = size
+        if size >= old:
+            return
+        cut, partial = divmod(size, self.page_size)
+        self.invalidate_range(pool_id, SWAP_OBJECT, cut + (1 if partial else 0))
+        if partial:
+            (page,) = await self.load_many(pool_id, SWAP_OBJECT, [cut], exclusive=False)
+            if page is not None:
+                await self.store(PageKey(pool_id, SWAP_OBJECT, cut), page[:partial].ljust(
+                    self.page_size, b"\0"))
+
+    def remove_image(self, pool_id: PoolId) -> None:
+        """Unlink the image: the view goes, the pool and its pages stay."""
+        pool = self.pool(pool_id)
+        if pool.image_size is None:
+            raise NoSuchPool(f"{pool_id}.img")
+        pool.image_size = None
 
     # -- inspection --------------------------------------------------------------------
 

@@ -46,6 +46,8 @@ class Pool:
     owner: Owner
     objects: dict[str, TmemObject] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=new_counters)
+    # The size of the pool's block image (frontswap/N.img), or None when it has none.
+    image_size: int | None = None
 
     @property
     def persistent(self) -> bool:
