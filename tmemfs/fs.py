@@ -66,12 +66,14 @@ _TOP = {
     b"cleancache": CLEANCACHE,
     b".daemon": DAEMON,
 }
-# How long the kernel may cache names and attributes. Reads and writes always reach
-# the daemon (direct I/O), so a cached page entry never returns wrong data; at worst
-# `stat` shows an evicted page for this long. Without it, every open costs 3 more
-# requests (GETATTR around open and read) and page files are a third slower.
+# How long the kernel may cache names and attributes. A page's name is never cached:
+# a page can vanish behind the kernel's back (eviction, exclusive gets, a refused
+# store after create), and open(O_CREAT) on a cached name sends OPEN, not CREATE.
+# A page's attributes may be cached: reads and writes always reach the daemon (direct
+# I/O), and without the cache every open costs 3 more GETATTR requests.
 _DIR_TIMEOUT = 1.0
-_PAGE_TIMEOUT = 1.0
+_PAGE_ENTRY_TIMEOUT = 0.0
+_PAGE_ATTR_TIMEOUT = 1.0
 
 
 def errno_for(exc: BaseException) -> int:
@@ -185,11 +187,12 @@ class TmemOperations(pyfuse3.Operations):
         pool = self.engine.pools.get(node.pool)
         if pool is None:
             return False
-        if kind in (Kind.POOL, Kind.POOL_STATS):
-            return True
-        if kind is Kind.IMAGE:
-            return pool.image_size is not None
-        if node.object not in pool.objects:
+        if kind in (Kind.POOL, Kind.POOL_STATS, Kind.IMAGE):
+            return pool.generation == node.generation and (
+                kind is not Kind.IMAGE or pool.image_size is not None
+            )
+        tobj = pool.objects.get(node.object) if node.object is not None else None
+        if tobj is None or tobj.generation != node.generation:
             return False
         if kind is Kind.OBJECT:
             return True
@@ -208,20 +211,34 @@ class TmemOperations(pyfuse3.Operations):
         elif kind is Kind.FRONTSWAP:
             if name.endswith(_IMAGE_SUFFIX):
                 number = parse_decimal(name[: -len(_IMAGE_SUFFIX)])
-                return Node(Kind.IMAGE, PoolId(PoolKind.PERSISTENT, str(number)))
-            return Node(Kind.POOL, PoolId(PoolKind.PERSISTENT, str(parse_decimal(name))))
+                return self._pool_node(Kind.IMAGE, PoolId(PoolKind.PERSISTENT, str(number)))
+            pool_id = PoolId(PoolKind.PERSISTENT, str(parse_decimal(name)))
+            return self._pool_node(Kind.POOL, pool_id)
         elif kind is Kind.CLEANCACHE:
-            return Node(Kind.POOL, PoolId(PoolKind.EPHEMERAL, parse_name(name)))
+            return self._pool_node(Kind.POOL, PoolId(PoolKind.EPHEMERAL, parse_name(name)))
         elif kind is Kind.POOL:
             assert parent.pool is not None
             if name == _STATS_NAME:
-                return Node(Kind.POOL_STATS, parent.pool)
+                return Node(Kind.POOL_STATS, parent.pool, generation=parent.generation)
             if parent.pool.kind is PoolKind.PERSISTENT:
-                return Node(Kind.PAGE, parent.pool, SWAP_OBJECT, parse_decimal(name))
-            return Node(Kind.OBJECT, parent.pool, parse_name(name))
+                return self._object_node(parent.pool, SWAP_OBJECT, parse_decimal(name))
+            return self._object_node(parent.pool, parse_name(name))
         elif kind is Kind.OBJECT:
-            return Node(Kind.PAGE, parent.pool, parent.object, parse_decimal(name))
+            return Node(Kind.PAGE, parent.pool, parent.object, parse_decimal(name),
+                        parent.generation)
         raise BadName(name)
+
+    def _pool_node(self, kind: Kind, pool_id: PoolId) -> Node:
+        pool = self.engine.pools.get(pool_id)
+        return Node(kind, pool_id, generation=pool.generation if pool else 0)
+
+    def _object_node(self, pool_id: PoolId, name: str, index: int | None = None) -> Node:
+        """An object's node, or (with `index`) a page's node in that object."""
+        pool = self.engine.pools.get(pool_id)
+        tobj = pool.objects.get(name) if pool else None
+        generation = tobj.generation if tobj else 0
+        kind = Kind.OBJECT if index is None else Kind.PAGE
+        return Node(kind, pool_id, name, index, generation)
 
     def _children(self, node: Node) -> list[tuple[bytes, Node]]:
         engine = self.engine
@@ -233,9 +250,9 @@ class TmemOperations(pyfuse3.Operations):
                 (p for p in engine.pools if p.kind is want),
                 key=lambda p: (len(p.name), p.name) if want is PoolKind.PERSISTENT else p.name,
             )
-            entries = [(p.name.encode(), Node(Kind.POOL, p)) for p in pools]
+            entries = [(p.name.encode(), self._pool_node(Kind.POOL, p)) for p in pools]
             entries += [
-                (p.name.encode() + _IMAGE_SUFFIX, Node(Kind.IMAGE, p))
+                (p.name.encode() + _IMAGE_SUFFIX, self._pool_node(Kind.IMAGE, p))
                 for p in pools
                 if engine.pools[p].image_size is not None
             ]
@@ -244,17 +261,22 @@ class TmemOperations(pyfuse3.Operations):
         pool = engine.pool(node.pool)
         entries = []
         if node.kind is Kind.POOL:
-            entries.append((_STATS_NAME, Node(Kind.POOL_STATS, node.pool)))
+            entries.append((_STATS_NAME, Node(Kind.POOL_STATS, node.pool,
+                                              generation=pool.generation)))
         if node.kind is Kind.POOL and not pool.persistent:
             entries += [
-                (name.encode(), Node(Kind.OBJECT, node.pool, name)) for name in sorted(pool.objects)
+                (name.encode(), self._object_node(node.pool, name))
+                for name in sorted(pool.objects)
             ]
             return entries
         obj = SWAP_OBJECT if node.kind is Kind.POOL else node.object
         assert obj is not None
-        pages = pool.objects[obj].pages
+        tobj = pool.objects[obj]
+        indexes = set(tobj.pages)
+        indexes.update(k.index for k in self._creating if k.pool == node.pool and k.object == obj)
         entries += [
-            (str(i).encode(), Node(Kind.PAGE, node.pool, obj, i)) for i in sorted(pages)
+            (str(i).encode(), Node(Kind.PAGE, node.pool, obj, i, tobj.generation))
+            for i in sorted(indexes)
         ]
         return entries
 
@@ -306,7 +328,8 @@ class TmemOperations(pyfuse3.Operations):
                 attr.st_blocks = -(-int(self.engine.page_cost(entry)) // 512)
             else:
                 mtime = time.time_ns()
-            attr.entry_timeout = attr.attr_timeout = _PAGE_TIMEOUT
+            attr.entry_timeout = _PAGE_ENTRY_TIMEOUT
+            attr.attr_timeout = _PAGE_ATTR_TIMEOUT
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
         return attr
 
@@ -441,7 +464,8 @@ class TmemOperations(pyfuse3.Operations):
         else:
             assert node.object is not None
             self.engine.create_object(node.pool, node.object, owner)
-        return self._entry_reply(node)
+        # Now it exists, its node carries its generation.
+        return self._entry_reply(self._child(parent, name))
 
     @translate_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -530,6 +554,7 @@ class TmemOperations(pyfuse3.Operations):
             self.engine.create_pool(node.pool, Owner(ctx.uid, ctx.gid, 0o755))
         if not self._exists(node) or flags & os.O_TRUNC:
             await self.engine.resize_image(node.pool, 0)
+        node = self._pool_node(Kind.IMAGE, node.pool)
         self._image_made()
         fh = self._new_handle(OpenImage(node.pool))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry_reply(node)
@@ -580,7 +605,10 @@ class TmemOperations(pyfuse3.Operations):
             # A read from the start is a fresh get; later offsets continue the same copy.
             page = await self.engine.load(handle.key)
             if page is None:
-                raise fail(errno.ENOENT)
+                if handle.key not in self._creating:
+                    raise fail(errno.ENOENT)
+                # Created and closed, not yet released: a new file, empty, so zeros.
+                page = bytes(self.page_size)
             handle.loaded = page
         return handle.loaded[off : off + size]
 
@@ -595,9 +623,13 @@ class TmemOperations(pyfuse3.Operations):
             raise fail(errno.EFBIG)
         if off == 0 and len(buf) == self.page_size:
             # A whole page is a store at once; nothing is left to assemble.
-            handle.dirty = handle.created = False
+            handle.dirty = False
             handle.buffer = None
-            await self._store(handle.key, bytes(buf))
+            try:
+                await self._store(handle.key, bytes(buf))
+            finally:
+                # Only now: until the store lands, the created page must still exist.
+                self._stop_creating(handle)
             return len(buf)
         buffer = await self._write_buffer(handle)
         buffer[off : off + len(buf)] = buf
@@ -668,8 +700,20 @@ class TmemOperations(pyfuse3.Operations):
             return
         page = bytes(handle.buffer) if handle.buffer is not None else bytes(self.page_size)
         handle.dirty = False
-        self._stop_creating(handle)
-        await self._store(handle.key, page)
+        try:
+            await self._store(handle.key, page)
+        finally:
+            self._stop_creating(handle)
+
+    def _forget_creating(self, key: PageKey) -> bool:
+        """Unlink of a page still being created: its open files will not store it."""
+        if key not in self._creating:
+            return False
+        del self._creating[key]
+        for handle in self._handles.values():
+            if isinstance(handle, OpenPage) and handle.key == key and handle.created:
+                handle.created = False
+        return True
 
     def _stop_creating(self, handle: OpenPage) -> None:
         if handle.created:
@@ -710,7 +754,9 @@ class TmemOperations(pyfuse3.Operations):
         except BadName:
             raise fail(errno.ENOENT) from None
         if node.kind is Kind.PAGE:
-            if not self.engine.invalidate_page(node.page_key):
+            key = node.page_key
+            created = self._forget_creating(key)
+            if not self.engine.invalidate_page(key) and not created:
                 raise fail(errno.ENOENT)
         elif not self._exists(node):
             raise fail(errno.ENOENT)

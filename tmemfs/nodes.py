@@ -30,12 +30,18 @@ class Kind(enum.Enum):
 
 
 class Node(NamedTuple):
-    """One place in the tree. `pool`, `object` and `index` are set where they apply."""
+    """One place in the tree. `pool`, `object` and `index` are set where they apply.
+
+    `generation` is that of the pool (pool, .stats, image) or of the object (object,
+    page) the node belongs to. The kernel marks a removed directory's inode dead, so a
+    pool made anew under an old name must get new inode numbers, never the old ones.
+    """
 
     kind: Kind
     pool: PoolId | None = None
     object: str | None = None
     index: int | None = None
+    generation: int = 0
 
     @property
     def page_key(self) -> PageKey:

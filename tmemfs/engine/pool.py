@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +31,22 @@ class Owner:
     ctime_ns: int = field(default_factory=time.time_ns)
 
 
+# Every pool and object made gets a new generation, so one made anew under an old
+# name is told apart from its predecessor (by inode numbers, by remote keys).
+_generations = itertools.count(1)
+
+
+def _next_generation() -> int:
+    return next(_generations)
+
+
 @dataclass(slots=True)
 class TmemObject:
     """A cleancache object (an inode key), or the single object of a frontswap pool."""
 
     owner: Owner
     pages: dict[int, Entry] = field(default_factory=dict)
+    generation: int = field(default_factory=_next_generation)
 
 
 @dataclass(slots=True)
@@ -48,6 +59,7 @@ class Pool:
     counters: dict[str, int] = field(default_factory=new_counters)
     # The size of the pool's block image (frontswap/N.img), or None when it has none.
     image_size: int | None = None
+    generation: int = field(default_factory=_next_generation)
 
     @property
     def persistent(self) -> bool:

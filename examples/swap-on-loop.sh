@@ -1,0 +1,488 @@
+#!/usr/bin/env bash
+# swap-on-loop.sh - swap on a tmemfs block image, under real memory pressure.
+#
+# Mounts tmemfs (or uses --mount DIR), creates MOUNT/frontswap/N.img, attaches
+# it with `losetup --direct-io=on`, runs mkswap and `swapon -p 32767`, then runs
+# swap_workload.py in a memory cgroup of its own whose limit is well below the
+# workload's working set, so the kernel really swaps through the loop device
+# into tmemfs. Prints a progress line per second and a summary, and always
+# undoes what it did (swapoff, losetup -d, image, cgroup, unmount), even when
+# interrupted. Needs root. See --help.
+#
+# Exit status: 0 PASS, 1 FAIL, 2 usage error, 77 cannot run here (not root, no
+# loop devices, no swap, no memory cgroup), 124 workload timed out,
+# 129/130/143 interrupted (HUP/INT/TERM).
+
+set -euo pipefail
+
+PROG=${0##*/}
+HERE=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname -- "$HERE")
+WORKLOAD=$HERE/swap_workload.py
+
+usage() {
+    cat <<EOF
+Usage: $PROG [OPTIONS]
+
+Swap on a tmemfs block image and run a memory-hungry, self-checking workload in
+a memory cgroup whose limit is well below its working set, so that the kernel
+swaps pages out to tmemfs and back in. Run as root.
+
+Options:
+  --mount DIR         use the tmemfs already mounted on DIR (never unmounted);
+                      default: mount a new one on a temporary directory
+  --image-size SIZE   size of the swap image MOUNT/frontswap/N.img (default 1G)
+  --limit SIZE        memory limit of the workload's cgroup (default 256M)
+  --working-set SIZE  memory the workload fills and checks (default 768M)
+  --pool N            frontswap pool / image number N (default 0)
+  --backend B         backend for a new mount (tmemfs mount --backend)
+  --max-pool SIZE     budget for a new mount (tmemfs mount --max-pool; e.g. 1G, 25%)
+  --timeout SECS      stop the workload after SECS seconds, 0 = never (default 1800)
+  -h, --help          show this help
+
+SIZE takes K, M, G, T suffixes (powers of 1024).
+
+Environment:
+  TMEMFS   command that runs tmemfs (default: ../.venv/bin/tmemfs next to this
+           script, else tmemfs on PATH, else python3 -m tmemfs)
+  PYTHON   interpreter for the workload (default python3; stdlib only)
+
+The cgroup is cgroup v2 (memory.max; memory.swap.max left unlimited) where the
+v2 hierarchy has the memory controller, else cgroup v1 (memory.limit_in_bytes,
+memory.swappiness=100). Only the workload process is moved into it.
+
+Exit status: 0 PASS, 1 FAIL, 2 usage error, 77 cannot run here (not root,
+no loop device, no swap support, no memory cgroup), 124 timed out,
+130/143 interrupted. Swap is used without --discard (tmemfs SPEC section 4).
+EOF
+}
+
+say()  { printf '%s: %s\n' "$PROG" "$*"; }
+warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
+die()  { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
+skip() { printf '%s: SKIP: %s\n' "$PROG" "$*" >&2; exit 77; }
+usage_error() { printf '%s: %s (see --help)\n' "$PROG" "$*" >&2; exit 2; }
+
+# SIZE with optional K/M/G/T (and iB/B) suffix -> bytes.
+to_bytes() {
+    local s=${1%[bB]}
+    s=${s%[iI]}
+    [[ $s =~ ^[0-9]+(\.[0-9]+)?[KkMmGgTt]?$ ]] || return 1
+    s=${s^^}
+    numfmt --from=iec -- "$s"
+}
+mib() { awk -v b="${1:-0}" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
+
+# ---------------------------------------------------------------- options
+MOUNT=""
+IMAGE_SIZE=1G
+LIMIT=256M
+WORKING_SET=768M
+POOL=0
+BACKEND=""
+MAX_POOL=""
+TIMEOUT=1800
+
+need_arg() { [[ $# -ge 2 && -n $2 ]] || usage_error "option $1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+    opt=$1
+    if [[ $opt == --*=* ]]; then
+        set -- "${opt%%=*}" "${opt#*=}" "${@:2}"
+        opt=$1
+    fi
+    case $opt in
+        --mount)        need_arg "$@"; MOUNT=$2; shift 2 ;;
+        --image-size)   need_arg "$@"; IMAGE_SIZE=$2; shift 2 ;;
+        --limit)        need_arg "$@"; LIMIT=$2; shift 2 ;;
+        --working-set)  need_arg "$@"; WORKING_SET=$2; shift 2 ;;
+        --pool)         need_arg "$@"; POOL=$2; shift 2 ;;
+        --backend)      need_arg "$@"; BACKEND=$2; shift 2 ;;
+        --max-pool)     need_arg "$@"; MAX_POOL=$2; shift 2 ;;
+        --timeout)      need_arg "$@"; TIMEOUT=$2; shift 2 ;;
+        -h|--help)      usage; exit 0 ;;
+        *)              usage_error "unknown argument: $opt" ;;
+    esac
+done
+
+IMAGE_BYTES=$(to_bytes "$IMAGE_SIZE") || usage_error "bad --image-size: $IMAGE_SIZE"
+LIMIT_BYTES=$(to_bytes "$LIMIT") || usage_error "bad --limit: $LIMIT"
+WS_BYTES=$(to_bytes "$WORKING_SET") || usage_error "bad --working-set: $WORKING_SET"
+[[ $POOL =~ ^(0|[1-9][0-9]*)$ ]] || usage_error "bad --pool: $POOL (a decimal number)"
+[[ $TIMEOUT =~ ^[0-9]+$ ]] || usage_error "bad --timeout: $TIMEOUT (seconds)"
+PAGE=$(getconf PAGESIZE)
+(( IMAGE_BYTES >= 16 * PAGE )) || usage_error "--image-size is too small for mkswap"
+(( LIMIT_BYTES >= 8 * 1048576 )) || usage_error "--limit below 8M leaves no room for python"
+(( WS_BYTES > 0 )) || usage_error "--working-set must be positive"
+if [[ -n $MOUNT ]] && [[ -n $BACKEND || -n $MAX_POOL ]]; then
+    warn "--backend and --max-pool only apply to a new mount; ignored with --mount"
+fi
+if (( LIMIT_BYTES >= WS_BYTES )); then
+    warn "--limit ($LIMIT) is not below --working-set ($WORKING_SET): the kernel may not swap at all"
+fi
+if (( IMAGE_BYTES < WS_BYTES - LIMIT_BYTES + 64 * 1048576 )); then
+    warn "--image-size ($IMAGE_SIZE) is small for working set - limit; the workload may be OOM-killed"
+fi
+
+# ---------------------------------------------------------------- can we run here?
+(( EUID == 0 )) || skip "must run as root (losetup, swapon and cgroups need it)"
+for cmd in losetup mkswap swapon swapoff truncate timeout numfmt awk; do
+    command -v "$cmd" >/dev/null 2>&1 || skip "command not found: $cmd"
+done
+[[ -r /proc/swaps ]] || skip "this kernel has no swap support (/proc/swaps missing)"
+losetup -f >/dev/null 2>&1 || skip "no free loop device (is the loop module loaded? try: modprobe loop)"
+[[ -f $WORKLOAD ]] || die "workload not found: $WORKLOAD"
+read -ra PY <<<"${PYTHON:-python3}"
+command -v "${PY[0]}" >/dev/null 2>&1 || skip "python not found: ${PY[0]} (set PYTHON=...)"
+
+# Which memory cgroup: v2 if its hierarchy has the memory controller, else v1.
+CG_VERSION=""
+CG_PARENT=""
+v2_root=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+if [[ -n $v2_root && -r $v2_root/cgroup.controllers ]] &&
+        grep -qw memory "$v2_root/cgroup.controllers"; then
+    # A child of our own cgroup if it hands the memory controller down; with
+    # v2's no-internal-processes rule only the root usually does, so take the
+    # nearest ancestor that does.
+    self=$(awk -F: '$1 == "0" { print $3; exit }' /proc/self/cgroup)
+    d=$v2_root${self%/}
+    while :; do
+        if [[ -r $d/cgroup.subtree_control ]] && grep -qw memory "$d/cgroup.subtree_control"; then
+            CG_PARENT=$d
+            break
+        fi
+        [[ $d == "$v2_root" || -z $d ]] && break
+        d=${d%/*}
+    done
+    [[ -n $CG_PARENT ]] && CG_VERSION=2
+fi
+if [[ -z $CG_VERSION ]]; then
+    v1_root=$(awk '$3 == "cgroup" && $4 ~ /(^|,)memory(,|$)/ { print $2; exit }' /proc/mounts)
+    # Under our own memory cgroup, so whatever limits the caller has still apply.
+    self_v1=$(awk -F: '$2 ~ /(^|,)memory(,|$)/ { print $3; exit }' /proc/self/cgroup)
+    self_v1=${self_v1%/}
+    if [[ -n $v1_root && -w $v1_root$self_v1 ]]; then
+        CG_VERSION=1
+        CG_PARENT=$v1_root$self_v1
+    fi
+fi
+[[ -n $CG_VERSION ]] || skip "no memory cgroup (neither cgroup v2 with the memory controller nor cgroup v1 memory is mounted)"
+zswap=$(cat /sys/module/zswap/parameters/enabled 2>/dev/null || echo N)
+
+# The tmemfs command (only needed to mount).
+if [[ -n ${TMEMFS:-} ]]; then
+    read -ra TMEMFS_CMD <<<"$TMEMFS"
+elif [[ -x $ROOT/.venv/bin/tmemfs ]]; then
+    TMEMFS_CMD=("$ROOT/.venv/bin/tmemfs")
+elif command -v tmemfs >/dev/null 2>&1; then
+    TMEMFS_CMD=(tmemfs)
+elif [[ -f $ROOT/tmemfs/__init__.py ]]; then
+    TMEMFS_CMD=(env "PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}" python3 -m tmemfs)
+else
+    TMEMFS_CMD=(python3 -m tmemfs)
+fi
+
+# ---------------------------------------------------------------- undo, always
+MNT=""             # the tmemfs mount in use
+MOUNTED=0          # 1: we mounted it, so we unmount it
+MNT_DIR_MADE=0     # 1: we made the mount point directory
+IMG=""             # the image we created
+POOL_DIR=""        # the pool directory the image created (did not exist before)
+LOOPDEV=""         # the loop device we attached
+SWAP_ON=0          # 1: we did swapon
+CG=""              # the cgroup we created
+WL_PID=""          # timeout(1) running the workload
+PROGRESS_PID=""    # the progress loop
+TMPD=""            # scratch files
+STARTED=0          # 1: the workload was started
+SUMMARY_DONE=0
+CLEANED=0
+
+# shellcheck disable=SC2317  # called from the EXIT trap
+step() {  # step SECONDS DESCRIPTION COMMAND...: run one undo step, never fail
+    local secs=$1 what=$2
+    shift 2
+    if ! timeout -k 5 "$secs" "$@"; then
+        warn "cleanup: $what failed; undo by hand: $*"
+        return 1
+    fi
+}
+
+# shellcheck disable=SC2317  # the EXIT trap
+cleanup() {
+    local rc=$? pids i
+    trap '' INT TERM HUP PIPE
+    set +e
+    (( CLEANED )) && return
+    CLEANED=1
+    if [[ -n $PROGRESS_PID ]]; then
+        kill "$PROGRESS_PID" 2>/dev/null
+        wait "$PROGRESS_PID" 2>/dev/null
+    fi
+    if [[ -n $WL_PID ]]; then
+        say "stopping the workload"
+        kill -TERM "$WL_PID" 2>/dev/null
+    fi
+    if [[ -n $CG ]]; then  # nothing of ours may stay in the cgroup
+        for i in $(seq 50); do
+            pids=()
+            read -r -d '' -a pids 2>/dev/null <"$CG/cgroup.procs"
+            (( ${#pids[@]} )) || break
+            (( i > 10 )) && kill -KILL "${pids[@]}" 2>/dev/null
+            sleep 0.1
+        done
+    fi
+    if [[ -n $WL_PID ]]; then
+        wait "$WL_PID" 2>/dev/null
+        WL_PID=""
+    fi
+    if (( STARTED && ! SUMMARY_DONE )); then
+        summary - "INTERRUPTED"
+    fi
+    [[ -n $CG$LOOPDEV$IMG ]] || (( MOUNTED )) && say "cleaning up"
+    if (( SWAP_ON )); then
+        step 600 "swapoff $LOOPDEV" swapoff "$LOOPDEV" && SWAP_ON=0
+    fi
+    if [[ -n $IMG && -z $LOOPDEV ]]; then  # attached but not recorded? only ours
+        LOOPDEV=$(timeout 10 losetup -j "$IMG" -O NAME -n 2>/dev/null | head -n1)
+    fi
+    if [[ -n $LOOPDEV ]]; then
+        if (( SWAP_ON )); then
+            warn "cleanup: $LOOPDEV is still swap; not detaching it"
+        else
+            step 60 "losetup -d $LOOPDEV" losetup -d "$LOOPDEV"
+        fi
+    fi
+    if [[ -n $IMG ]] && (( ! SWAP_ON )); then
+        step 60 "removing $IMG" rm -f -- "$IMG"
+    fi
+    if [[ -n $POOL_DIR ]] && (( ! SWAP_ON )); then  # flushes the pool's pages
+        step 60 "removing pool $POOL_DIR" rmdir -- "$POOL_DIR"
+    fi
+    if [[ -n $CG ]]; then
+        for i in $(seq 50); do
+            rmdir -- "$CG" 2>/dev/null && break
+            sleep 0.1
+        done
+        [[ -d $CG ]] && warn "cleanup: could not remove cgroup $CG; undo by hand: rmdir $CG"
+    fi
+    if (( MOUNTED )); then
+        if (( SWAP_ON )); then
+            warn "cleanup: swap still on $LOOPDEV; leaving $MNT mounted"
+        elif ! step 120 "tmemfs umount $MNT" "${TMEMFS_CMD[@]}" umount "$MNT"; then
+            mountpoint -q -- "$MNT" && step 30 "umount $MNT" umount -- "$MNT"
+        fi
+    fi
+    if (( MNT_DIR_MADE )) && ! mountpoint -q -- "$MNT"; then
+        rmdir -- "$MNT" 2>/dev/null
+    fi
+    [[ -n $TMPD ]] && rm -rf -- "$TMPD"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+trap 'exit 141' PIPE
+
+# ---------------------------------------------------------------- readings
+swap_used_kib() {  # KiB of swap in use on our device
+    awk -v d="$LOOPDEV" '$1 == d { print $4; f = 1 } END { if (!f) print 0 }' /proc/swaps
+}
+vmstat_get() { awk -v k="$1" '$1 == k { print $2; f = 1 } END { if (!f) print 0 }' /proc/vmstat; }
+read_stats() { timeout 3 cat -- "$MNT/stats" 2>/dev/null || true; }
+stat_get() {  # stat_get NAME STATS-TEXT -> value, or "" if absent or not a number
+    awk -v k="$1" '$1 == k && $2 ~ /^[0-9]+$/ { print $2; exit }' <<<"$2"
+}
+cg_read() { cat -- "$CG/$1" 2>/dev/null || echo 0; }
+cg_mem() { if (( CG_VERSION == 2 )); then cg_read memory.current; else cg_read memory.usage_in_bytes; fi; }
+cg_swap() {
+    if (( CG_VERSION == 2 )); then
+        cg_read memory.swap.current
+    elif [[ -r $CG/memory.memsw.usage_in_bytes ]]; then
+        echo $(( $(cg_read memory.memsw.usage_in_bytes) - $(cg_read memory.usage_in_bytes) ))
+    else
+        echo ""
+    fi
+}
+cg_oom_kills() {
+    local f=memory.events
+    (( CG_VERSION == 1 )) && f=memory.oom_control
+    awk '$1 == "oom_kill" { print $2; f = 1 } END { if (!f) print 0 }' "$CG/$f" 2>/dev/null || echo 0
+}
+now() { printf '%s' "$EPOCHREALTIME"; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+progress_loop() {
+    trap - EXIT INT TERM HUP PIPE
+    local st used out in stores loads stored orig compr cgs line peak=0
+    while sleep 1; do
+        used=$(swap_used_kib)
+        (( used > peak )) && peak=$used && echo "$peak" >"$TMPD/peak_swap_kib"
+        out=$(( $(vmstat_get pswpout) - OUT0 ))
+        in=$(( $(vmstat_get pswpin) - IN0 ))
+        st=$(read_stats)
+        stores=$(stat_get stores "$st")
+        loads=$(stat_get loads "$st")
+        stored=$(stat_get stored_pages "$st")
+        orig=$(stat_get orig_data_size "$st")
+        compr=$(stat_get compr_data_size "$st")
+        printf -v line '[%6ss] swap used %s | pswpout +%d pswpin +%d | tmemfs stores +%s loads +%s stored_pages %s ratio %s | cgroup mem %s' \
+            "$(elapsed "$T0")" "$(mib $(( used * 1024 )))" "$out" "$in" \
+            "$(( ${stores:-0} - STORES0 ))" "$(( ${loads:-0} - LOADS0 ))" "${stored:-?}" \
+            "$(ratio "$orig" "$compr")" "$(mib "$(cg_mem)")"
+        cgs=$(cg_swap)
+        [[ -n $cgs ]] && line+=" swap $(mib "$cgs")"
+        printf '%s\n' "$line"
+    done
+}
+
+# summary RC|- RESULT: print the summary once, after the workload ended (-: stopped).
+summary() {
+    local rc=$1 result=$2 st out in stored orig compr total same stores loads peak swapped oom
+    SUMMARY_DONE=1
+    out=$(( $(vmstat_get pswpout) - OUT0 ))
+    in=$(( $(vmstat_get pswpin) - IN0 ))
+    swapped=$(( out * PAGE ))
+    peak=$(cat "$TMPD/peak_swap_kib" 2>/dev/null || echo 0)
+    (( $(swap_used_kib) > peak )) && peak=$(swap_used_kib)
+    oom=$(cg_oom_kills)
+    echo
+    echo "=== $PROG summary ==="
+    row() { printf '%-22s %s\n' "$@"; }
+    row "result:" "$result ($([[ $rc == - ]] && echo "workload stopped" || echo "workload exit status $rc"))"
+    row "wall time:" "$(elapsed "$T0") s"
+    row "working set:" "$(mib "$WS_BYTES") in cgroup v$CG_VERSION $CG, limit $(mib "$LIMIT_BYTES")"
+    row "swap device:" "$LOOPDEV -> $IMG ($(mib "$IMAGE_BYTES")), peak in use $(mib $(( peak * 1024 )))"
+    row "pages swapped out:" "$out ($(mib "$swapped")), /proc/vmstat pswpout, whole system"
+    row "pages swapped in:" "$in ($(mib $(( in * PAGE )))), /proc/vmstat pswpin, whole system"
+    st=$(read_stats)
+    if [[ -z $st ]]; then
+        row "tmemfs:" "no figures ($MNT/stats unreadable)"
+    else
+        stores=$(stat_get stores "$st")
+        loads=$(stat_get loads "$st")
+        stored=$(stat_get stored_pages "$st")
+        orig=$(stat_get orig_data_size "$st")
+        compr=$(stat_get compr_data_size "$st")
+        total=$(stat_get pool_total_size "$st")
+        same=$(stat_get same_filled_pages "$st")
+        row "tmemfs stores/loads:" "+$(( ${stores:-0} - STORES0 )) / +$(( ${loads:-0} - LOADS0 )) pages since swapon"
+        row "tmemfs stored_pages:" "${stored:-?} ($(mib "${orig:-0}") of page data, ${same:-?} same-filled), compressed to $(mib "${compr:-0}"), ratio $(ratio "$orig" "$compr")"
+        row "tmemfs holds:" "$(mib "${total:-0}") (pool_total_size) for $(mib "${orig:-0}") of swapped pages = $(ratio $(( ${total:-0} * 100 )) "${orig:-0}")% of the swapped bytes"
+        if (( ${orig:-0} > peak * 1024 )); then
+            row "" "(includes slots that swap freed but could not discard: SPEC section 4)"
+        fi
+    fi
+    if (( oom > 0 )); then
+        row "OOM kills:" "$oom in the cgroup (swap too small, or too slow?)"
+    fi
+    if (( out == 0 )); then
+        warn "the kernel swapped nothing out: is --limit ($LIMIT) well below --working-set ($WORKING_SET)?"
+    fi
+    printf '%s: %s\n' "$PROG" "$result"
+}
+
+# ---------------------------------------------------------------- set up
+TMPD=$(mktemp -d "${TMPDIR:-/tmp}/tmemfs-swap.state.XXXXXX")
+
+if [[ -n $MOUNT ]]; then
+    [[ -d $MOUNT ]] || die "--mount $MOUNT: not a directory"
+    MNT=$(cd -- "$MOUNT" && pwd)
+else
+    MNT=$(mktemp -d "${TMPDIR:-/tmp}/tmemfs-swap.mnt.XXXXXX")
+    MNT_DIR_MADE=1
+    mount_opts=()
+    [[ -n $BACKEND ]] && mount_opts+=(--backend "$BACKEND")
+    [[ -n $MAX_POOL ]] && mount_opts+=(--max-pool "$MAX_POOL")
+    say "mounting tmemfs on $MNT: ${TMEMFS_CMD[*]} mount ${mount_opts[*]}${mount_opts[*]:+ }$MNT"
+    if ! timeout 60 "${TMEMFS_CMD[@]}" mount "${mount_opts[@]}" "$MNT"; then
+        mountpoint -q -- "$MNT" && MOUNTED=1
+        die "could not mount tmemfs on $MNT (set TMEMFS=... to choose the command)"
+    fi
+    MOUNTED=1
+    for _ in $(seq 100); do
+        [[ -r $MNT/stats ]] && break
+        sleep 0.1
+    done
+fi
+[[ -d $MNT/frontswap ]] || die "$MNT is not a tmemfs mount (no frontswap/ directory)"
+[[ -r $MNT/stats ]] || warn "$MNT/stats is not readable; tmemfs figures will be missing"
+
+IMG_PATH=$MNT/frontswap/$POOL.img
+[[ -e $IMG_PATH ]] && die "$IMG_PATH already exists (in use by another experiment? pick another --pool)"
+shopt -s nullglob
+pages=("$MNT/frontswap/$POOL"/*)  # page files; dot-files are control files
+shopt -u nullglob
+(( ${#pages[@]} )) && die "frontswap pool $POOL already holds pages; pick another --pool"
+pool_existed=0
+[[ -d $MNT/frontswap/$POOL ]] && pool_existed=1
+
+say "creating $IMG_PATH ($(mib "$IMAGE_BYTES"))"
+IMG=$IMG_PATH
+truncate -s "$IMAGE_BYTES" -- "$IMG" ||
+    die "cannot create $IMG (does this tmemfs serve block images? SPEC section 4)"
+(( ! pool_existed )) && [[ -d $MNT/frontswap/$POOL ]] && POOL_DIR=$MNT/frontswap/$POOL
+
+LOOPDEV=$(losetup --direct-io=on -f --show -- "$IMG")
+[[ -n $LOOPDEV ]] || die "losetup did not name a device"
+dio=$(cat "/sys/block/${LOOPDEV##*/}/loop/dio" 2>/dev/null || echo "?")
+say "attached $LOOPDEV (direct I/O: $([[ $dio == 1 ]] && echo on || echo "off; the page cache keeps a second copy"))"
+
+mkswap -L "tmemfs-$POOL" "$LOOPDEV" >/dev/null
+if ! err=$(swapon -p 32767 "$LOOPDEV" 2>&1); then
+    [[ $err == *"not permitted"* ]] && skip "swapon is not permitted here: $err"
+    die "swapon $LOOPDEV failed: $err"
+fi
+SWAP_ON=1
+other_swap=$(awk -v d="$LOOPDEV" 'NR > 1 && $1 != d' /proc/swaps | wc -l)
+say "swapon $LOOPDEV, priority 32767$( (( other_swap )) && echo "; $other_swap other swap device(s) active, vmstat counts are system-wide")"
+
+CG=$CG_PARENT/tmemfs-swap-$$
+mkdir -- "$CG" || { CG=""; die "could not create cgroup $CG_PARENT/tmemfs-swap-$$"; }
+if (( CG_VERSION == 2 )); then
+    echo "$LIMIT_BYTES" >"$CG/memory.max"
+    # Keep the kernel's own zswap out of the way, so pages reach tmemfs.
+    [[ -w $CG/memory.zswap.max ]] && echo 0 >"$CG/memory.zswap.max"
+else
+    echo "$LIMIT_BYTES" >"$CG/memory.limit_in_bytes"
+    echo 100 >"$CG/memory.swappiness" 2>/dev/null || true
+    [[ $zswap == Y ]] && warn "zswap is enabled: it catches swapped pages before they reach tmemfs (echo N > /sys/module/zswap/parameters/enabled)"
+fi
+say "cgroup v$CG_VERSION $CG: memory limit $(mib "$LIMIT_BYTES")"
+
+# ---------------------------------------------------------------- run
+st=$(read_stats)
+STORES0=$(stat_get stores "$st"); STORES0=${STORES0:-0}
+LOADS0=$(stat_get loads "$st"); LOADS0=${LOADS0:-0}
+OUT0=$(vmstat_get pswpout)
+IN0=$(vmstat_get pswpin)
+T0=$(now)
+
+say "running the workload: $(mib "$WS_BYTES") in $(mib "$LIMIT_BYTES"), $( (( TIMEOUT )) && echo "timeout ${TIMEOUT}s" || echo "no timeout")"
+progress_loop &
+PROGRESS_PID=$!
+# The shell joins the cgroup, then becomes the workload: only it runs there.
+# shellcheck disable=SC2016  # $$ and $1 belong to the inner sh
+timeout -k 10 "$TIMEOUT" sh -c '
+    echo $$ >"$1" || { echo "cannot join cgroup $1" >&2; exit 125; }
+    shift
+    exec "$@"' tmemfs-swap-workload "$CG/cgroup.procs" \
+    "${PY[@]}" -u "$WORKLOAD" --working-set "$WS_BYTES" &
+WL_PID=$!
+STARTED=1
+wl_rc=0
+wait "$WL_PID" 2>/dev/null || wl_rc=$?  # no "Killed" job notice
+WL_PID=""
+kill "$PROGRESS_PID" 2>/dev/null || true
+wait "$PROGRESS_PID" 2>/dev/null || true
+PROGRESS_PID=""
+
+case $wl_rc in
+    0)   result=PASS; status=0 ;;
+    124) result="FAIL: timed out after ${TIMEOUT}s"; status=124 ;;
+    137) result="FAIL: workload killed (SIGKILL; out of memory?)"; status=1 ;;
+    *)   result=FAIL; status=1 ;;
+esac
+summary "$wl_rc" "$result"
+exit "$status"

@@ -1,0 +1,52 @@
+"""The kernel swaps through tmemfs: examples/swap-on-loop.sh, run small.
+
+The script makes its own mount, image, loop device, swap and memory cgroup (under
+this test's cgroup) and undoes them itself; the test checks that it did.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "swap-on-loop.sh"
+SKIP = 77
+
+
+def _swaps() -> str:
+    return Path("/proc/swaps").read_text()
+
+
+def _loops() -> str:
+    return subprocess.run(["losetup", "-l", "-n"], capture_output=True, text=True,
+                          check=False).stdout
+
+
+def test_kernel_swaps_through_tmemfs(tmp_path: Path) -> None:
+    env = dict(os.environ, TMEMFS=str(Path(sys.executable).parent / "tmemfs"),
+               PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--limit", "48M", "--working-set", "160M",
+         "--image-size", "256M", "--timeout", "300"],
+        capture_output=True, text=True, timeout=420, env=env, check=False,
+    )
+    output = result.stdout + result.stderr
+    if result.returncode == SKIP:
+        pytest.skip(output.strip().splitlines()[-1])
+    assert result.returncode == 0, output[-4000:]
+    assert "workload: PASS" in output
+    stores = re.search(r"tmemfs stores/loads:\s+\+(\d+) / \+(\d+)", output)
+    assert stores, output[-2000:]
+    # The kernel stored at least the working set beyond the limit, and read pages back.
+    assert int(stores.group(1)) > (160 - 48) * 256
+    assert int(stores.group(2)) > 0
+    # Nothing is left behind: no swap, no loop device, no mount of ours.
+    assert str(tmp_path) not in _swaps()
+    assert str(tmp_path) not in _loops()
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
