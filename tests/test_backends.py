@@ -149,7 +149,7 @@ async def test_same_filled_pages_cost_nothing_and_round_trip(word: bytes) -> Non
     assert cost_sum(engine, [0, 1]) == 0
     assert engine.pool_stats(SWAP0)["same_filled_pages"] == 2
     assert_budget_consistent(engine)
-    assert engine.invalidate_page(key(0))
+    assert await engine.invalidate_page(key(0))
     assert engine.stats()["same_filled_pages"] == 1
     assert await engine.load(key(1)) == page
 
@@ -205,9 +205,9 @@ async def test_dedup_counts_every_reference() -> None:
     assert engine.stats()["dedup_pages"] == 5
     assert cost_sum(engine, range(5)) == pytest.approx(lz4_size(page))
     for remaining in (4, 3, 2):
-        engine.invalidate_page(key(remaining))
+        await engine.invalidate_page(key(remaining))
         assert engine.stats()["dedup_pages"] == remaining
-    engine.invalidate_page(key(1))
+    await engine.invalidate_page(key(1))
     # One reference left: nothing is shared any more, and it bears the whole cost.
     assert engine.stats()["dedup_pages"] == 0
     assert cost_sum(engine, [0]) == lz4_size(page)
@@ -219,11 +219,11 @@ async def test_invalidating_one_reference_keeps_the_other() -> None:
     page = compressible(9)
     await engine.store(key(0), page)
     await engine.store(key(1), page)
-    assert engine.invalidate_page(key(0))
+    assert await engine.invalidate_page(key(0))
     assert await engine.load(key(0)) is None
     assert await engine.load(key(1)) == page
     assert engine.stats()["compr_data_size"] == lz4_size(page)
-    assert engine.invalidate_page(key(1))
+    assert await engine.invalidate_page(key(1))
     assert engine.stats()["compr_data_size"] == 0
     assert engine.pool_total_size() == 0
 
@@ -248,7 +248,7 @@ async def test_dedup_across_pools_and_objects() -> None:
     await engine.store(key(0), page)
     await engine.store(PageKey(eph, "ino", 3), page)
     assert engine.stats()["dedup_pages"] == 2
-    engine.flush_pool(eph)
+    await engine.flush_pool(eph)
     assert await engine.load(key(0)) == page
     assert engine.stats()["dedup_pages"] == 0
 
@@ -447,7 +447,7 @@ async def test_lz4_backend_accounting_directly() -> None:
     }
     assert backend.is_shared(handles[0]) and backend.is_shared(handles[1])
     assert backend.is_same_filled(handles[2]) and not backend.is_shared(handles[2])
-    assert await backend.load_many(handles) == [page, page, bytes(PAGE), incompressible(40)]
+    assert await backend.load_many([], handles) == [page, page, bytes(PAGE), incompressible(40)]
     # What encode said a new payload costs is exactly what memory_used grows by.
     used = backend.memory_used()
     assert used == enc[0].cost + enc[3].cost
@@ -471,7 +471,7 @@ async def test_raw_backend_costs_a_full_page_each() -> None:
     assert cost_sum(engine, range(4)) == 4 * PAGE
     assert await engine.load_many(SWAP0, SWAP_OBJECT, range(4)) == pages
     assert_budget_consistent(engine)
-    engine.flush_pool(SWAP0)
+    await engine.flush_pool(SWAP0)
     assert engine.pool_total_size() == 0
     assert engine.backend.stats()["compr_data_size"] == 0
 

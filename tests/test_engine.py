@@ -8,6 +8,7 @@ persistent store is refused; the budget is never exceeded; counters add up.
 
 from __future__ import annotations
 
+import inspect
 import random
 import uuid
 from collections.abc import Callable, Sequence
@@ -169,7 +170,7 @@ def test_shared_pool_names() -> None:
 # -- pools and objects -------------------------------------------------------------------
 
 
-def test_pool_and_object_errors() -> None:
+async def test_pool_and_object_errors() -> None:
     engine = with_pools(make_engine(), FS)
     with pytest.raises(PoolExists):
         engine.create_pool(SWAP0)
@@ -180,11 +181,11 @@ def test_pool_and_object_errors() -> None:
     with pytest.raises(NoSuchPool):
         engine.create_object(PoolId(PoolKind.EPHEMERAL, "nope"), "x")
     with pytest.raises(NoSuchPool):
-        engine.flush_pool(PoolId(PoolKind.PERSISTENT, "1"))
+        await engine.flush_pool(PoolId(PoolKind.PERSISTENT, "1"))
     with pytest.raises(NoSuchObject):
-        engine.invalidate_object(FS, "nope")
+        await engine.invalidate_object(FS, "nope")
     with pytest.raises(NoSuchObject):
-        engine.invalidate_object(SWAP0, SWAP_OBJECT)
+        await engine.invalidate_object(SWAP0, SWAP_OBJECT)
     assert list(engine.pool(SWAP0).objects) == [SWAP_OBJECT]
     assert engine.stats()["pools"] == 2
 
@@ -200,7 +201,7 @@ async def test_operations_on_missing_pools_and_objects() -> None:
     with pytest.raises(NoSuchObject):
         await engine.load(eph(0, obj="other"))
     with pytest.raises(NoSuchObject):
-        engine.invalidate_page(eph(0, obj="other"))
+        await engine.invalidate_page(eph(0, obj="other"))
     assert engine.entry(eph(0, obj="other")) is None
     assert engine.entry(PageKey(PoolId(PoolKind.EPHEMERAL, "x"), OBJ, 0)) is None
     check_invariants(engine)
@@ -217,8 +218,8 @@ async def test_store_load_invalidate(backend: str) -> None:
         await engine.store(key, page(key.index))
         assert await engine.load(key) == page(key.index)
         assert await engine.load(key) == page(key.index)  # not exclusive: still there
-        assert engine.invalidate_page(key)
-        assert not engine.invalidate_page(key)
+        assert await engine.invalidate_page(key)
+        assert not await engine.invalidate_page(key)
         assert await engine.load(key) is None
     stats = engine.stats()
     assert stats["stores"] == 4
@@ -296,16 +297,16 @@ async def test_invalidate_range() -> None:
     engine = with_pools(make_engine(), FS)
     await engine.store_many(FS, OBJ, [(i, page(i)) for i in range(10)])
     await engine.store_many(SWAP0, SWAP_OBJECT, [(i, page(i)) for i in range(10)])
-    assert engine.invalidate_range(FS, OBJ, 5) == 5
-    assert engine.invalidate_range(SWAP0, SWAP_OBJECT, 8) == 2
-    assert engine.invalidate_range(SWAP0, SWAP_OBJECT, 100) == 0
+    assert await engine.invalidate_range(FS, OBJ, 5) == 5
+    assert await engine.invalidate_range(SWAP0, SWAP_OBJECT, 8) == 2
+    assert await engine.invalidate_range(SWAP0, SWAP_OBJECT, 100) == 0
     assert sorted(engine.get_object(FS, OBJ).pages) == list(range(5))
     assert sorted(engine.get_object(SWAP0, SWAP_OBJECT).pages) == list(range(8))
     assert await engine.load(eph(4)) == page(4)
     assert await engine.load(eph(5)) is None
     check_invariants(engine)
-    assert engine.invalidate_range(FS, OBJ, 0) == 5
-    assert engine.invalidate_range(SWAP0, SWAP_OBJECT, 0) == 8
+    assert await engine.invalidate_range(FS, OBJ, 0) == 5
+    assert await engine.invalidate_range(SWAP0, SWAP_OBJECT, 0) == 8
     assert engine.pool_total_size() == 0
     check_invariants(engine)
 
@@ -420,7 +421,7 @@ async def test_budget_never_exceeded(backend: str) -> None:
             # Refused only once every ephemeral page has been evicted.
             assert engine.pool(FS).page_count() == 0
         if step % 7 == 0:
-            engine.invalidate_page(key)
+            await engine.invalidate_page(key)
         check_invariants(engine)
     assert engine.stats()["evicted_pages"] > 0
 
@@ -504,14 +505,14 @@ async def test_flush_pool_releases_everything(backend: str) -> None:
     await engine.store_many(SWAP0, SWAP_OBJECT, [(i, page(i)) for i in range(20)])
     await engine.store_many(FS, OBJ, [(i, page(i)) for i in range(20)])
     await engine.store_many(FS, "other", [(i, noise(i)) for i in range(5)])
-    assert engine.flush_pool(FS) == 25
+    assert await engine.flush_pool(FS) == 25
     with pytest.raises(NoSuchPool):
         await engine.load(eph(0))
     assert FS not in engine.pools
     assert engine.stats()["invalidates"] == 25
     assert engine.stats()["pools"] == 1
     check_invariants(engine)
-    assert engine.flush_pool(SWAP0) == 20
+    assert await engine.flush_pool(SWAP0) == 20
     assert engine.pool_total_size() == 0
     assert engine.stats()["stored_pages"] == 0
     check_invariants(engine)
@@ -526,8 +527,8 @@ async def test_flushed_ephemeral_pages_leave_the_lru() -> None:
     engine.create_object(FS, "other")
     await engine.store_many(FS, OBJ, [(i, page(i)) for i in range(2)])
     await engine.store_many(FS, "other", [(i, page(i)) for i in range(2)])
-    assert engine.invalidate_object(FS, "other") == 2
-    engine.flush_pool(FS)
+    assert await engine.invalidate_object(FS, "other") == 2
+    await engine.flush_pool(FS)
     engine.create_pool(FS)
     engine.create_object(FS, OBJ)
     for i in range(10):  # forces six evictions of live pages
@@ -542,13 +543,13 @@ async def test_invalidate_object_drops_only_that_object() -> None:
     await engine.store_many(FS, OBJ, [(i, page(i)) for i in range(8)])
     await engine.store_many(FS, "other", [(i, page(100 + i)) for i in range(3)])
     before = engine.pool_total_size()
-    assert engine.invalidate_object(FS, OBJ) == 8
+    assert await engine.invalidate_object(FS, OBJ) == 8
     assert engine.pool_total_size() < before
     with pytest.raises(NoSuchObject):
         await engine.load(eph(0))
     assert await engine.load(eph(2, obj="other")) == page(102)
     check_invariants(engine)
-    assert engine.invalidate_object(FS, "other") == 3
+    assert await engine.invalidate_object(FS, "other") == 3
     assert engine.pool_total_size() == 0
     assert engine.pool_stats(FS)["stored_pages"] == 0
     check_invariants(engine)
@@ -604,7 +605,7 @@ async def test_counters_count_pages_not_calls() -> None:
 async def test_counters_survive_a_flushed_pool() -> None:
     engine = with_pools(make_engine())
     await engine.store(swap(0), page(0))
-    engine.flush_pool(SWAP0)
+    await engine.flush_pool(SWAP0)
     stats = engine.stats()
     assert stats["stores"] == 1
     assert stats["invalidates"] == 1
@@ -632,7 +633,7 @@ class HeldLimiter:
 
 async def run_store_during(
     engine: Engine, pool_id: PoolId, obj: str, pages: Sequence[tuple[int, bytes]],
-    meanwhile: Callable[[], object],
+    meanwhile: Callable[[], object],  # may return an awaitable
 ) -> list[bool] | Exception:
     """Start store_many, run `meanwhile()` while it awaits its encode, then let it finish."""
     outcome: list[list[bool] | Exception] = []
@@ -648,7 +649,9 @@ async def run_store_during(
         nursery.start_soon(storer)
         await trio.testing.wait_all_tasks_blocked()
         assert not outcome, "the store should be waiting for a worker thread"
-        meanwhile()
+        pending = meanwhile()
+        if inspect.isawaitable(pending):
+            await pending
         held.release()
     return outcome[0]
 
@@ -670,8 +673,8 @@ async def test_flush_and_recreate_while_store_many_encodes() -> None:
     engine = with_pools(make_engine("lz4"))
     first = engine.pool(SWAP0)
 
-    def flush_and_recreate() -> None:
-        engine.flush_pool(SWAP0)
+    async def flush_and_recreate() -> None:
+        await engine.flush_pool(SWAP0)
         engine.create_pool(SWAP0)
 
     batch = [(i, page(i)) for i in range(64)]
@@ -681,7 +684,7 @@ async def test_flush_and_recreate_while_store_many_encodes() -> None:
     if isinstance(result, list) and all(result):
         assert await engine.load_many(SWAP0, SWAP_OBJECT, range(64)) == [p for _, p in batch]
     check_invariants(engine)
-    engine.flush_pool(SWAP0)
+    await engine.flush_pool(SWAP0)
     assert engine.pool_total_size() == 0
 
 
@@ -710,7 +713,7 @@ async def test_invalidate_while_load_decodes() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader)
         await trio.testing.wait_all_tasks_blocked()
-        engine.flush_pool(FS)
+        await engine.flush_pool(FS)
         engine.create_pool(FS)
         engine.create_object(FS, OBJ)
         held.release()
@@ -732,7 +735,7 @@ async def test_exclusive_load_racing_a_flush_frees_memory_once() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader)
         await trio.testing.wait_all_tasks_blocked()
-        assert engine.flush_pool(SWAP0) == 16  # the 16 being loaded are no longer indexed
+        assert await engine.flush_pool(SWAP0) == 16  # the 16 being loaded are no longer indexed
         held.release()
     assert got == [[page(i) for i in range(16)]]
     assert engine.pool_total_size() == 0
@@ -828,7 +831,7 @@ async def test_engine_matches_a_dict_model(
                     model.pop(i, None)  # after a miss, gets keep missing until a put
         elif op == "invalidate":
             index: int = args[0]  # type: ignore[assignment]
-            present = engine.invalidate_page(PageKey(pool_id, obj, index))
+            present = await engine.invalidate_page(PageKey(pool_id, obj, index))
             if name == "swap":
                 assert present == (index in model)
             elif present:
@@ -836,11 +839,11 @@ async def test_engine_matches_a_dict_model(
             model.pop(index, None)
         elif op == "invalidate_range":
             start: int = args[0]  # type: ignore[assignment]
-            engine.invalidate_range(pool_id, obj, start)
+            await engine.invalidate_range(pool_id, obj, start)
             for i in [i for i in model if i >= start]:
                 del model[i]
         else:
-            engine.flush_pool(pool_id)
+            await engine.flush_pool(pool_id)
             engine.create_pool(pool_id)
             if name == "eph":
                 engine.create_object(pool_id, obj)
@@ -854,7 +857,7 @@ async def test_engine_matches_a_dict_model(
         assert got == [swap_model[i] for i in sorted(swap_model)]
     assert set(engine.get_object(SWAP0, SWAP_OBJECT).pages) == set(swap_model)
     assert set(engine.get_object(eph_pool, OBJ).pages) <= set(models["eph"])
-    engine.flush_pool(SWAP0)
-    engine.flush_pool(eph_pool)
+    await engine.flush_pool(SWAP0)
+    await engine.flush_pool(eph_pool)
     assert engine.pool_total_size() == 0
     check_invariants(engine)

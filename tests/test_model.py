@@ -84,7 +84,8 @@ class TmemModel(RuleBasedStateMachine):
     """Random store/load/invalidate/flush through one mount, checked against the model."""
 
     mount: Mount
-    tiny: bool
+    tiny: bool  # the budget is TINY_BUDGET: stores may be refused, pages evicted
+    writeback: bool = False  # a tier below takes persistent pages: never refused
 
     def __init__(self) -> None:
         super().__init__()
@@ -110,10 +111,11 @@ class TmemModel(RuleBasedStateMachine):
     def path(self, directory: str, index: int) -> Path:
         return self.mnt / directory / str(index)
 
-    def check_refusal(self, err: int, what: str) -> None:
+    def check_refusal(self, err: int, what: str, *, persistent: bool) -> None:
         """Only ENOSPC may refuse a store, and only when the budget is tiny."""
         assert err == errno.ENOSPC, f"{what}: {errno.errorcode.get(err, err)}"
         assert self.tiny, f"{what}: ENOSPC with the default budget"
+        assert not (persistent and self.writeback), f"{what}: ENOSPC with a writeback tier"
 
     def put(
         self, directory: str, index: int, data: bytes, *, offset: int = 0, truncate: bool = True
@@ -124,7 +126,7 @@ class TmemModel(RuleBasedStateMachine):
         if directory in self.persistent:
             model = self.persistent[directory]
             if err:
-                self.check_refusal(err, what)
+                self.check_refusal(err, what, persistent=True)
                 model.pop(index, None)  # a refused store invalidates the old copy
                 self.after_persistent_refusal()
                 return
@@ -133,7 +135,7 @@ class TmemModel(RuleBasedStateMachine):
         else:
             emodel = self.ephemeral[directory]
             if err:
-                self.check_refusal(err, what)
+                self.check_refusal(err, what, persistent=False)
                 emodel[index] = set()
                 return
             # The old copy may have been evicted before the read-modify-write read it.
@@ -284,9 +286,13 @@ SETTINGS = settings(
 )
 
 
-def run_model(mount: Mount, tiny: bool) -> None:
-    machine = type("Machine", (TmemModel,), {"mount": mount, "tiny": tiny})
-    run_state_machine_as_test(machine, settings=SETTINGS)
+def run_model(
+    mount: Mount, tiny: bool, *, writeback: bool = False, config: settings = SETTINGS
+) -> None:
+    """Run TmemModel over `mount` (tests/test_redis_model.py reuses it for Redis)."""
+    machine = type("Machine", (TmemModel,), {"mount": mount, "tiny": tiny,
+                                             "writeback": writeback})
+    run_state_machine_as_test(machine, settings=config)
 
 
 def test_model_default_budget(default_mount: Mount) -> None:

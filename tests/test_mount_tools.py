@@ -79,7 +79,10 @@ def test_dd_store_then_cat_returns_the_page(tmem: Mount, tmp_path: Path) -> None
     assert run("cat", pool / "5").stdout == data
     assert load(pool / "5") == data
     after = tmem.stats()
+    # dd closes a dup of its output before it writes; that close must not store a zero
+    # page first: one dd, one store.
     assert delta(before, after, "stores") == 1
+    assert delta(before, after, "duplicate_entry") == 0
     assert delta(before, after, "stored_pages") == 1
     assert delta(before, after, "loads") == 3
 
@@ -273,6 +276,37 @@ def test_cleancache_pool_objects_and_pages(tmem: Mount, tmp_path: Path) -> None:
 # -- short, partial and empty writes -------------------------------------------------
 
 
+def test_a_whole_page_is_stored_at_write(tmem: Mount) -> None:
+    """A full-page write at offset 0 is a store at once, before close."""
+    pool = fs_pool(tmem)
+    old, new = random_page(), random_page()
+    store(pool / "1", old)
+
+    fd = os.open(pool / "1", os.O_WRONLY)
+    try:
+        assert os.write(fd, new) == PAGE
+        assert load(pool / "1") == new
+    finally:
+        os.close(fd)
+    assert load(pool / "1") == new
+
+
+def test_a_partial_page_is_stored_at_close(tmem: Mount) -> None:
+    """Other writes are assembled per open file: readers see the old page until close."""
+    pool = fs_pool(tmem)
+    old = random_page()
+    store(pool / "1", old)
+
+    fd = os.open(pool / "1", os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"new", 10)
+        assert load(pool / "1") == old
+    finally:
+        os.close(fd)
+    assert load(pool / "1") == patched(old, 10, b"new")
+
+
+
 def test_short_write_is_zero_padded(tmem: Mount) -> None:
     pool = fs_pool(tmem)
     before = tmem.stats()
@@ -330,15 +364,31 @@ def test_touch_creates_a_zero_page(tmem: Mount) -> None:
     assert load(pool / "7") == ZERO_PAGE
     assert os.stat(pool / "7").st_size == PAGE
     assert page_names(pool) == {"7"}
-    assert delta(before, tmem.stats(), "stores") == 1
+    # The store lands at release, just after touch's close() (see the test below).
+    deadline = time.monotonic() + 5
+    while delta(before, tmem.stats(), "stores") != 1:
+        assert time.monotonic() < deadline, "touch never stored its page"
+        time.sleep(0.01)
 
 
 def test_create_and_close_is_a_zero_page_at_once(tmem: Mount) -> None:
-    """The zero page is there when close() returns, not some time later."""
+    """The zero page is there when close() returns: it lists, stats and reads as zeros.
+
+    Its store lands at release, which the kernel sends just after close() returns (a
+    close of a dup, as every shell redirection makes, must not store a zero page), so
+    the counters catch up a moment later; that is waited for with a deadline.
+    """
     pool = fs_pool(tmem)
     for index in range(20):
         os.close(os.open(pool / str(index), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
         assert load(pool / str(index)) == ZERO_PAGE, f"page {index} right after close"
+        assert str(index) in page_names(pool)
+        assert os.stat(pool / str(index)).st_size == PAGE
+    deadline = time.monotonic() + 5
+    while tmem.stats("frontswap/0")["stored_pages"] != 20:
+        assert time.monotonic() < deadline, "created pages were never stored"
+        time.sleep(0.01)
+    assert tmem.stats("frontswap/0")["stores"] == 20
 
 
 def test_touch_keeps_an_existing_page(tmem: Mount) -> None:
@@ -375,6 +425,9 @@ def test_stats_files_show_every_spec_counter(tmem: Mount) -> None:
     store(tmem.path / "frontswap" / "1" / "0", text_page(1))
 
     glob = tmem.stats()
+    pools = [tmem.stats(p) for p in ("frontswap/0", "frontswap/1", "cleancache/p")]
+    for name in ("stored_pages", "orig_data_size", "same_filled_pages", "stores"):
+        assert glob[name] == sum(pool[name] for pool in pools), f"global {name} is the sum"
     assert glob["stored_pages"] == 4
     assert glob["stores"] == 4
     assert glob["orig_data_size"] == 4 * PAGE

@@ -479,10 +479,10 @@ class TmemOperations(pyfuse3.Operations):
         assert node.pool is not None or node.kind in (Kind.FRONTSWAP, Kind.CLEANCACHE, Kind.STATS)
         if node.kind is Kind.POOL:
             assert node.pool is not None
-            self.engine.flush_pool(node.pool)
+            await self.engine.flush_pool(node.pool)
         elif node.kind is Kind.OBJECT:
             assert node.pool is not None and node.object is not None
-            self.engine.invalidate_object(node.pool, node.object)
+            await self.engine.invalidate_object(node.pool, node.object)
         elif node.kind in (Kind.FRONTSWAP, Kind.CLEANCACHE):
             raise fail(errno.EPERM)
         else:
@@ -725,10 +725,20 @@ class TmemOperations(pyfuse3.Operations):
     @translate_errors
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
-        # A created page with nothing written yet waits for release: tools such as dd
-        # close a dup of the file before they write, and that close must not store zeros.
-        if isinstance(handle, OpenPage) and handle.dirty:
+        if not isinstance(handle, OpenPage):
+            return
+        if handle.dirty:
             await self._store_pending(handle)
+        elif (
+            handle.created and handle.key in self._creating and not self.engine.room_for_page()
+        ):
+            # A created page with nothing written yet is stored at release, not here:
+            # shell redirections and dd close a dup of the file before they write, and
+            # that close must not store a zero page first. Meanwhile the page exists and
+            # reads as zeros. Whether it will fit is answered now, so that close() is
+            # where a full budget says ENOSPC, as for any other store.
+            self._forget_creating(handle.key)
+            raise StoreRejected(str(handle.key))
 
     @translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -756,7 +766,7 @@ class TmemOperations(pyfuse3.Operations):
         if node.kind is Kind.PAGE:
             key = node.page_key
             created = self._forget_creating(key)
-            if not self.engine.invalidate_page(key) and not created:
+            if not await self.engine.invalidate_page(key) and not created:
                 raise fail(errno.ENOENT)
         elif not self._exists(node):
             raise fail(errno.ENOENT)

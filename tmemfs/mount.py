@@ -25,6 +25,7 @@ import trio
 
 from tmemfs import __version__
 from tmemfs.backends import open_backend
+from tmemfs.backends.store import StoreUnavailable
 from tmemfs.engine import Engine
 from tmemfs.fs import TmemOperations
 
@@ -191,6 +192,10 @@ def serve(opts: MountOptions, ready: int | None) -> int:
             exclusive_gets=opts.exclusive_gets,
             reject_poor=opts.reject_poor,
         )
+        try:
+            await engine.open()
+        except StoreUnavailable as exc:
+            raise MountError(f"cannot reach the backend {backend.describe()}: {exc}") from None
         operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory)
         try:
             pyfuse3.init(operations, str(opts.mountpoint), fuse_options)
@@ -207,6 +212,7 @@ def serve(opts: MountOptions, ready: int | None) -> int:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal)
+                nursery.start_soon(engine.run_writeback)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
             clean = True
@@ -214,7 +220,7 @@ def serve(opts: MountOptions, ready: int | None) -> int:
             # After an unmount the session is gone already; after a signal or a crash
             # the mount is still there and close() takes it down.
             pyfuse3.close(unmount=True)
-            await backend.close()
+            await engine.close()
             log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
 
     trio.run(run)

@@ -13,9 +13,13 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 import trio
+
+if TYPE_CHECKING:
+    from tmemfs.backends.store import Location
+    from tmemfs.engine.keys import PoolId
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,31 +41,69 @@ class Encoded:
     poor: bool = False
 
 
+class RestoredPool(NamedTuple):
+    """A pool a remote backend still holds from an earlier mount: its pages by index."""
+
+    pool: PoolId
+    generation: int
+    pages: dict[int, Any]
+
+
 class Backend(ABC):
-    """Where page contents live. Handles are opaque to the engine."""
+    """Where page contents live. Handles are opaque to the engine.
+
+    A local backend keeps pages in this process: `store_many` completes without
+    waiting, so the engine admits and keeps a batch atomically. A remote backend
+    (`remote = True`) waits on the network, may fail (StoreUnavailable), and keeps
+    each page at a Location that the engine names.
+    """
 
     #: The name used by --backend and shown in stats.
     name: str = ""
+    #: Pages live outside this process: stores and deletes wait, and can fail.
+    remote: ClassVar[bool] = False
 
     def __init__(self, page_size: int, limiter: trio.CapacityLimiter) -> None:
         self.page_size = page_size
         self.limiter = limiter
 
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect; StoreUnavailable if the backend cannot be reached."""
+
+    async def restore(self) -> list[RestoredPool]:
+        """Persistent pools kept from an earlier mount (remote backends only)."""
+        return []
+
     @abstractmethod
     async def encode_many(self, pages: Sequence[bytes]) -> list[Encoded]:
         """Turn full pages into their stored form (compression happens here)."""
 
-    @abstractmethod
     def store(self, encoded: Encoded) -> Any:
-        """Keep an encoded page and return its handle. Never fails: the engine admits first."""
+        """Keep an encoded page in this process and return its handle (local backends)."""
+        raise NotImplementedError
+
+    async def store_many(
+        self, locations: Sequence[Location], encoded: Sequence[Encoded]
+    ) -> list[Any]:
+        """Keep encoded pages, returning their handles; StoreUnavailable if it cannot."""
+        return [self.store(e) for e in encoded]
 
     @abstractmethod
-    async def load_many(self, handles: Sequence[Any]) -> list[bytes]:
-        """Return the full pages behind the handles, in order."""
+    async def load_many(
+        self, locations: Sequence[Location], handles: Sequence[Any]
+    ) -> list[bytes | None]:
+        """The full pages behind the handles, in order; None where a page is gone."""
 
     @abstractmethod
     def invalidate(self, handle: Any) -> None:
-        """Release one reference to a handle."""
+        """Release one reference to a handle (what this process holds for it)."""
+
+    async def delete_many(self, locations: Sequence[Location]) -> None:  # noqa: B027
+        """Delete remote copies (remote backends); StoreUnavailable if it cannot."""
+
+    def payload_of(self, handle: Any) -> bytes:
+        """The payload behind a handle held here, as codec.payload_of would give it."""
+        raise NotImplementedError
 
     @abstractmethod
     def payload_share(self, handle: Any) -> float:

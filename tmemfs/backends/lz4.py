@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lz4.block
-
 from tmemfs.backends.base import Backend, Encoded
+from tmemfs.backends.codec import decode_payloads, encode_pages, payload_of
+from tmemfs.backends.store import Location
 
 # Measured CPython costs, so the budget counts what the daemon really holds:
 # a Blob (48) + its bytes header (33) + its slot in the dedup table (~50).
@@ -53,25 +53,10 @@ class Lz4Backend(Backend):
 
     # Encoding and decoding run in worker threads; python-lz4 releases the GIL.
     def _encode_chunk(self, pages: Sequence[bytes]) -> list[Encoded]:
-        limit = int(self.page_size * self.reject_ratio)
-        out: list[Encoded] = []
-        for page in pages:
-            head = bytes(page[:8])
-            if page == head * self._words:
-                out.append(Encoded(int.from_bytes(head, "little"), _SAME_FILLED_OVERHEAD))
-                continue
-            payload = lz4.block.compress(page, store_size=False)
-            # A payload as long as the page would be mistaken for a raw page on load.
-            poor = len(payload) > limit or len(payload) >= self.page_size
-            if poor:
-                payload = bytes(page)
-            hash(payload)  # cached in the object, so the dedup lookup costs the trio thread nothing
-            out.append(Encoded(payload, len(payload) + _BLOB_OVERHEAD, poor))
-        return out
+        return encode_pages(pages, self.page_size, self.reject_ratio, _BLOB_OVERHEAD)
 
     def _decode_chunk(self, payloads: Sequence[bytes]) -> list[bytes]:
-        size = self.page_size
-        return [lz4.block.decompress(p, uncompressed_size=size) for p in payloads]
+        return decode_payloads(payloads, self.page_size)
 
     async def encode_many(self, pages: Sequence[bytes]) -> list[Encoded]:
         return await self.run_batched(self._encode_chunk, pages)
@@ -90,8 +75,10 @@ class Lz4Backend(Backend):
         self._shared_pages += 2 if blob.refs == 2 else 1
         return blob
 
-    async def load_many(self, handles: Sequence[int | Blob]) -> list[bytes]:
-        pages: list[bytes] = []
+    async def load_many(
+        self, locations: Sequence[Location], handles: Sequence[int | Blob]
+    ) -> list[bytes | None]:
+        pages: list[bytes | None] = []
         compressed: list[tuple[int, bytes]] = []
         for i, handle in enumerate(handles):
             if isinstance(handle, int):
@@ -117,6 +104,9 @@ class Lz4Backend(Backend):
             self._payload_bytes -= len(handle.data)
         else:
             self._shared_pages -= 2 if handle.refs == 1 else 1
+
+    def payload_of(self, handle: int | Blob) -> bytes:
+        return payload_of(handle if isinstance(handle, int) else handle.data)
 
     def payload_share(self, handle: int | Blob) -> float:
         if isinstance(handle, int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tmemfs.backends.base import Backend, Encoded
+from tmemfs.backends.store import Location
 
 # A bytes object's header, plus its share of the handle's slot in the engine index.
 _HANDLE_OVERHEAD = 33
@@ -27,11 +28,16 @@ class RawBackend(Backend):
         self._pages += 1
         return encoded.value
 
-    async def load_many(self, handles: Sequence[bytes]) -> list[bytes]:
+    async def load_many(
+        self, locations: Sequence[Location], handles: Sequence[bytes]
+    ) -> list[bytes | None]:
         return list(handles)
 
     def invalidate(self, handle: bytes) -> None:
         self._pages -= 1
+
+    def payload_of(self, handle: bytes) -> bytes:
+        return handle
 
     def payload_share(self, handle: bytes) -> float:
         return len(handle)

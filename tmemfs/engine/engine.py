@@ -2,20 +2,36 @@
 
 A store is decided in one place, `_admit`, top to bottom as zswap_store does it:
 replace the old copy, refuse poor compression if asked, make room (evicting
-ephemeral pages first), keep the page. The budget counts real memory: the
-backend's payloads and handles plus the engine's own per-page index entry.
+ephemeral pages first), then keep the page here, send it down to the writeback
+tier, or refuse it. The budget counts real memory: the backend's payloads and
+handles plus the engine's own per-page index entry.
+
+Pages may live in three places: the backend in this process (lz4, raw), a remote
+backend (redis), or the writeback tier under a local backend. The index here is
+the truth for what a mount has stored; a remote backend is asked only for data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
+import trio
+
 from tmemfs.backends.base import Backend, Encoded
-from tmemfs.engine.errors import NoSuchObject, NoSuchPool, PoolExists, StoreRejected
+from tmemfs.backends.codec import decode_payloads, payload_of
+from tmemfs.backends.store import Location, PageStore, StoreUnavailable
+from tmemfs.engine.errors import (
+    NoSuchObject,
+    NoSuchPool,
+    PageLost,
+    PoolExists,
+    StoreRejected,
+)
 from tmemfs.engine.keys import SWAP_OBJECT, PageKey, PoolId, PoolKind
 from tmemfs.engine.pool import Entry, Owner, Pool, TmemObject
 from tmemfs.engine.stats import new_counters
@@ -25,10 +41,30 @@ log = logging.getLogger(__name__)
 # What one index entry costs in CPython: the Entry (48), its mtime int (32) and its
 # slot in the object's dict with the index int (~80). Measured with tracemalloc.
 ENTRY_OVERHEAD = 160
+# How many pages the writeback worker moves down at a time.
+WRITEBACK_BATCH = 256
+
+
+class Lowered:
+    """The handle of a page that lives in the writeback tier: what it costs there."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class Lost:
+    """The handle of a persistent page the remote backend no longer has (EIO on load)."""
+
+    __slots__ = ()
+
+
+LOST = Lost()
 
 
 class Engine:
-    """Pools of pages over one backend, within a memory budget."""
+    """Pools of pages over one backend (and optionally a writeback tier), within a budget."""
 
     def __init__(
         self,
@@ -37,17 +73,72 @@ class Engine:
         max_pool: int,
         exclusive_gets: bool = False,
         reject_poor: bool = False,
+        writeback: PageStore | None = None,
+        accept_threshold: float = 0.9,
     ) -> None:
         self.backend = backend
         self.page_size = backend.page_size
         self.max_pool = max_pool
         self.exclusive_gets = exclusive_gets
         self.reject_poor = reject_poor
+        self.writeback = writeback
+        # Like zswap's accept_threshold_percent: once full, write back down to this.
+        self.accept_threshold = accept_threshold
         self.pools: dict[PoolId, Pool] = {}
         self.counters = new_counters()
+        self.counters["lost_pages"] = 0
         self._entries = 0
+        # Bytes admitted but not yet kept (a batch is admitted whole, then kept).
+        self._reserved = 0
         # Ephemeral pages, least recently used first: the eviction order.
         self._lru: OrderedDict[PageKey, None] = OrderedDict()
+        # Persistent pages held here, coldest first: the writeback order.
+        self._cold: OrderedDict[PageKey, None] = OrderedDict()
+        self._writeback_wanted = trio.Event()
+        self._locks: dict[PoolId, trio.Lock] = {}
+        # Remote copies to delete once the pool's current mutation is done.
+        self._pending_deletes: list[Location] = []
+        self._pending_lower_deletes: list[Location] = []
+        self._serialize = backend.remote or writeback is not None
+
+    # -- life --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect the backend and tier; bring back the persistent pools a remote holds."""
+        await self.backend.open()
+        if self.writeback is not None:
+            await self.writeback.open()
+        for restored in await self.backend.restore():
+            pool = self.create_pool(restored.pool)
+            pool.generation = restored.generation
+            tobj = pool.objects[SWAP_OBJECT]
+            now = time.time_ns()
+            for index, handle in restored.pages.items():
+                tobj.pages[index] = Entry(handle, now)
+            self._entries += len(restored.pages)
+            log.info("restored %s: %d pages", restored.pool, len(restored.pages))
+
+    async def close(self) -> None:
+        if self.writeback is not None:
+            await self.writeback.close()
+        await self.backend.close()
+
+    async def run_writeback(self) -> None:
+        """Move the coldest persistent pages down while the pool is over the threshold."""
+        if self.writeback is None:
+            return
+        while True:
+            await self._writeback_wanted.wait()
+            self._writeback_wanted = trio.Event()
+            while self.pool_total_size() > self.accept_threshold * self.max_pool and self._cold:
+                try:
+                    moved = await self._write_back(WRITEBACK_BATCH)
+                except StoreUnavailable as exc:
+                    log.warning("writeback tier unavailable (%s); retrying in 1 s", exc)
+                    await trio.sleep(1)
+                    continue
+                if not moved:
+                    break
 
     # -- pools and objects -------------------------------------------------------------
 
@@ -56,6 +147,9 @@ class Engine:
         if pool_id in self.pools:
             raise PoolExists(str(pool_id))
         pool = self.pools[pool_id] = Pool.create(pool_id, owner or Owner())
+        if pool.shared:
+            # Every mount of a shared pool must name its pages alike.
+            pool.generation = 0
         log.debug("created pool %s", pool_id)
         return pool
 
@@ -76,34 +170,43 @@ class Engine:
         pool = self.pool(pool_id)
         if pool.persistent or obj in pool.objects:
             raise PoolExists(f"{pool_id}/{obj}")
-        tobj = pool.objects[obj] = TmemObject(owner or Owner())
+        tobj = pool.objects[obj] = TmemObject(owner or Owner(), obj)
+        if pool.shared:
+            tobj.generation = 0
         return tobj
 
-    def flush_pool(self, pool_id: PoolId) -> int:
-        """frontswap invalidate_area / cleancache invalidate_fs: drop the pool and its pages."""
-        pool = self.pool(pool_id)
-        dropped = sum(self._drop_object(pool, name) for name in list(pool.objects))
-        del self.pools[pool_id]
+    async def flush_pool(self, pool_id: PoolId) -> int:
+        """frontswap invalidate_area / cleancache invalidate_fs: drop the pool and its pages.
+
+        A shared pool is only left by this mount: the pages stay for the others.
+        """
+        async with self._mutating(pool_id):
+            pool = self.pool(pool_id)
+            dropped = 0
+            for name in list(pool.objects):
+                dropped += await self._drop_object(pool, name, remote=not pool.shared)
+            del self.pools[pool_id]
+            self._locks.pop(pool_id, None)
         log.debug("flushed pool %s (%d pages)", pool_id, dropped)
         return dropped
 
-    def invalidate_object(self, pool_id: PoolId, obj: str) -> int:
+    async def invalidate_object(self, pool_id: PoolId, obj: str) -> int:
         """cleancache invalidate_inode: drop an object and every page in it."""
-        pool = self.pool(pool_id)
-        if pool.persistent or obj not in pool.objects:
-            raise NoSuchObject(f"{pool_id}/{obj}")
-        dropped = self._drop_object(pool, obj)
-        del pool.objects[obj]
+        async with self._mutating(pool_id):
+            pool = self.pool(pool_id)
+            if pool.persistent or obj not in pool.objects:
+                raise NoSuchObject(f"{pool_id}/{obj}")
+            dropped = await self._drop_object(pool, obj, remote=True)
+            del pool.objects[obj]
         return dropped
 
-    def _drop_object(self, pool: Pool, name: str) -> int:
-        pages = pool.objects[name].pages
-        for index, entry in pages.items():
-            self._release(pool, PageKey(pool.id, name, index), entry)
-        count = len(pages)
-        pages.clear()
-        self._count(pool, "invalidates", count)
-        return count
+    async def _drop_object(self, pool: Pool, name: str, *, remote: bool) -> int:
+        tobj = pool.objects[name]
+        gone = [(PageKey(pool.id, name, i), e) for i, e in tobj.pages.items()]
+        tobj.pages.clear()
+        await self._release_many(pool, tobj, gone, remote=remote)
+        self._count(pool, "invalidates", len(gone))
+        return len(gone)
 
     # -- store -------------------------------------------------------------------------
 
@@ -119,42 +222,115 @@ class Engine:
         """Store full pages of one object; returns, per page, whether it was kept."""
         self.get_object(pool_id, obj)
         encoded = await self.backend.encode_many([page for _, page in pages])
-        # No await from here on: the batch is admitted against one consistent state.
-        # The pool may have been flushed (or flushed and made anew) while we encoded.
-        tobj = self.get_object(pool_id, obj)
-        pool = self.pools[pool_id]
-        now = time.time_ns()
-        return [
-            self._admit(pool, tobj, PageKey(pool_id, obj, index), enc, now)
-            for (index, _), enc in zip(pages, encoded, strict=True)
-        ]
+        async with self._mutating(pool_id):
+            # The pool may have been flushed (or flushed and made anew) while we encoded.
+            tobj = self.get_object(pool_id, obj)
+            pool = self.pools[pool_id]
+            now = time.time_ns()
+            kept: list[bool] = []
+            # A batch that names a page twice is two stores, one after the other.
+            for run in _distinct_runs([index for index, _ in pages]):
+                run_pages = [pages[i] for i in run]
+                run_encoded = [encoded[i] for i in run]
+                decisions = [
+                    self._admit(pool, tobj, PageKey(pool_id, obj, index), enc)
+                    for (index, _), enc in zip(run_pages, run_encoded, strict=True)
+                ]
+                reserved = sum(enc.cost + ENTRY_OVERHEAD for enc, d
+                               in zip(run_encoded, decisions, strict=True) if d == self._KEEP)
+                try:
+                    kept += await self._keep(pool, tobj, run_pages, run_encoded, decisions, now)
+                finally:
+                    self._reserved -= reserved
+            return kept
 
-    def _admit(self, pool: Pool, tobj: TmemObject, key: PageKey, enc: Encoded, now: int) -> bool:
+    # What _admit decides for one page.
+    _KEEP, _LOWER, _REFUSE = "keep", "lower", "refuse"
+
+    def _admit(self, pool: Pool, tobj: TmemObject, key: PageKey, enc: Encoded) -> str:
         # 1. A store replaces the old copy; if this store is refused, the old copy must
         #    not be returned either (frontswap's duplicate-store rule), so drop it first.
         old = tobj.pages.pop(key.index, None)
         if old is not None:
             self._count(pool, "duplicate_entry")
             self._count(pool, "invalidates")
-            self._release(pool, key, old)
+            self._release_here(pool, key, old)
+            if isinstance(old.handle, Lowered):
+                # The new copy may land here, so the old one below must go.
+                self._schedule_lower_delete(pool, tobj, key)
         # 2. Poor compression: kept raw by default, refused with --reject-poor (compress_poor).
         if enc.poor and self.reject_poor:
             self._count(pool, "reject_compress_poor")
-            return False
-        # 3. The budget: evict ephemeral pages, least recently used first, before refusing.
+            return self._REFUSE
+        # 3. The budget: evict ephemeral pages, least recently used first; below a full
+        #    pool a persistent page goes straight to the writeback tier (zswap writeback).
         if not self._make_room(enc.cost + ENTRY_OVERHEAD):
+            if self.writeback is not None and pool.persistent and not isinstance(enc.value, int):
+                self._writeback_wanted.set()
+                return self._LOWER
             self._count(pool, "pool_limit_hit")
-            return False
-        # 4. Keep it.
-        tobj.pages[key.index] = Entry(self.backend.store(enc), now)
+            return self._REFUSE
+        self._reserved += enc.cost + ENTRY_OVERHEAD
+        return self._KEEP
+
+    async def _keep(
+        self,
+        pool: Pool,
+        tobj: TmemObject,
+        pages: Sequence[tuple[int, bytes]],
+        encoded: Sequence[Encoded],
+        decisions: Sequence[str],
+        now: int,
+    ) -> list[bool]:
+        """4. Keep what was admitted: here, in the remote backend, or in the tier below."""
+        keep = [i for i, d in enumerate(decisions) if d == self._KEEP]
+        lower = [i for i, d in enumerate(decisions) if d == self._LOWER]
+        kept = [d == self._KEEP for d in decisions]
+        if keep:
+            locations = [self._location(pool, tobj, pages[i][0]) for i in keep]
+            try:
+                handles = await self.backend.store_many(locations, [encoded[i] for i in keep])
+            except StoreUnavailable as exc:
+                log.warning("store of %d pages refused: %s", len(keep), exc)
+                self._count(pool, "reject_alloc_fail", len(keep))
+                await self._forget_remote(locations)
+                for i in keep:
+                    kept[i] = False
+            else:
+                for i, handle in zip(keep, handles, strict=True):
+                    self._insert(pool, tobj, pages[i][0], handle, now)
+        if lower:
+            assert self.writeback is not None
+            items = [(self._location(pool, tobj, pages[i][0]), payload_of(encoded[i].value))
+                     for i in lower]
+            try:
+                await self.writeback.put_many(items)
+            except StoreUnavailable as exc:
+                log.warning("writeback of %d pages refused: %s", len(lower), exc)
+                self._count(pool, "reject_alloc_fail", len(lower))
+            else:
+                for i, (_, payload) in zip(lower, items, strict=True):
+                    self._insert(pool, tobj, pages[i][0], Lowered(len(payload)), now)
+                    kept[i] = True
+                self._count(pool, "written_back_pages", len(lower))
+        return kept
+
+    def _insert(self, pool: Pool, tobj: TmemObject, index: int, handle: Any, now: int) -> None:
+        tobj.pages[index] = Entry(handle, now)
         self._entries += 1
+        key = PageKey(pool.id, self._object_name(pool, tobj), index)
         if not pool.persistent:
             self._lru[key] = None
+        elif self.writeback is not None and not isinstance(handle, Lowered | int):
+            self._cold[key] = None
         self._count(pool, "stores")
-        return True
+
+    def room_for_page(self) -> bool:
+        """Whether one more same-filled page fits (evicting ephemeral pages if need be)."""
+        return self._make_room(ENTRY_OVERHEAD)
 
     def _make_room(self, cost: int) -> bool:
-        while self.pool_total_size() + cost > self.max_pool:
+        while self.pool_total_size() + self._reserved + cost > self.max_pool:
             if not self._lru:
                 return False
             victim, _ = self._lru.popitem(last=False)
@@ -163,16 +339,77 @@ class Engine:
 
     def _evict(self, key: PageKey) -> None:
         pool = self.pools[key.pool]
-        entry = pool.objects[key.object].pages.pop(key.index)
-        self._release(pool, key, entry)
+        tobj = pool.objects[key.object]
+        entry = tobj.pages.pop(key.index)
+        self._release_here(pool, key, entry)
         self._count(pool, "evicted_pages")
+        if self.backend.remote:
+            # Evicted from the local index; the remote copy goes in the background.
+            self._schedule_remote_delete([self._location(pool, tobj, key.index)])
 
-    def _release(self, pool: Pool, key: PageKey, entry: Entry) -> None:
-        """Forget an entry that has been removed from its object's index."""
-        self.backend.invalidate(entry.handle)
+    # -- release: what an invalidated or replaced page gives back -------------------------
+
+    def _release_here(self, pool: Pool, key: PageKey, entry: Entry) -> None:
+        """Forget an entry removed from its object's index: memory held in this process."""
+        if not isinstance(entry.handle, Lowered | Lost):
+            self.backend.invalidate(entry.handle)
         self._entries -= 1
-        if not pool.persistent:
+        if pool.persistent:
+            self._cold.pop(key, None)
+        else:
             self._lru.pop(key, None)
+
+    async def _release_many(
+        self,
+        pool: Pool,
+        tobj: TmemObject,
+        gone: Sequence[tuple[PageKey, Entry]],
+        *,
+        remote: bool = True,
+    ) -> None:
+        """Release entries already removed from the index, and their copies elsewhere."""
+        lowered: list[Location] = []
+        remote_copies: list[Location] = []
+        for key, entry in gone:
+            self._release_here(pool, key, entry)
+            location = self._location(pool, tobj, key.index)
+            if isinstance(entry.handle, Lowered):
+                lowered.append(location)
+            elif self.backend.remote:
+                remote_copies.append(location)
+        if remote and remote_copies:
+            await self._forget_remote(remote_copies)
+        if lowered:
+            assert self.writeback is not None
+            try:
+                await self.writeback.delete_many(lowered)
+            except StoreUnavailable as exc:
+                log.warning("could not delete %d pages from the tier: %s", len(lowered), exc)
+
+    async def _forget_remote(self, locations: Sequence[Location]) -> None:
+        """Delete remote copies; if the remote cannot, the index has forgotten them anyway."""
+        if not self.backend.remote or not locations:
+            return
+        try:
+            await self.backend.delete_many(locations)
+        except StoreUnavailable as exc:
+            log.warning("could not delete %d remote pages: %s", len(locations), exc)
+
+    def _schedule_remote_delete(self, locations: list[Location]) -> None:
+        self._pending_deletes.extend(locations)
+
+    def _schedule_lower_delete(self, pool: Pool, tobj: TmemObject, key: PageKey) -> None:
+        self._pending_lower_deletes.append(self._location(pool, tobj, key.index))
+
+    async def _flush_pending_deletes(self) -> None:
+        deletes, self._pending_deletes = self._pending_deletes, []
+        lower, self._pending_lower_deletes = self._pending_lower_deletes, []
+        await self._forget_remote(deletes)
+        if lower and self.writeback is not None:
+            try:
+                await self.writeback.delete_many(lower)
+            except StoreUnavailable as exc:
+                log.warning("could not delete %d pages from the tier: %s", len(lower), exc)
 
     # -- load --------------------------------------------------------------------------
 
@@ -184,7 +421,7 @@ class Engine:
     async def load_many(
         self, pool_id: PoolId, obj: str, indexes: Iterable[int], *, exclusive: bool = True
     ) -> list[bytes | None]:
-        """Load pages of one object; None for each miss.
+        """Load pages of one object; None for each miss. PageLost for a lost persistent page.
 
         `exclusive=False` never invalidates on load, whatever --exclusive-gets says: a
         block device's reader (the image) may read a block again and must find it.
@@ -199,31 +436,105 @@ class Engine:
         else:
             entries = [tobj.pages.get(index) for index in indexes]
         hits = [(i, e) for i, e in zip(indexes, entries, strict=True) if e is not None]
-        if not exclusive and not pool.persistent:
+        if not exclusive:
+            order = self._cold if pool.persistent else self._lru
             for index, _ in hits:
-                self._lru.move_to_end(PageKey(pool_id, obj, index))
+                key = PageKey(pool_id, obj, index)
+                if key in order:
+                    order.move_to_end(key)
         try:
             # Holding the handles keeps their payloads alive even if invalidated meanwhile.
-            data = iter(await self.backend.load_many([e.handle for _, e in hits]))
+            data = await self._fetch(pool, tobj, hits)
         except BaseException:
             if exclusive:
                 self._put_back(pool, tobj, obj, hits)
             raise
         if exclusive:
-            for _, entry in hits:
-                self.backend.invalidate(entry.handle)
-            self._count(pool, "invalidates", len(hits))
-        self._count(pool, "loads", len(hits))
-        self._count(pool, "load_misses", len(entries) - len(hits))
-        return [None if e is None else next(data) for e in entries]
+            gone = [(PageKey(pool_id, obj, i), e) for (i, e), d in zip(hits, data, strict=True)
+                    if d is not None]
+            for _key, entry in gone:
+                # Already out of the index and its counts (_take); release the rest.
+                if not isinstance(entry.handle, Lowered | Lost):
+                    self.backend.invalidate(entry.handle)
+            await self._forget_copies(pool, tobj, gone)
+            self._count(pool, "invalidates", len(gone))
+        found = iter(data)
+        result = [None if e is None else next(found) for e in entries]
+        hit_count = sum(page is not None for page in result)
+        self._count(pool, "loads", hit_count)
+        self._count(pool, "load_misses", len(result) - hit_count)
+        return result
+
+    async def _fetch(
+        self, pool: Pool, tobj: TmemObject, hits: Sequence[tuple[int, Entry]]
+    ) -> list[bytes | None]:
+        """The data of index entries, wherever they live; misses and losses sorted out."""
+        if any(isinstance(e.handle, Lost) for _, e in hits) and pool.persistent:
+            raise PageLost(f"{pool.id}: a page the remote no longer has")
+        here = [(n, i, e) for n, (i, e) in enumerate(hits)
+                if not isinstance(e.handle, Lowered | Lost)]
+        below = [(n, i, e) for n, (i, e) in enumerate(hits) if isinstance(e.handle, Lowered)]
+        data: list[bytes | None] = [None] * len(hits)
+        try:
+            if here:
+                pages = await self.backend.load_many(
+                    [self._location(pool, tobj, i) for _, i, _ in here],
+                    [e.handle for _, _, e in here],
+                )
+                for (n, _, _), page in zip(here, pages, strict=True):
+                    data[n] = page
+            if below:
+                assert self.writeback is not None
+                payloads = await self.writeback.get_many(
+                    [self._location(pool, tobj, i) for _, i, _ in below])
+                present = [(n, p) for (n, _, _), p in zip(below, payloads, strict=True)
+                           if p is not None]
+                pages = await self.backend.run_batched(
+                    lambda ps: decode_payloads(ps, self.page_size), [p for _, p in present])
+                for (n, _), page in zip(present, pages, strict=True):
+                    data[n] = page
+        except StoreUnavailable as exc:
+            if pool.persistent:
+                raise PageLost(f"{pool.id}: {exc}") from None
+            log.debug("remote load missed: %s", exc)
+            return [None] * len(hits)
+        for n, (index, entry) in enumerate(hits):
+            if data[n] is None and not isinstance(entry.handle, Lost):
+                self._lost(pool, tobj, index, entry)
+        if pool.persistent and any(d is None for d in data):
+            raise PageLost(f"{pool.id}: a page the remote no longer has")
+        return data
+
+    def _lost(self, pool: Pool, tobj: TmemObject, index: int, entry: Entry) -> None:
+        """A page the index has but its store had not: a persistent one stays, as lost."""
+        if pool.persistent:
+            self._count(pool, "lost_pages")
+            log.error("%s page %d is lost: its store no longer has it", pool.id, index)
+            entry.handle = LOST
+        elif tobj.pages.get(index) is entry:
+            # An ephemeral page the remote evicted: a miss from now on.
+            del tobj.pages[index]
+            self._release_here(pool, PageKey(pool.id, self._object_name(pool, tobj), index),
+                               Entry(LOST, 0))
+
+    async def _forget_copies(
+        self, pool: Pool, tobj: TmemObject, gone: Sequence[tuple[PageKey, Entry]]
+    ) -> None:
+        lowered = [self._location(pool, tobj, k.index) for k, e in gone
+                   if isinstance(e.handle, Lowered)]
+        remote = [self._location(pool, tobj, k.index) for k, e in gone
+                  if not isinstance(e.handle, Lowered)]
+        await self._forget_remote(remote)
+        if lowered and self.writeback is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self.writeback.delete_many(lowered)
 
     def _take(self, pool: Pool, tobj: TmemObject, key: PageKey) -> Entry | None:
-        """Remove an entry for an exclusive get; its handle is released after decoding."""
+        """Remove an entry for an exclusive get; its handle is released after loading."""
         entry = tobj.pages.pop(key.index, None)
         if entry is not None:
             self._entries -= 1
-            if not pool.persistent:
-                self._lru.pop(key, None)
+            (self._cold if pool.persistent else self._lru).pop(key, None)
         return entry
 
     def _put_back(
@@ -237,33 +548,64 @@ class Engine:
                 self._entries += 1
                 if not pool.persistent:
                     self._lru[PageKey(pool.id, name, index)] = None
-            else:
+            elif not isinstance(entry.handle, Lowered | Lost):
                 # Flushed, or stored anew, meanwhile: this copy is no longer wanted.
                 self.backend.invalidate(entry.handle)
 
     # -- invalidate --------------------------------------------------------------------
 
-    def invalidate_page(self, key: PageKey) -> bool:
+    async def invalidate_page(self, key: PageKey) -> bool:
         """frontswap invalidate_page / cleancache invalidate_page; False if it was absent."""
-        pool = self.pool(key.pool)
-        entry = self.get_object(key.pool, key.object).pages.pop(key.index, None)
-        if entry is None:
-            return False
-        self._release(pool, key, entry)
-        self._count(pool, "invalidates")
-        return True
+        async with self._mutating(key.pool):
+            pool = self.pool(key.pool)
+            tobj = self.get_object(key.pool, key.object)
+            entry = tobj.pages.pop(key.index, None)
+            if entry is None:
+                return False
+            await self._release_many(pool, tobj, [(key, entry)])
+            self._count(pool, "invalidates")
+            return True
 
-    def invalidate_range(self, pool_id: PoolId, obj: str, start: int) -> int:
+    async def invalidate_range(self, pool_id: PoolId, obj: str, start: int) -> int:
         """Invalidate every page of an object with index >= start (a shrinking truncate)."""
-        pool = self.pool(pool_id)
-        pages = self.get_object(pool_id, obj).pages
-        doomed = [i for i in pages if i >= start]
-        for index in doomed:
-            self._release(pool, PageKey(pool_id, obj, index), pages.pop(index))
-        self._count(pool, "invalidates", len(doomed))
-        return len(doomed)
+        async with self._mutating(pool_id):
+            pool = self.pool(pool_id)
+            tobj = self.get_object(pool_id, obj)
+            gone = [(PageKey(pool_id, obj, i), tobj.pages.pop(i))
+                    for i in [i for i in tobj.pages if i >= start]]
+            await self._release_many(pool, tobj, gone)
+            self._count(pool, "invalidates", len(gone))
+            return len(gone)
 
-    # -- the block image -----------------------------------------------------------------
+    # -- writeback ---------------------------------------------------------------------
+
+    async def _write_back(self, limit: int) -> int:
+        """Move up to `limit` of the coldest persistent pages held here to the tier."""
+        assert self.writeback is not None
+        batch: list[tuple[PageKey, Entry, Location, bytes]] = []
+        for key in list(self._cold)[:limit]:
+            pool = self.pools[key.pool]
+            tobj = pool.objects[key.object]
+            entry = tobj.pages[key.index]
+            payload = self.backend.payload_of(entry.handle)
+            batch.append((key, entry, self._location(pool, tobj, key.index), payload))
+        if not batch:
+            return 0
+        await self.writeback.put_many([(loc, payload) for _, _, loc, payload in batch])
+        moved = 0
+        for key, entry, _, payload in batch:
+            pool = self.pools.get(key.pool)
+            tobj = pool.objects.get(key.object) if pool else None
+            if pool is None or tobj is None or tobj.pages.get(key.index) is not entry:
+                continue  # invalidated or stored anew while it was being written
+            self.backend.invalidate(entry.handle)
+            entry.handle = Lowered(len(payload))
+            self._cold.pop(key, None)
+            self._count(pool, "written_back_pages")
+            moved += 1
+        return moved
+
+    # -- the block image ---------------------------------------------------------------
 
     async def resize_image(self, pool_id: PoolId, size: int) -> None:
         """Give a frontswap pool a block image of `size` bytes (made with the pool if needed).
@@ -279,12 +621,12 @@ class Engine:
         if size >= old:
             return
         cut, partial = divmod(size, self.page_size)
-        self.invalidate_range(pool_id, SWAP_OBJECT, cut + (1 if partial else 0))
+        await self.invalidate_range(pool_id, SWAP_OBJECT, cut + (1 if partial else 0))
         if partial:
             (page,) = await self.load_many(pool_id, SWAP_OBJECT, [cut], exclusive=False)
             if page is not None:
-                await self.store(PageKey(pool_id, SWAP_OBJECT, cut), page[:partial].ljust(
-                    self.page_size, b"\0"))
+                tail = page[:partial].ljust(self.page_size, b"\0")
+                await self.store(PageKey(pool_id, SWAP_OBJECT, cut), tail)
 
     def remove_image(self, pool_id: PoolId) -> None:
         """Unlink the image: the view goes, the pool and its pages stay."""
@@ -303,11 +645,17 @@ class Engine:
 
     def page_cost(self, entry: Entry) -> float:
         """Compressed bytes charged to one page; what st_blocks reports."""
-        return self.backend.payload_share(entry.handle)
+        handle = entry.handle
+        if isinstance(handle, Lowered):
+            return handle.size
+        if isinstance(handle, Lost):
+            return 0
+        return self.backend.payload_share(handle)
 
     def pool_total_size(self) -> int:
-        """All memory held for pages: backend payloads and handles, and the index."""
-        return self.backend.memory_used() + self._entries * ENTRY_OVERHEAD
+        """All memory held for pages in this process: payloads, handles, the index."""
+        tier = self.writeback.memory_used() if self.writeback is not None else 0
+        return self.backend.memory_used() + self._entries * ENTRY_OVERHEAD + tier
 
     def pool_stats(self, pool_id: PoolId) -> dict[str, int]:
         """A pool's counters. The gauges are summed over its pages when asked."""
@@ -319,14 +667,15 @@ class Engine:
             for entry in tobj.pages.values():
                 handle: Any = entry.handle
                 stored += 1
-                compressed += backend.payload_share(handle)
-                same += backend.is_same_filled(handle)
-                shared += backend.is_shared(handle)
+                compressed += self.page_cost(entry)
+                if not isinstance(handle, Lowered | Lost):
+                    same += backend.is_same_filled(handle)
+                    shared += backend.is_shared(handle)
         total = round(compressed) + stored * ENTRY_OVERHEAD
         if stored:
             # The pool's share of per-handle overhead, pro rata by pages.
-            total += round((backend.memory_used() - backend.stats()["compr_data_size"])
-                           * stored / max(self._entries, 1))
+            overhead = backend.memory_used() - backend.stats()["compr_data_size"]
+            total += round(overhead * stored / max(self._entries, 1))
         gauges = {
             "stored_pages": stored,
             "orig_data_size": stored * self.page_size,
@@ -354,9 +703,46 @@ class Engine:
             "pools": len(self.pools),
         }
 
+    # -- helpers -----------------------------------------------------------------------
+
+    def _location(self, pool: Pool, tobj: TmemObject, index: int) -> Location:
+        """Where a page lives outside this process: named by its pool's or object's generation."""
+        generation = pool.generation if pool.persistent else tobj.generation
+        return Location(str(pool.id), generation, self._object_name(pool, tobj), index)
+
+    @staticmethod
+    def _object_name(pool: Pool, tobj: TmemObject) -> str:
+        return tobj.name
+
+    @contextlib.asynccontextmanager
+    async def _mutating(self, pool_id: PoolId) -> AsyncIterator[None]:
+        """Mutations of a pool whose pages live elsewhere run one at a time, in order."""
+        if not self._serialize:
+            yield
+            return
+        lock = self._locks.setdefault(pool_id, trio.Lock())
+        async with lock:
+            yield
+            await self._flush_pending_deletes()
+
     def _count(self, pool: Pool, name: str, n: int = 1) -> None:
-        pool.counters[name] += n
-        self.counters[name] += n
+        if n:
+            pool.counters[name] = pool.counters.get(name, 0) + n
+            self.counters[name] = self.counters.get(name, 0) + n
 
 
-__all__ = ["ENTRY_OVERHEAD", "SWAP_OBJECT", "Engine", "PoolKind"]
+def _distinct_runs(indexes: Sequence[int]) -> list[range]:
+    """Split positions into consecutive runs in which no index repeats."""
+    runs: list[range] = []
+    start = 0
+    seen: set[int] = set()
+    for position, index in enumerate(indexes):
+        if index in seen:
+            runs.append(range(start, position))
+            start, seen = position, set()
+        seen.add(index)
+    runs.append(range(start, len(indexes)))
+    return runs
+
+
+__all__ = ["ENTRY_OVERHEAD", "SWAP_OBJECT", "Engine", "Lost", "Lowered", "PoolKind"]

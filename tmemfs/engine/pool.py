@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +31,12 @@ class Owner:
     ctime_ns: int = field(default_factory=time.time_ns)
 
 
-# Every pool and object made gets a new generation, so one made anew under an old
-# name is told apart from its predecessor (by inode numbers, by remote keys).
-_generations = itertools.count(1)
-
-
 def _next_generation() -> int:
-    return next(_generations)
+    """Every pool and object made gets a new generation, so one made anew under an old
+    name is told apart from its predecessor: by inode numbers here, and by the keys of
+    its pages in Redis, where generations of other mounts and earlier runs live too;
+    hence random, not counted."""
+    return secrets.randbits(62) | 1
 
 
 @dataclass(slots=True)
@@ -45,6 +44,7 @@ class TmemObject:
     """A cleancache object (an inode key), or the single object of a frontswap pool."""
 
     owner: Owner
+    name: str = ""
     pages: dict[int, Entry] = field(default_factory=dict)
     generation: int = field(default_factory=_next_generation)
 
@@ -77,5 +77,5 @@ class Pool:
     def create(cls, pool_id: PoolId, owner: Owner) -> Pool:
         pool = cls(pool_id, owner)
         if pool.persistent:
-            pool.objects[SWAP_OBJECT] = TmemObject(owner)
+            pool.objects[SWAP_OBJECT] = TmemObject(owner, SWAP_OBJECT)
         return pool
