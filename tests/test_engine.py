@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import random
 import uuid
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -861,3 +862,24 @@ async def test_engine_matches_a_dict_model(
     await engine.flush_pool(eph_pool)
     assert engine.pool_total_size() == 0
     check_invariants(engine)
+
+
+# -- writeback tier -----------------------------------------------------------------------
+
+
+async def test_a_page_stored_twice_into_the_tier_keeps_the_second_copy(tmp_path: Path) -> None:
+    """The old copy's delete must not run after the new copy took its place in the tier."""
+    from tmemfs.backends.filestore import FileStore
+
+    limiter = trio.CapacityLimiter(2)
+    engine = Engine(open_backend("lz4", page_size=PAGE, limiter=limiter, reject_ratio=0.875),
+                    max_pool=1, writeback=FileStore(tmp_path / "tier", PAGE, limiter))
+    await engine.open()
+    try:
+        engine.create_pool(SWAP0)
+        for seed in (1, 2):
+            await engine.store(swap(5), noise(seed))
+        assert await engine.load(swap(5)) == noise(2)
+        assert engine.stats()["written_back_pages"] == 2
+    finally:
+        await engine.close()

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from tmemfs import __version__
-from tmemfs.backends import BACKEND_NAMES
+from tmemfs.backends import BackendError, check_backend
+from tmemfs.backends.redis import is_redis_url
 from tmemfs.engine import stats as statsfmt
 from tmemfs.mount import MountError, MountOptions, mount, umount
 from tmemfs.sizes import format_size, parse_size
@@ -37,7 +39,17 @@ def build_parser() -> Parser:
 
     m = sub.add_parser("mount", help="mount a tmemfs")
     m.add_argument("mountpoint", type=Path)
-    m.add_argument("--backend", default="lz4", help="lz4 (default) or raw")
+    m.add_argument("--backend", default="lz4",
+                   help="lz4 (default), raw, or redis://HOST:PORT/DB, rediss://…, "
+                        "redis+cluster://HOST:PORT,…")
+    m.add_argument("--writeback", metavar="TARGET",
+                   help="a file path or redis URL under the local pool: when the budget is "
+                        "full, the coldest frontswap pages move there instead of being refused")
+    m.add_argument("--namespace",
+                   help="prefix of this mount's keys in Redis (default HOST:MOUNTPOINT), so a "
+                        "remount finds its frontswap pools")
+    m.add_argument("--remote-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="deadline of each Redis call (default 2)")
     m.add_argument("--max-pool", default=DEFAULT_MAX_POOL,
                    help="memory budget: bytes with K/M/G, or N%% of RAM (default 20%%)")
     m.add_argument("--page-size", type=int, default=4096,
@@ -65,8 +77,16 @@ def build_parser() -> Parser:
 
 
 def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
-    if args.backend not in BACKEND_NAMES:
-        parser.error(f"unknown backend {args.backend!r} (choose from {', '.join(BACKEND_NAMES)})")
+    try:
+        check_backend(args.backend)
+        if args.writeback and is_redis_url(args.writeback):
+            check_backend(args.writeback)
+    except BackendError as exc:
+        parser.error(str(exc))
+    if args.writeback and args.backend not in ("lz4", "raw"):
+        parser.error("--writeback goes under a local backend (lz4 or raw)")
+    if args.remote_timeout <= 0:
+        parser.error("--remote-timeout must be positive")
     try:
         max_pool = parse_size(args.max_pool)
     except ValueError as exc:
@@ -90,6 +110,10 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
         foreground=args.foreground,
         debug=args.debug,
         log_file=args.log_file,
+        writeback=str(Path(args.writeback).absolute())
+        if args.writeback and not is_redis_url(args.writeback) else args.writeback,
+        namespace=args.namespace or f"{socket.gethostname()}:{args.mountpoint.absolute()}",
+        remote_timeout=args.remote_timeout,
     )
 
 

@@ -356,11 +356,17 @@ class TmemOperations(pyfuse3.Operations):
 
     # -- lookup, getattr, setattr --------------------------------------------------------
 
+    async def _refresh_shared(self, directory: Node) -> None:
+        """A shared pool's contents come from every mount: ask before answering."""
+        if directory.kind in (Kind.POOL, Kind.OBJECT) and directory.pool is not None:
+            await self.engine.refresh_shared(directory.pool, directory.object)
+
     @translate_errors
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
+        await self._refresh_shared(parent)
         try:
             node = self._child(parent, name)
         except BadName:
@@ -464,6 +470,7 @@ class TmemOperations(pyfuse3.Operations):
         else:
             assert node.object is not None
             self.engine.create_object(node.pool, node.object, owner)
+            await self.engine.publish_object(node.pool, node.object)
         # Now it exists, its node carries its generation.
         return self._entry_reply(self._child(parent, name))
 
@@ -497,6 +504,7 @@ class TmemOperations(pyfuse3.Operations):
         listing = self._handles[fh]
         assert isinstance(listing, Listing)
         if start_id == 0:
+            await self._refresh_shared(listing.node)
             listing.entries = self._children(listing.node)
         for position in range(start_id, len(listing.entries)):
             name, node = listing.entries[position]

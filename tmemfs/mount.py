@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 
 from tmemfs import __version__
-from tmemfs.backends import open_backend
+from tmemfs.backends import mask_url, open_backend, open_tier
 from tmemfs.backends.store import StoreUnavailable
 from tmemfs.engine import Engine
 from tmemfs.fs import TmemOperations
@@ -53,13 +53,18 @@ class MountOptions:
     foreground: bool = False
     debug: bool = False
     log_file: str | None = None
+    writeback: str | None = None
+    namespace: str = ""
+    remote_timeout: float = 2.0
 
     def describe(self) -> dict[str, str]:
         return {
             "pid": str(os.getpid()),
             "version": __version__,
             "mountpoint": str(self.mountpoint),
-            "backend": self.backend,
+            "backend": mask_url(self.backend),
+            "writeback": mask_url(self.writeback) if self.writeback else "none",
+            "namespace": self.namespace,
             "max_pool": str(self.max_pool),
             "page_size": str(self.page_size),
             "reject_ratio": str(self.reject_ratio),
@@ -180,51 +185,75 @@ def serve(opts: MountOptions, ready: int | None) -> int:
         fuse_options.add("debug")
 
     async def run() -> None:
+        limiter = trio.CapacityLimiter(limiter_size)
         backend = open_backend(
             opts.backend,
             page_size=opts.page_size,
-            limiter=trio.CapacityLimiter(limiter_size),
+            limiter=limiter,
             reject_ratio=opts.reject_ratio,
+            namespace=opts.namespace,
+            timeout=opts.remote_timeout,
         )
+        tier = None
+        if opts.writeback:
+            tier = open_tier(opts.writeback, page_size=opts.page_size, limiter=limiter,
+                             namespace=opts.namespace, timeout=opts.remote_timeout)
         engine = Engine(
             backend,
             max_pool=opts.max_pool,
             exclusive_gets=opts.exclusive_gets,
             reject_poor=opts.reject_poor,
+            writeback=tier,
         )
         try:
             await engine.open()
         except StoreUnavailable as exc:
-            raise MountError(f"cannot reach the backend {backend.describe()}: {exc}") from None
-        operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory)
-        try:
-            pyfuse3.init(operations, str(opts.mountpoint), fuse_options)
-        except RuntimeError as exc:
-            raise MountError(f"cannot mount {opts.mountpoint}: {exc}") from None
-        log.info(
-            "mounted %s: backend %s, max_pool %d, page size %d, pid %d",
-            opts.mountpoint, backend.describe(), opts.max_pool, opts.page_size, os.getpid(),
-        )
-        _tell(ready, "ok")
-        if ready is not None:
-            _detach_stdio()
-        clean = False
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_terminate_on_signal)
-                nursery.start_soon(engine.run_writeback)
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
-            clean = True
-        finally:
-            # After an unmount the session is gone already; after a signal or a crash
-            # the mount is still there and close() takes it down.
-            pyfuse3.close(unmount=True)
             await engine.close()
-            log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
+            raise MountError(f"cannot reach {exc}") from None
+        try:
+            await _serve_mounted(opts, engine, info, fuse_options, ready)
+        finally:
+            await engine.close()
 
     trio.run(run)
     return 0
+
+
+async def _serve_mounted(
+    opts: MountOptions,
+    engine: Engine,
+    info: dict[str, str],
+    fuse_options: set[str],
+    ready: int | None,
+) -> None:
+    """Mount, tell the parent, serve until unmounted or signalled, unmount."""
+    operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory)
+    try:
+        pyfuse3.init(operations, str(opts.mountpoint), fuse_options)
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount {opts.mountpoint}: {exc}") from None
+    log.info(
+        "mounted %s: backend %s, writeback %s, max_pool %d, page size %d, pid %d",
+        opts.mountpoint, engine.backend.describe(),
+        engine.writeback.description if engine.writeback else "none",
+        opts.max_pool, opts.page_size, os.getpid(),
+    )
+    _tell(ready, "ok")
+    if ready is not None:
+        _detach_stdio()
+    clean = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_terminate_on_signal)
+            nursery.start_soon(engine.run_writeback)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+        clean = True
+    finally:
+        # After an unmount the session is gone already; after a signal or a crash the
+        # mount is still there and close() takes it down.
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
 
 
 async def _terminate_on_signal() -> None:
@@ -259,6 +288,8 @@ def setup_logging(opts: MountOptions, *, to_stderr: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
+    # coredis reports each retry; our own lines say what failed, once.
+    logging.getLogger("coredis").setLevel(logging.DEBUG if opts.debug else logging.WARNING)
 
 
 # -- umount ------------------------------------------------------------------------------

@@ -101,6 +101,24 @@ class Backend(ABC):
     async def delete_many(self, locations: Sequence[Location]) -> None:  # noqa: B027
         """Delete remote copies (remote backends); StoreUnavailable if it cannot."""
 
+    async def forget_pool(self, pool: str, generation: int) -> None:  # noqa: B027
+        """A persistent pool was flushed: drop what the remote keeps to restore it."""
+
+    # Shared cleancache pools: every mount that names the same UUID sees one pool.
+    async def shared_objects(self, pool: str) -> list[str]:
+        """The objects other mounts made in a shared pool."""
+        return []
+
+    async def publish_object(self, location: Location) -> None:  # noqa: B027
+        """Make an object of a shared pool visible to the other mounts."""
+
+    async def unpublish_object(self, location: Location) -> None:  # noqa: B027
+        """An object of a shared pool was invalidated: gone for every mount."""
+
+    async def object_pages(self, location: Location) -> list[int]:
+        """The page indexes an object of a shared pool holds now, whoever stored them."""
+        return []
+
     def payload_of(self, handle: Any) -> bytes:
         """The payload behind a handle held here, as codec.payload_of would give it."""
         raise NotImplementedError

@@ -147,9 +147,6 @@ class Engine:
         if pool_id in self.pools:
             raise PoolExists(str(pool_id))
         pool = self.pools[pool_id] = Pool.create(pool_id, owner or Owner())
-        if pool.shared:
-            # Every mount of a shared pool must name its pages alike.
-            pool.generation = 0
         log.debug("created pool %s", pool_id)
         return pool
 
@@ -170,10 +167,53 @@ class Engine:
         pool = self.pool(pool_id)
         if pool.persistent or obj in pool.objects:
             raise PoolExists(f"{pool_id}/{obj}")
-        tobj = pool.objects[obj] = TmemObject(owner or Owner(), obj)
-        if pool.shared:
-            tobj.generation = 0
-        return tobj
+        return pool.objects.setdefault(obj, TmemObject(owner or Owner(), obj))
+
+    # -- shared pools --------------------------------------------------------------------
+
+    def _remote_shared(self, pool: Pool) -> bool:
+        return self.backend.remote and pool.shared
+
+    async def publish_object(self, pool_id: PoolId, obj: str) -> None:
+        """After mkdir of an object in a shared pool: the other mounts see it too."""
+        pool = self.pool(pool_id)
+        if self._remote_shared(pool):
+            try:
+                await self.backend.publish_object(self._location(pool, pool.objects[obj], 0))
+            except StoreUnavailable as exc:
+                log.warning("could not share %s/%s: %s", pool_id, obj, exc)
+
+    async def refresh_shared(self, pool_id: PoolId, obj: str | None = None) -> None:
+        """Bring a shared pool's objects, or an object's pages, up to what the remote holds.
+
+        Other mounts store and invalidate in a shared pool; this mount's index of it is
+        only a cache. If the remote cannot answer, the cached view stands (the pool is
+        ephemeral, so a stale entry only means a miss later).
+        """
+        pool = self.pools.get(pool_id)
+        if pool is None or not self._remote_shared(pool):
+            return
+        try:
+            if obj is None:
+                for name in await self.backend.shared_objects(str(pool_id)):
+                    if name not in pool.objects:
+                        self.create_object(pool_id, name)
+                return
+            tobj = pool.objects.get(obj)
+            if tobj is None:
+                return
+            remote = set(await self.backend.object_pages(self._location(pool, tobj, 0)))
+        except StoreUnavailable as exc:
+            log.debug("shared pool %s not refreshed: %s", pool_id, exc)
+            return
+        now = time.time_ns()
+        for index in remote.difference(tobj.pages):
+            tobj.pages[index] = Entry(0, now)  # stored by another mount; cost unknown here
+            self._entries += 1
+            self._lru[PageKey(pool_id, obj, index)] = None
+        for index in set(tobj.pages).difference(remote):
+            entry = tobj.pages.pop(index)
+            self._release_here(pool, PageKey(pool_id, obj, index), entry)
 
     async def flush_pool(self, pool_id: PoolId) -> int:
         """frontswap invalidate_area / cleancache invalidate_fs: drop the pool and its pages.
@@ -185,6 +225,13 @@ class Engine:
             dropped = 0
             for name in list(pool.objects):
                 dropped += await self._drop_object(pool, name, remote=not pool.shared)
+            if self.backend.remote and pool.persistent:
+                try:
+                    await self.backend.forget_pool(str(pool.id), pool.generation)
+                except StoreUnavailable as exc:
+                    # Its generation is gone from here, so nothing of it can come back
+                    # into this mount; a remount would find it registered, though.
+                    log.warning("could not unregister %s remotely: %s", pool.id, exc)
             del self.pools[pool_id]
             self._locks.pop(pool_id, None)
         log.debug("flushed pool %s (%d pages)", pool_id, dropped)
@@ -196,7 +243,13 @@ class Engine:
             pool = self.pool(pool_id)
             if pool.persistent or obj not in pool.objects:
                 raise NoSuchObject(f"{pool_id}/{obj}")
-            dropped = await self._drop_object(pool, obj, remote=True)
+            dropped = await self._drop_object(pool, obj, remote=not pool.shared)
+            if self._remote_shared(pool):
+                try:
+                    await self.backend.unpublish_object(
+                        self._location(pool, pool.objects[obj], 0))
+                except StoreUnavailable as exc:
+                    log.warning("could not invalidate shared %s/%s: %s", pool_id, obj, exc)
             del pool.objects[obj]
         return dropped
 
@@ -288,6 +341,7 @@ class Engine:
         kept = [d == self._KEEP for d in decisions]
         if keep:
             locations = [self._location(pool, tobj, pages[i][0]) for i in keep]
+            self._unschedule_deletes(locations)
             try:
                 handles = await self.backend.store_many(locations, [encoded[i] for i in keep])
             except StoreUnavailable as exc:
@@ -303,6 +357,7 @@ class Engine:
             assert self.writeback is not None
             items = [(self._location(pool, tobj, pages[i][0]), payload_of(encoded[i].value))
                      for i in lower]
+            self._unschedule_deletes([loc for loc, _ in items])
             try:
                 await self.writeback.put_many(items)
             except StoreUnavailable as exc:
@@ -394,6 +449,15 @@ class Engine:
             await self.backend.delete_many(locations)
         except StoreUnavailable as exc:
             log.warning("could not delete %d remote pages: %s", len(locations), exc)
+
+    def _unschedule_deletes(self, locations: Sequence[Location]) -> None:
+        """A location about to be written must not be deleted after the write."""
+        if not (self._pending_deletes or self._pending_lower_deletes):
+            return
+        written = set(locations)
+        self._pending_deletes = [x for x in self._pending_deletes if x not in written]
+        self._pending_lower_deletes = [
+            x for x in self._pending_lower_deletes if x not in written]
 
     def _schedule_remote_delete(self, locations: list[Location]) -> None:
         self._pending_deletes.extend(locations)
@@ -662,16 +726,20 @@ class Engine:
         pool = self.pool(pool_id)
         backend = self.backend
         stored = same = shared = 0
-        compressed = 0.0
+        compressed = here = 0.0
         for tobj in pool.objects.values():
             for entry in tobj.pages.values():
                 handle: Any = entry.handle
                 stored += 1
-                compressed += self.page_cost(entry)
+                cost = self.page_cost(entry)
+                compressed += cost
                 if not isinstance(handle, Lowered | Lost):
                     same += backend.is_same_filled(handle)
                     shared += backend.is_shared(handle)
-        total = round(compressed) + stored * ENTRY_OVERHEAD
+                    if not backend.remote:
+                        here += cost
+        # What this process holds for the pool: payloads kept here, and the index.
+        total = round(here) + stored * ENTRY_OVERHEAD
         if stored:
             # The pool's share of per-handle overhead, pro rata by pages.
             overhead = backend.memory_used() - backend.stats()["compr_data_size"]
@@ -706,8 +774,13 @@ class Engine:
     # -- helpers -----------------------------------------------------------------------
 
     def _location(self, pool: Pool, tobj: TmemObject, index: int) -> Location:
-        """Where a page lives outside this process: named by its pool's or object's generation."""
+        """Where a page lives outside this process: named by its pool's or object's generation.
+
+        Every mount of a shared pool names its pages alike, so they have no generation.
+        """
         generation = pool.generation if pool.persistent else tobj.generation
+        if pool.shared:
+            generation = 0
         return Location(str(pool.id), generation, self._object_name(pool, tobj), index)
 
     @staticmethod

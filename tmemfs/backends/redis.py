@@ -1,0 +1,393 @@
+"""Pages in Redis, Valkey or a Redis Cluster: RAMster's remote memory on an engine
+people already run.
+
+Layout. Pages are fields of hashes, one hash per cleancache object and one per 256
+pages of a frontswap pool, so a 1 MiB request is one or two HSET/HMGET and, in a
+cluster, a hash sits on one slot (the whole name is the hash tag). Every hash name
+carries its pool's or object's generation: flushing a pool or an object only
+forgets a generation, and its hashes are deleted by name, never by scanning.
+
+    tmemfs:{NS|frontswap/N|GEN|CHUNK}     field INDEX -> payload   (CHUNK = INDEX // 256)
+    tmemfs:{NS|cleancache/P|GEN|OBJ}      field INDEX -> payload
+    tmemfs:NS:pools                       frontswap/N -> GEN        (what a remount restores)
+    tmemfs:NS:chunks:frontswap/N:GEN      set of CHUNK              (what a flush deletes)
+
+NS is the mount's namespace (--namespace; shared pools use "shared", so every mount
+that names the same UUID finds the same pages). Payloads are the codec's.
+
+Failures. Every call has a deadline. Anything that goes wrong (unreachable, timed
+out, OOM under noeviction, a cluster slot down) is StoreUnavailable; the engine
+turns it into ENOSPC for a store, EIO for a persistent load, a miss for an
+ephemeral one. The client reconnects by itself, so the mount works again when
+Redis does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import urllib.parse
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import coredis
+import coredis.exceptions
+import trio
+from coredis.connection import TCPLocation
+
+from tmemfs.backends.base import Backend, Encoded, RestoredPool
+from tmemfs.backends.codec import decode_payloads, encode_pages, payload_of
+from tmemfs.backends.store import Location, PageStore, StoreUnavailable
+from tmemfs.engine.keys import PoolId, PoolKind
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256
+SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")
+_FAILURES = (coredis.exceptions.RedisError, OSError, trio.TooSlowError, EOFError)
+
+
+def is_redis_url(spec: str) -> bool:
+    return spec.startswith(SCHEMES)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced, for logs, stats and errors."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def make_client(url: str, timeout: float) -> coredis.Redis[bytes] | coredis.RedisCluster[bytes]:
+    """A client for redis://, rediss://, redis+cluster:// or rediss+cluster:// URLs."""
+    parts = urllib.parse.urlsplit(url)
+    tls = parts.scheme.startswith("rediss")
+    if not parts.hostname:
+        raise ValueError(f"no host in {mask_url(url)}")
+    common: dict[str, Any] = {
+        "decode_responses": False,
+        "stream_timeout": timeout,
+        "connect_timeout": timeout,
+        "username": urllib.parse.unquote(parts.username) if parts.username else None,
+        "password": urllib.parse.unquote(parts.password) if parts.password else None,
+        "ssl": tls,
+    }
+    if tls:
+        query = urllib.parse.parse_qs(parts.query)
+        common["ssl_cert_reqs"] = query.get("ssl_cert_reqs", ["required"])[0]
+        if "ssl_ca_certs" in query:
+            common["ssl_ca_certs"] = query["ssl_ca_certs"][0]
+    if parts.scheme.endswith("+cluster"):
+        nodes = []
+        for hostport in parts.netloc.rpartition("@")[2].split(","):
+            host, _, port = hostport.rpartition(":")
+            nodes.append(TCPLocation(host.strip("[]"), int(port or 6379)))
+        return coredis.RedisCluster(startup_nodes=nodes, **common)
+    db = int(parts.path.strip("/") or 0)
+    return coredis.Redis(host=parts.hostname, port=parts.port or 6379, db=db, **common)
+
+
+class RedisStore(PageStore):
+    """Payloads in Redis hashes, batched per request; see the module's layout."""
+
+    def __init__(self, url: str, *, namespace: str, timeout: float = 2.0) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.timeout = timeout
+        self.description = f"redis {mask_url(url)}"
+        self._client = make_client(url, timeout)
+        self._exit = contextlib.AsyncExitStack()
+        # Chunks of frontswap pools known to be in the chunk registry already.
+        self._registered: set[tuple[str, int, int]] = set()
+
+    # -- names -----------------------------------------------------------------------
+
+    def _space(self, pool: str) -> str:
+        if pool.startswith(PoolKind.EPHEMERAL.value + "/"):
+            from tmemfs.engine.keys import is_shared_pool_name
+
+            if is_shared_pool_name(pool.partition("/")[2]):
+                return "shared"
+        return self.namespace
+
+    def hash_of(self, loc: Location) -> bytes:
+        """The hash a page lives in; the whole name is the cluster hash tag."""
+        part = str(loc.index // CHUNK) if loc.pool.startswith("frontswap/") else loc.object
+        return f"tmemfs:{{{self._space(loc.pool)}|{loc.pool}|{loc.generation}|{part}}}".encode()
+
+    def _pools_key(self) -> bytes:
+        return f"tmemfs:{self.namespace}:pools".encode()
+
+    def _chunks_key(self, pool: str, generation: int) -> bytes:
+        return f"tmemfs:{self.namespace}:chunks:{pool}:{generation}".encode()
+
+    # -- life ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            # The client's context holds a task group for the mount's lifetime: it must
+            # not be entered inside a cancel scope that ends before it does.
+            await self._exit.enter_async_context(self._client)
+            with trio.fail_after(self.timeout * 2):
+                await self._client.ping()
+        except _FAILURES as exc:
+            await self._exit.aclose()
+            raise StoreUnavailable(f"{self.description}: {_reason(exc)}") from None
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_FAILURES):
+            await self._exit.aclose()
+
+    # -- pages -----------------------------------------------------------------------
+
+    async def put_many(self, items: Sequence[tuple[Location, bytes]]) -> None:
+        groups: dict[bytes, dict[bytes, bytes]] = defaultdict(dict)
+        new_chunks: list[tuple[str, int, int]] = []
+        for loc, payload in items:
+            groups[self.hash_of(loc)][str(loc.index).encode()] = payload
+            if loc.pool.startswith("frontswap/"):
+                chunk = (loc.pool, loc.generation, loc.index // CHUNK)
+                if chunk not in self._registered and chunk not in new_chunks:
+                    new_chunks.append(chunk)
+
+        def run(pipe: Any) -> None:
+            for name, fields in groups.items():
+                pipe.hset(name, fields)
+            for pool, generation, chunk in new_chunks:
+                pipe.sadd(self._chunks_key(pool, generation), [str(chunk).encode()])
+                pipe.hset(self._pools_key(), {pool.encode(): str(generation).encode()})
+
+        await self._pipeline(run)
+        self._registered.update(new_chunks)
+
+    async def get_many(self, locations: Sequence[Location]) -> list[bytes | None]:
+        groups: dict[bytes, list[int]] = defaultdict(list)
+        for position, loc in enumerate(locations):
+            groups[self.hash_of(loc)].append(position)
+        names = list(groups)
+
+        def run(pipe: Any) -> None:
+            for name in names:
+                pipe.hmget(name, [str(locations[p].index).encode() for p in groups[name]])
+
+        replies = await self._pipeline(run)
+        out: list[bytes | None] = [None] * len(locations)
+        for name, values in zip(names, replies, strict=True):
+            for position, value in zip(groups[name], values, strict=True):
+                out[position] = value
+        return out
+
+    async def delete_many(self, locations: Sequence[Location]) -> None:
+        groups: dict[bytes, list[bytes]] = defaultdict(list)
+        for loc in locations:
+            groups[self.hash_of(loc)].append(str(loc.index).encode())
+
+        def run(pipe: Any) -> None:
+            for name, fields in groups.items():
+                pipe.hdel(name, fields)
+
+        await self._pipeline(run)
+
+    async def drop_hashes(self, names: Sequence[bytes]) -> None:
+        """Delete whole hashes (a flushed object or pool generation), by name."""
+        def run(pipe: Any) -> None:
+            for name in names:
+                pipe.delete([name])
+
+        await self._pipeline(run)
+
+    async def forget_pool(self, pool: str, generation: int) -> None:
+        """A flushed frontswap pool: delete its chunks and its registration."""
+        chunks_key = self._chunks_key(pool, generation)
+        chunks = await self._call(self._client.smembers(chunks_key))
+        names = [self.hash_of(Location(pool, generation, "", int(c) * CHUNK)) for c in chunks]
+        await self.drop_hashes([*names, chunks_key])
+        await self._call(self._client.hdel(self._pools_key(), [pool.encode()]))
+        self._registered = {c for c in self._registered if c[:2] != (pool, generation)}
+
+    async def registered_pools(self) -> dict[str, int]:
+        pools = await self._call(self._client.hgetall(self._pools_key()))
+        return {k.decode(): int(v) for k, v in pools.items()}
+
+    async def pool_pages(self, pool: str, generation: int) -> dict[int, int]:
+        """Index -> payload length of every page a frontswap pool generation holds."""
+        chunks = await self._call(self._client.smembers(self._chunks_key(pool, generation)))
+        pages: dict[int, int] = {}
+        for chunk in sorted(int(c) for c in chunks):
+            name = self.hash_of(Location(pool, generation, "", chunk * CHUNK))
+            fields = await self._call(self._client.hkeys(name))
+            lengths = await self._pipeline(
+                lambda pipe, name=name, fields=fields: [pipe.hstrlen(name, f) for f in fields])
+            for field, length in zip(fields, lengths, strict=True):
+                pages[int(field)] = int(length)
+            self._registered.add((pool, generation, chunk))
+        return pages
+
+    async def object_pages(self, loc: Location) -> list[int]:
+        """The page indexes a (shared) object's hash holds now."""
+        return sorted(int(f) for f in await self._call(self._client.hkeys(self.hash_of(loc))))
+
+    def _objects_key(self, pool: str) -> bytes:
+        return f"tmemfs:{self._space(pool)}:objects:{pool}".encode()
+
+    async def shared_objects(self, pool: str) -> list[str]:
+        return sorted(m.decode() for m in
+                      await self._call(self._client.smembers(self._objects_key(pool))))
+
+    async def publish_object(self, loc: Location) -> None:
+        await self._call(self._client.sadd(self._objects_key(loc.pool), [loc.object.encode()]))
+
+    async def unpublish_object(self, loc: Location) -> None:
+        def run(pipe: Any) -> None:
+            pipe.srem(self._objects_key(loc.pool), [loc.object.encode()])
+            pipe.delete([self.hash_of(loc)])
+
+        await self._pipeline(run)
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _pipeline(self, fill: Any) -> list[Any]:
+        try:
+            with trio.fail_after(self.timeout):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    fill(pipe)
+                return list(pipe.results or ())
+        except _FAILURES as exc:
+            raise StoreUnavailable(f"{self.description}: {_reason(exc)}") from None
+
+    async def _call(self, awaitable: Any) -> Any:
+        try:
+            with trio.fail_after(self.timeout):
+                return await awaitable
+        except _FAILURES as exc:
+            raise StoreUnavailable(f"{self.description}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+class RedisBackend(Backend):
+    """Every page lives in Redis; this process keeps only the index."""
+
+    name = "redis"
+    remote = True
+
+    def __init__(
+        self,
+        page_size: int,
+        limiter: trio.CapacityLimiter,
+        *,
+        url: str,
+        namespace: str,
+        timeout: float = 2.0,
+        reject_ratio: float = 0.875,
+    ) -> None:
+        super().__init__(page_size, limiter)
+        self.store_ = RedisStore(url, namespace=namespace, timeout=timeout)
+        self.reject_ratio = reject_ratio
+        self._payload_bytes = 0
+        self._same_filled = 0
+
+    def describe(self) -> str:
+        return f"{self.store_.description} (namespace {self.store_.namespace})"
+
+    async def open(self) -> None:
+        await self.store_.open()
+
+    async def close(self) -> None:
+        await self.store_.close()
+
+    async def restore(self) -> list[RestoredPool]:
+        restored = []
+        for pool, generation in (await self.store_.registered_pools()).items():
+            kind, _, name = pool.partition("/")
+            if kind != PoolKind.PERSISTENT.value:
+                continue
+            pages = await self.store_.pool_pages(pool, generation)
+            for length in pages.values():
+                self._account(length, +1)
+            restored.append(RestoredPool(PoolId(PoolKind.PERSISTENT, name), generation, pages))
+        return restored
+
+    def _encode_chunk(self, pages: Sequence[bytes]) -> list[Encoded]:
+        # Nothing but the index entry is held here, so a page costs no local payload.
+        encoded = encode_pages(pages, self.page_size, self.reject_ratio, 0)
+        for enc in encoded:
+            enc.cost = 0
+        return encoded
+
+    async def encode_many(self, pages: Sequence[bytes]) -> list[Encoded]:
+        return await self.run_batched(self._encode_chunk, pages)
+
+    async def store_many(
+        self, locations: Sequence[Location], encoded: Sequence[Encoded]
+    ) -> list[int]:
+        payloads = [payload_of(e.value) for e in encoded]
+        await self.store_.put_many(list(zip(locations, payloads, strict=True)))
+        for payload in payloads:
+            self._account(len(payload), +1)
+        return [len(p) for p in payloads]
+
+    async def load_many(
+        self, locations: Sequence[Location], handles: Sequence[int]
+    ) -> list[bytes | None]:
+        payloads = await self.store_.get_many(locations)
+        present = [p for p in payloads if p is not None]
+        pages = iter(await self.run_batched(
+            lambda ps: decode_payloads(ps, self.page_size), present))
+        return [None if p is None else next(pages) for p in payloads]
+
+    async def delete_many(self, locations: Sequence[Location]) -> None:
+        await self.store_.delete_many(locations)
+
+    async def forget_pool(self, pool: str, generation: int) -> None:
+        await self.store_.forget_pool(pool, generation)
+
+    async def shared_objects(self, pool: str) -> list[str]:
+        return await self.store_.shared_objects(pool)
+
+    async def publish_object(self, location: Location) -> None:
+        await self.store_.publish_object(location)
+
+    async def unpublish_object(self, location: Location) -> None:
+        await self.store_.unpublish_object(location)
+
+    async def object_pages(self, location: Location) -> list[int]:
+        return await self.store_.object_pages(location)
+
+    def invalidate(self, handle: int) -> None:
+        self._account(handle, -1)
+
+    def _account(self, length: int, sign: int) -> None:
+        if length == 8:
+            self._same_filled += sign
+        else:
+            self._payload_bytes += sign * length
+
+    def payload_of(self, handle: int) -> bytes:
+        raise NotImplementedError("redis pages are not held here")
+
+    def payload_share(self, handle: int) -> float:
+        return 0 if handle == 8 else handle
+
+    def is_same_filled(self, handle: int) -> bool:
+        return handle == 8
+
+    def is_shared(self, handle: int) -> bool:
+        return False
+
+    def memory_used(self) -> int:
+        return 0
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "compr_data_size": self._payload_bytes,
+            "same_filled_pages": self._same_filled,
+            "dedup_pages": 0,
+        }
