@@ -11,8 +11,8 @@ from __future__ import annotations
 import inspect
 import random
 import uuid
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import trio
