@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -62,6 +63,8 @@ def build_parser() -> Parser:
                    help="a read of a frontswap or private cleancache page invalidates it")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users in (permissions are then checked by mode bits)")
+    m.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--log", dest="log_file", metavar="FILE",
@@ -73,6 +76,8 @@ def build_parser() -> Parser:
     s = sub.add_parser("stat", help="show the counters of a mounted tmemfs")
     s.add_argument("mountpoint", type=Path)
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--watch", type=float, metavar="N",
+                   help="redraw every N seconds, with stores/s and loads/s")
     return parser
 
 
@@ -87,6 +92,12 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
         parser.error("--writeback goes under a local backend (lz4 or raw)")
     if args.remote_timeout <= 0:
         parser.error("--remote-timeout must be positive")
+    metrics = None
+    if args.metrics:
+        host, _, port = args.metrics.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            parser.error(f"--metrics takes HOST:PORT, not {args.metrics!r}")
+        metrics = (host.strip("[]"), int(port))
     try:
         max_pool = parse_size(args.max_pool)
     except ValueError as exc:
@@ -114,6 +125,7 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
         if args.writeback and not is_redis_url(args.writeback) else args.writeback,
         namespace=args.namespace or f"{socket.gethostname()}:{args.mountpoint.absolute()}",
         remote_timeout=args.remote_timeout,
+        metrics=metrics,
     )
 
 
@@ -153,8 +165,13 @@ def read_stats(mountpoint: Path) -> dict[str, dict[str, int]]:
     return result
 
 
-def format_table(stats: dict[str, dict[str, int]]) -> str:
-    rows = [[title for title, _ in _COLUMNS]]
+def format_table(
+    stats: dict[str, dict[str, int]], rates: dict[str, tuple[float, float]] | None = None
+) -> str:
+    columns = [title for title, _ in _COLUMNS]
+    if rates is not None:
+        columns += ["STORES/s", "LOADS/s"]
+    rows = [columns]
     for name, values in [*((k, v) for k, v in stats.items() if k != "total"),
                          ("total", stats["total"])]:
         row = []
@@ -173,8 +190,11 @@ def format_table(stats: dict[str, dict[str, int]]) -> str:
                 assert key is not None
                 value = values.get(key, 0)
                 row.append(format_size(value) if key in _SIZES else str(value))
+        if rates is not None:
+            stores, loads = rates.get(name, (0.0, 0.0))
+            row += [f"{stores:.0f}", f"{loads:.0f}"]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                   for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
@@ -182,16 +202,37 @@ def format_table(stats: dict[str, dict[str, int]]) -> str:
     )
 
 
-def stat(mountpoint: Path, as_json: bool) -> int:
+def _read(mountpoint: Path) -> dict[str, dict[str, int]]:
     try:
-        stats = read_stats(mountpoint)
+        return read_stats(mountpoint)
     except OSError as exc:
         raise MountError(f"cannot read the stats of {mountpoint}: {exc.strerror}") from None
-    if as_json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
-    else:
-        print(format_table(stats))
-    return 0
+
+
+def stat(mountpoint: Path, as_json: bool, watch: float | None = None) -> int:
+    if watch is None:
+        stats = _read(mountpoint)
+        print(json.dumps(stats, indent=2, sort_keys=True) if as_json else format_table(stats))
+        return 0
+    if watch <= 0:
+        raise MountError("--watch takes a positive number of seconds")
+    previous, then = _read(mountpoint), time.monotonic()
+    while True:
+        time.sleep(watch)
+        stats, now = _read(mountpoint), time.monotonic()
+        elapsed = max(now - then, 1e-9)
+        rates = {
+            name: tuple((values.get(k, 0) - previous.get(name, {}).get(k, 0)) / elapsed
+                        for k in ("stores", "loads"))
+            for name, values in stats.items()
+        }
+        if as_json:
+            print(json.dumps({"stats": stats, "rates": rates}, sort_keys=True), flush=True)
+        else:
+            # Home and clear, as watch(1) redraws.
+            sys.stdout.write(f"\x1b[H\x1b[J{mountpoint}, every {watch:g}s\n\n")
+            print(format_table(stats, rates), flush=True)  # type: ignore[arg-type]
+        previous, then = stats, now
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,12 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return mount(mount_options(args, parser))
         if args.command == "umount":
             return umount(args.mountpoint.absolute())
-        return stat(args.mountpoint, args.json)
+        return stat(args.mountpoint, args.json, args.watch)
     except MountError as exc:
         sys.stderr.write(f"tmemfs: {exc}\n")
         return 1
     except KeyboardInterrupt:
-        return 130
+        return 0 if args.command == "stat" else 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

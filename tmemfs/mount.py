@@ -28,6 +28,7 @@ from tmemfs.backends import mask_url, open_backend, open_tier
 from tmemfs.backends.store import StoreUnavailable
 from tmemfs.engine import Engine
 from tmemfs.fs import TmemOperations
+from tmemfs.metrics import open_metrics_listeners, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class MountOptions:
     writeback: str | None = None
     namespace: str = ""
     remote_timeout: float = 2.0
+    metrics: tuple[str, int] | None = None
 
     def describe(self) -> dict[str, str]:
         return {
@@ -65,6 +67,7 @@ class MountOptions:
             "backend": mask_url(self.backend),
             "writeback": mask_url(self.writeback) if self.writeback else "none",
             "namespace": self.namespace,
+            "metrics": f"{self.metrics[0]}:{self.metrics[1]}" if self.metrics else "none",
             "max_pool": str(self.max_pool),
             "page_size": str(self.page_size),
             "reject_ratio": str(self.reject_ratio),
@@ -228,16 +231,19 @@ async def _serve_mounted(
 ) -> None:
     """Mount, tell the parent, serve until unmounted or signalled, unmount."""
     operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory)
+    listeners = []
+    if opts.metrics:
+        host, port = opts.metrics
+        try:
+            listeners = await open_metrics_listeners(host, port)
+        except OSError as exc:
+            raise MountError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     try:
         pyfuse3.init(operations, str(opts.mountpoint), fuse_options)
     except RuntimeError as exc:
         raise MountError(f"cannot mount {opts.mountpoint}: {exc}") from None
-    log.info(
-        "mounted %s: backend %s, writeback %s, max_pool %d, page size %d, pid %d",
-        opts.mountpoint, engine.backend.describe(),
-        engine.writeback.description if engine.writeback else "none",
-        opts.max_pool, opts.page_size, os.getpid(),
-    )
+    log.info("mounted %s: %s", opts.mountpoint,
+             ", ".join(f"{k} {v}" for k, v in info.items() if k != "mountpoint"))
     _tell(ready, "ok")
     if ready is not None:
         _detach_stdio()
@@ -246,6 +252,8 @@ async def _serve_mounted(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
             nursery.start_soon(engine.run_writeback)
+            if listeners:
+                nursery.start_soon(serve_metrics, engine, listeners)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         clean = True

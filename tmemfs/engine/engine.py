@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # What one index entry costs in CPython: the Entry (48), its mtime int (32) and its
 # slot in the object's dict with the index int (~80). Measured with tracemalloc.
 ENTRY_OVERHEAD = 160
+# At most one log line about refused stores in this many seconds.
+REFUSAL_LOG_INTERVAL = 10.0
 # How many pages the writeback worker moves down at a time.
 WRITEBACK_BATCH = 256
 
@@ -88,6 +90,8 @@ class Engine:
         self.counters = new_counters()
         self.counters["lost_pages"] = 0
         self._entries = 0
+        self._refusals = 0
+        self._refusals_logged = -REFUSAL_LOG_INTERVAL
         # Bytes admitted but not yet kept (a batch is admitted whole, then kept).
         self._reserved = 0
         # Ephemeral pages, least recently used first: the eviction order.
@@ -313,7 +317,7 @@ class Engine:
                 self._schedule_lower_delete(pool, tobj, key)
         # 2. Poor compression: kept raw by default, refused with --reject-poor (compress_poor).
         if enc.poor and self.reject_poor:
-            self._count(pool, "reject_compress_poor")
+            self._refused(pool, "reject_compress_poor")
             return self._REFUSE
         # 3. The budget: evict ephemeral pages, least recently used first; below a full
         #    pool a persistent page goes straight to the writeback tier (zswap writeback).
@@ -321,7 +325,7 @@ class Engine:
             if self.writeback is not None and pool.persistent and not isinstance(enc.value, int):
                 self._writeback_wanted.set()
                 return self._LOWER
-            self._count(pool, "pool_limit_hit")
+            self._refused(pool, "pool_limit_hit")
             return self._REFUSE
         self._reserved += enc.cost + ENTRY_OVERHEAD
         return self._KEEP
@@ -345,8 +349,8 @@ class Engine:
             try:
                 handles = await self.backend.store_many(locations, [encoded[i] for i in keep])
             except StoreUnavailable as exc:
-                log.warning("store of %d pages refused: %s", len(keep), exc)
-                self._count(pool, "reject_alloc_fail", len(keep))
+                log.debug("store of %d pages refused: %s", len(keep), exc)
+                self._refused(pool, "reject_alloc_fail", len(keep))
                 await self._forget_remote(locations)
                 for i in keep:
                     kept[i] = False
@@ -361,8 +365,8 @@ class Engine:
             try:
                 await self.writeback.put_many(items)
             except StoreUnavailable as exc:
-                log.warning("writeback of %d pages refused: %s", len(lower), exc)
-                self._count(pool, "reject_alloc_fail", len(lower))
+                log.debug("writeback of %d pages refused: %s", len(lower), exc)
+                self._refused(pool, "reject_alloc_fail", len(lower))
             else:
                 for i, (_, payload) in zip(lower, items, strict=True):
                     self._insert(pool, tobj, pages[i][0], Lowered(len(payload)), now)
@@ -740,7 +744,7 @@ class Engine:
                         here += cost
         # What this process holds for the pool: payloads kept here, and the index.
         total = round(here) + stored * ENTRY_OVERHEAD
-        if stored:
+        if stored and not backend.remote:
             # The pool's share of per-handle overhead, pro rata by pages.
             overhead = backend.memory_used() - backend.stats()["compr_data_size"]
             total += round(overhead * stored / max(self._entries, 1))
@@ -797,6 +801,16 @@ class Engine:
         async with lock:
             yield
             await self._flush_pending_deletes()
+
+    def _refused(self, pool: Pool, reason: str, n: int = 1) -> None:
+        """Count refused stores, and say so in the log once per burst, not once per page."""
+        self._count(pool, reason, n)
+        self._refusals += n
+        now = time.monotonic()
+        if now - self._refusals_logged >= REFUSAL_LOG_INTERVAL:
+            log.warning("%d stores refused since the last report (latest: %s in %s)",
+                        self._refusals, reason, pool.id)
+            self._refusals, self._refusals_logged = 0, now
 
     def _count(self, pool: Pool, name: str, n: int = 1) -> None:
         if n:
