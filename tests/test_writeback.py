@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 from conftest import Mount
 from redis_servers import RedisFactory
-from test_redis import FAST, dd, direct_pread, name, outcome, wait_until_stores_work
+from test_redis import (
+    FAST,
+    assert_counters_sane,
+    dd,
+    direct_pread,
+    name,
+    outcome,
+    wait_until_stores_work,
+)
 from tmemfs_testlib import PAGE, load, page_names, random_page, text_page, try_store
 
 pytest_plugins = ["redis_servers"]
@@ -66,6 +74,7 @@ def test_pages_move_down_instead_of_being_refused(
         got = outcome(fs / str(i))
         assert got == random_page(i), f"frontswap/0/{i} ({kind} tier): {name(got)}"
     assert_within_budget(mount, "after loading every page")
+    assert_counters_sane(mount)
 
     # Invalidates reach pages wherever they are; a flush empties both tiers.
     for i in range(0, PAGES, 2):

@@ -199,9 +199,13 @@ class Engine:
             return
         try:
             if obj is None:
-                for name in await self.backend.shared_objects(str(pool_id)):
-                    if name not in pool.objects:
-                        self.create_object(pool_id, name)
+                names = set(await self.backend.shared_objects(str(pool_id)))
+                for name in names.difference(pool.objects):
+                    self.create_object(pool_id, name)
+                for name in set(pool.objects).difference(names):
+                    # Invalidated by another mount: its pages are gone for everyone.
+                    await self._drop_object(pool, name, remote=False)
+                    del pool.objects[name]
                 return
             tobj = pool.objects.get(obj)
             if tobj is None:
@@ -344,7 +348,9 @@ class Engine:
         lower = [i for i, d in enumerate(decisions) if d == self._LOWER]
         kept = [d == self._KEEP for d in decisions]
         if keep:
-            locations = [self._location(pool, tobj, pages[i][0]) for i in keep]
+            # Locations name pages outside this process; a local backend needs none.
+            locations = ([self._location(pool, tobj, pages[i][0]) for i in keep]
+                         if self.backend.remote else [])
             self._unschedule_deletes(locations)
             try:
                 handles = await self.backend.store_many(locations, [encoded[i] for i in keep])
@@ -355,8 +361,7 @@ class Engine:
                 for i in keep:
                     kept[i] = False
             else:
-                for i, handle in zip(keep, handles, strict=True):
-                    self._insert(pool, tobj, pages[i][0], handle, now)
+                self._insert_many(pool, tobj, [pages[i][0] for i in keep], handles, now)
         if lower:
             assert self.writeback is not None
             items = [(self._location(pool, tobj, pages[i][0]), payload_of(encoded[i].value))
@@ -368,21 +373,32 @@ class Engine:
                 log.debug("writeback of %d pages refused: %s", len(lower), exc)
                 self._refused(pool, "reject_alloc_fail", len(lower))
             else:
-                for i, (_, payload) in zip(lower, items, strict=True):
-                    self._insert(pool, tobj, pages[i][0], Lowered(len(payload)), now)
+                self._insert_many(pool, tobj, [pages[i][0] for i in lower],
+                                  [Lowered(len(payload)) for _, payload in items], now)
+                for i in lower:
                     kept[i] = True
                 self._count(pool, "written_back_pages", len(lower))
         return kept
 
-    def _insert(self, pool: Pool, tobj: TmemObject, index: int, handle: Any, now: int) -> None:
-        tobj.pages[index] = Entry(handle, now)
-        self._entries += 1
-        key = PageKey(pool.id, self._object_name(pool, tobj), index)
+    def _insert_many(
+        self, pool: Pool, tobj: TmemObject, indexes: Sequence[int], handles: Sequence[Any],
+        now: int,
+    ) -> None:
+        """Index stored pages. The hot path of every store: kept lean on purpose."""
+        pages = tobj.pages
+        for index, handle in zip(indexes, handles, strict=True):
+            pages[index] = Entry(handle, now)
+        self._entries += len(indexes)
         if not pool.persistent:
-            self._lru[key] = None
-        elif self.writeback is not None and not isinstance(handle, Lowered | int):
-            self._cold[key] = None
-        self._count(pool, "stores")
+            lru = self._lru
+            for index in indexes:
+                lru[PageKey(pool.id, tobj.name, index)] = None
+        elif self.writeback is not None:
+            cold = self._cold
+            for index, handle in zip(indexes, handles, strict=True):
+                if not isinstance(handle, Lowered | int):
+                    cold[PageKey(pool.id, tobj.name, index)] = None
+        self._count(pool, "stores", len(indexes))
 
     def room_for_page(self) -> bool:
         """Whether one more same-filled page fits (evicting ephemeral pages if need be)."""
@@ -545,10 +561,9 @@ class Engine:
         data: list[bytes | None] = [None] * len(hits)
         try:
             if here:
-                pages = await self.backend.load_many(
-                    [self._location(pool, tobj, i) for _, i, _ in here],
-                    [e.handle for _, _, e in here],
-                )
+                locations = ([self._location(pool, tobj, i) for _, i, _ in here]
+                             if self.backend.remote else [])
+                pages = await self.backend.load_many(locations, [e.handle for _, _, e in here])
                 for (n, _, _), page in zip(here, pages, strict=True):
                     data[n] = page
             if below:

@@ -60,10 +60,11 @@ class Pool:
     # The size of the pool's block image (frontswap/N.img), or None when it has none.
     image_size: int | None = None
     generation: int = field(default_factory=_next_generation)
+    # A plain field, not a property: it is asked for every page of every request.
+    persistent: bool = False
 
-    @property
-    def persistent(self) -> bool:
-        return self.id.kind is PoolKind.PERSISTENT
+    def __post_init__(self) -> None:
+        self.persistent = self.id.kind is PoolKind.PERSISTENT
 
     @property
     def shared(self) -> bool:
