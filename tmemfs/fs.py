@@ -290,8 +290,14 @@ class TmemOperations(pyfuse3.Operations):
         attr.st_nlink = 1
         mtime = self._started_ns
         kind = node.kind
-        if kind in (Kind.ROOT, Kind.FRONTSWAP, Kind.CLEANCACHE):
+        if kind is Kind.ROOT:
             attr.st_mode = stat.S_IFDIR | 0o755
+            attr.st_nlink = 2
+            attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
+        elif kind in (Kind.FRONTSWAP, Kind.CLEANCACHE):
+            # Like /tmp: with --allow-other anyone may make a pool; the sticky bit keeps
+            # users from removing each other's.
+            attr.st_mode = stat.S_IFDIR | 0o1777
             attr.st_nlink = 2
             attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
         elif kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):

@@ -250,7 +250,7 @@ async def _serve_mounted(
     clean = False
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_terminate_on_signal)
+            nursery.start_soon(_unmount_on_signal, opts.mountpoint)
             nursery.start_soon(engine.run_writeback)
             if listeners:
                 nursery.start_soon(serve_metrics, engine, listeners)
@@ -258,18 +258,38 @@ async def _serve_mounted(
             nursery.cancel_scope.cancel()
         clean = True
     finally:
-        # After an unmount the session is gone already; after a signal or a crash the
-        # mount is still there and close() takes it down.
-        pyfuse3.close(unmount=True)
+        # After an unmount the mount is gone already; after a crash it is still there
+        # and close() takes it down (lazily: nothing is left to serve it).
+        pyfuse3.close(unmount=mount_entry(opts.mountpoint) is not None)
         log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
 
 
-async def _terminate_on_signal() -> None:
+async def _unmount_on_signal(mountpoint: Path) -> None:
+    """SIGTERM, SIGINT, SIGHUP: unmount if nothing holds the mount, else keep serving.
+
+    Never a lazy detach: with a loop device on an image, the kernel would go on
+    swapping into a filesystem whose daemon is gone. The plain unmount runs in a worker
+    thread, because the kernel may need this thread to answer requests meanwhile; once
+    it succeeds, the session ends and pyfuse3.main() returns.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+            name = signal.Signals(signum).name
+            refusal = await trio.to_thread.run_sync(_plain_unmount, mountpoint)
+            if refusal is None:
+                log.info("%s: unmounted %s", name, mountpoint)
+                return
+            log.warning("%s: not unmounting %s: %s", name, mountpoint, refusal)
+
+
+def _plain_unmount(mountpoint: Path) -> str | None:
+    """Unmount without detaching lazily; None on success, else why not."""
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    if result.returncode == 0:
+        return None
+    reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+    return "it is busy (open files, a cwd or a loop device)" if "busy" in reason else reason
 
 
 def _detach_stdio() -> None:
