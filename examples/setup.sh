@@ -17,10 +17,15 @@ for p in "${packages[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
+    # Install services without starting them: the tests start their own redis-server
+    # on ports of their own, and no other server should be left running.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        run_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+        trap 'run_root rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     run_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     run_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# The tests start their own redis-server; Debian's starts one on install where it can.
 [ -e /dev/fuse ] || run_root modprobe fuse || true
 
 cd "$here"
