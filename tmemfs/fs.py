@@ -240,6 +240,13 @@ class TmemOperations(pyfuse3.Operations):
         kind = Kind.OBJECT if index is None else Kind.PAGE
         return Node(kind, pool_id, name, index, generation)
 
+    def _named(self, parent: Node, name: bytes) -> Node:
+        """The node `name` in `parent` refers to; a name that cannot be there is ENOENT."""
+        try:
+            return self._child(parent, name)
+        except BadName:
+            raise fail(errno.ENOENT) from None
+
     def _children(self, node: Node) -> list[tuple[bytes, Node]]:
         engine = self.engine
         if node.kind is Kind.ROOT:
@@ -373,10 +380,7 @@ class TmemOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         await self._refresh_shared(parent)
-        try:
-            node = self._child(parent, name)
-        except BadName:
-            raise fail(errno.ENOENT) from None
+        node = self._named(parent, name)
         if not self._exists(node):
             raise fail(errno.ENOENT)
         return self._entry_reply(node)
@@ -482,11 +486,7 @@ class TmemOperations(pyfuse3.Operations):
 
     @translate_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._node(parent_inode)
-        try:
-            node = self._child(parent, name)
-        except BadName:
-            raise fail(errno.ENOENT) from None
+        node = self._named(self._node(parent_inode), name)
         if not self._exists(node):
             raise fail(errno.ENOENT)
         assert node.pool is not None or node.kind in (Kind.FRONTSWAP, Kind.CLEANCACHE, Kind.STATS)
@@ -772,11 +772,7 @@ class TmemOperations(pyfuse3.Operations):
 
     @translate_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._node(parent_inode)
-        try:
-            node = self._child(parent, name)
-        except BadName:
-            raise fail(errno.ENOENT) from None
+        node = self._named(self._node(parent_inode), name)
         if node.kind is Kind.PAGE:
             key = node.page_key
             created = self._forget_creating(key)
