@@ -169,6 +169,9 @@ class TmemOperations(pyfuse3.Operations):
         # Pages created by an open file that has not stored them yet: they exist for
         # stat and lookup, as a freshly created file does.
         self._creating: Counter[PageKey] = Counter()
+        # Of those, the ones whose creator has closed them with nothing written: from
+        # then on everyone reads them as a zero page; before, only the creator does.
+        self._closed_creations: set[PageKey] = set()
         self._started_ns = time.time_ns()
 
     # -- the tree ----------------------------------------------------------------------
@@ -551,11 +554,14 @@ class TmemOperations(pyfuse3.Operations):
         key = node.page_key
         if self.engine.entry(key) is not None and flags & os.O_EXCL:
             raise fail(errno.EEXIST)
+        return self._open_created(key), self._entry_reply(node)
+
+    def _open_created(self, key: PageKey) -> pyfuse3.FileInfo:
+        """An open file of a new page: zeros until written, stored at close."""
         handle = OpenPage(key, writable=True, created=True)
         handle.buffer = bytearray(self.page_size)
         self._creating[key] += 1
-        fh = self._new_handle(handle)
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry_reply(node)
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
 
     async def _create_image(
         self, node: Node, flags: int, mode: int, ctx: pyfuse3.RequestContext
@@ -580,8 +586,18 @@ class TmemOperations(pyfuse3.Operations):
 
     @translate_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self._node(inode)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        vanished = self.inodes.node(inode)
+        if (
+            writable and vanished is not None and vanished.kind is Kind.PAGE
+            and not self._exists(vanished)
+            and self._exists(vanished._replace(kind=Kind.OBJECT, index=None))
+        ):
+            # The page went (unlink, eviction) between the kernel's lookup and this open.
+            # The kernel keeps O_CREAT to itself, so a write must find a new page here,
+            # as its create would have: a store never fails with ENOENT.
+            return self._open_created(vanished.page_key)
+        node = self._node(inode)
         handle: OpenPage | OpenStats
         if node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
             if writable or flags & os.O_TRUNC:
@@ -619,9 +635,10 @@ class TmemOperations(pyfuse3.Operations):
             # A read from the start is a fresh get; later offsets continue the same copy.
             page = await self.engine.load(handle.key)
             if page is None:
-                if handle.key not in self._creating:
+                if not (handle.created or handle.key in self._closed_creations):
                     raise fail(errno.ENOENT)
-                # Created and closed, not yet released: a new file, empty, so zeros.
+                # A new page, empty: zeros for its creator, and for everyone once the
+                # creator has closed it (its store lands at release).
                 page = bytes(self.page_size)
             handle.loaded = page
         return handle.loaded[off : off + size]
@@ -724,6 +741,7 @@ class TmemOperations(pyfuse3.Operations):
         if key not in self._creating:
             return False
         del self._creating[key]
+        self._closed_creations.discard(key)
         for handle in self._handles.values():
             if isinstance(handle, OpenPage) and handle.key == key and handle.created:
                 handle.created = False
@@ -735,6 +753,7 @@ class TmemOperations(pyfuse3.Operations):
             self._creating[handle.key] -= 1
             if self._creating[handle.key] <= 0:
                 del self._creating[handle.key]
+                self._closed_creations.discard(handle.key)
 
     @translate_errors
     async def flush(self, fh: int) -> None:
@@ -743,16 +762,16 @@ class TmemOperations(pyfuse3.Operations):
             return
         if handle.dirty:
             await self._store_pending(handle)
-        elif (
-            handle.created and handle.key in self._creating and not self.engine.room_for_page()
-        ):
+        elif handle.created and handle.key in self._creating:
             # A created page with nothing written yet is stored at release, not here:
             # shell redirections and dd close a dup of the file before they write, and
             # that close must not store a zero page first. Meanwhile the page exists and
             # reads as zeros. Whether it will fit is answered now, so that close() is
             # where a full budget says ENOSPC, as for any other store.
-            self._forget_creating(handle.key)
-            raise StoreRejected(str(handle.key))
+            if not self.engine.room_for_page():
+                self._forget_creating(handle.key)
+                raise StoreRejected(str(handle.key))
+            self._closed_creations.add(handle.key)
 
     @translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

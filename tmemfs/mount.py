@@ -16,11 +16,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
+import setproctitle
 import trio
 
 from tmemfs import __version__
@@ -33,6 +35,7 @@ from tmemfs.metrics import open_metrics_listeners, serve_metrics
 log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.tmemfs"
+WORKER_STACK = 512 * 1024
 
 
 class MountError(Exception):
@@ -102,6 +105,17 @@ def is_stale(path: Path) -> bool:
     return False
 
 
+def _becomes_stale(path: Path, wait: float = 1.0) -> bool:
+    """Whether a tmemfs mount is dead. Just after a kill -9 the kernel takes a moment
+    to notice that its daemon is gone, so a live-looking one is asked again briefly."""
+    deadline = time.monotonic() + wait
+    while not is_stale(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def detach(path: Path) -> None:
     """Lazily unmount a dead tmemfs mount point."""
     for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
@@ -116,7 +130,7 @@ def check_mountpoint(path: Path) -> None:
     """Fail with one clear line unless `path` can be mounted on; clean a dead tmemfs."""
     entry = mount_entry(path)
     if entry is not None:
-        if entry[0] == FSTYPE and is_stale(path):
+        if entry[0] == FSTYPE and _becomes_stale(path):
             log.warning("cleaning up the stale tmemfs mount at %s", path)
             detach(path)
         else:
@@ -181,6 +195,10 @@ def serve(opts: MountOptions, ready: int | None) -> int:
     """Mount, serve until unmounted or signalled, unmount. Runs in the daemon."""
     limiter_size = os.cpu_count() or 1
     info = opts.describe()
+    # The worker threads compress pages and need little stack; with mlockall (once an
+    # image exists) each default 8 MiB stack would be held in RAM, unaccounted for.
+    threading.stack_size(WORKER_STACK)
+    _hide_secrets_from_ps()
     fuse_options = {"fsname=tmemfs", f"subtype={FSTYPE.split('.')[1]}", "default_permissions"}
     if opts.allow_other:
         fuse_options.add("allow_other")
@@ -280,6 +298,12 @@ async def _unmount_on_signal(mountpoint: Path) -> None:
                 log.info("%s: unmounted %s", name, mountpoint)
                 return
             log.warning("%s: not unmounting %s: %s", name, mountpoint, refusal)
+
+
+def _hide_secrets_from_ps() -> None:
+    """ps shows our command line, which may hold a Redis password: show it masked."""
+    if any("://" in arg for arg in sys.argv):
+        setproctitle.setproctitle(" ".join(mask_url(a) if "://" in a else a for a in sys.argv))
 
 
 def _plain_unmount(mountpoint: Path) -> str | None:

@@ -1,0 +1,117 @@
+"""Does `pool_total_size` tell the truth about the daemon's memory, and does the budget hold?
+
+Measured from outside, as an operator would: VmRSS of the daemon's pid before and
+after storing through the block image with `dd oflag=direct`. The baseline is taken
+after the mount and after the image exists (the first image makes the daemon
+mlockall, which makes its already-mapped code resident); everything the stores
+cause after that, worker threads included, counts as growth.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import Mount
+
+MIB = 1 << 20
+PAGE = 4096
+HONEST_MIB = 160          # real-file pages stored for the honesty check
+TOLERANCE = 0.10          # pool_total_size within 10% of RSS growth
+CAP_MIB = 64              # --max-pool of the cap check
+PUSH_MIB = 256            # incompressible data pushed at it
+# The fixed overhead allowed above --max-pool: two worker threads' 8 MiB stacks
+# (resident under mlockall) plus 8 MiB for request buffers and allocator slack.
+FIXED_OVERHEAD_MIB = 24
+
+
+def vm_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def real_file_corpus(path: Path, size: int) -> None:
+    """The first `size` bytes of whole pages of the files under /usr/lib, in sorted order."""
+    taken = 0
+    with open(path, "wb") as out:
+        for directory, dirs, files in os.walk("/usr/lib"):
+            dirs.sort()
+            for name in sorted(files):
+                file = os.path.join(directory, name)
+                if os.path.islink(file) or not os.path.isfile(file):
+                    continue
+                try:
+                    with open(file, "rb") as f:
+                        data = f.read(size - taken)
+                except OSError:
+                    continue
+                data = data[: len(data) // PAGE * PAGE]
+                out.write(data)
+                taken += len(data)
+                if taken >= size:
+                    return
+    raise AssertionError(f"/usr/lib holds only {taken} bytes of whole pages")
+
+
+def settle(pid: int) -> int:
+    time.sleep(0.5)
+    return vm_rss(pid)
+
+
+def test_pool_total_size_tracks_rss_growth(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+    corpus = tmp_path / "corpus"
+    real_file_corpus(corpus, HONEST_MIB * MIB)
+    mount: Mount = mount_factory()
+    image = mount.path / "frontswap" / "0.img"
+    subprocess.run(["truncate", "-s", f"{2 * HONEST_MIB}M", str(image)], check=True)
+    baseline = settle(mount.proc.pid)
+    subprocess.run(["dd", f"if={corpus}", f"of={image}", "bs=1M", "oflag=direct",
+                    "conv=notrunc", "status=none"], check=True, timeout=120)
+    growth = settle(mount.proc.pid) - baseline
+    stats = mount.stats()
+    assert stats["stored_pages"] == HONEST_MIB * MIB // PAGE
+    total = stats["pool_total_size"]
+    print(f"honesty: stored {HONEST_MIB} MiB, RSS growth {growth} B, pool_total_size {total} B,"
+          f" compr_data_size {stats['compr_data_size']} B, growth/total {growth / total:.3f}")
+    assert abs(growth - total) <= TOLERANCE * growth, (
+        f"RSS grew {growth / MIB:.1f} MiB, pool_total_size says {total / MIB:.1f} MiB "
+        f"({(growth - total) / total:+.1%})")
+
+
+def test_memory_stays_within_max_pool(mount_factory) -> None:  # type: ignore[no-untyped-def]
+    mount: Mount = mount_factory("--max-pool", f"{CAP_MIB}M")
+    image = mount.path / "frontswap" / "0.img"
+    subprocess.run(["truncate", "-s", f"{PUSH_MIB}M", str(image)], check=True)
+    pid = mount.proc.pid
+    baseline = settle(pid)
+    peak, refused = baseline, 0
+    fd = os.open(image, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT wants
+        for i in range(PUSH_MIB):
+            buf[:] = os.urandom(MIB)
+            try:
+                os.pwrite(fd, buf, i * MIB)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                refused += 1
+            peak = max(peak, vm_rss(pid))
+    finally:
+        os.close(fd)
+    peak = max(peak, settle(pid))
+    stats = mount.stats()
+    print(f"cap: pushed {PUSH_MIB} MiB into --max-pool {CAP_MIB}M: {refused} MiB requests "
+          f"refused, peak RSS growth {(peak - baseline) / MIB:.1f} MiB, pool_total_size "
+          f"{stats['pool_total_size'] / MIB:.1f} MiB, stored_pages {stats['stored_pages']}")
+    assert refused > PUSH_MIB // 2, "most of it must be refused"
+    assert stats["pool_limit_hit"] > 0
+    assert stats["pool_total_size"] <= CAP_MIB * MIB
+    assert peak - baseline <= (CAP_MIB + FIXED_OVERHEAD_MIB) * MIB
+    assert mount.alive()
