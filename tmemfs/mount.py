@@ -325,7 +325,11 @@ def _detach_stdio() -> None:
 
 
 def setup_logging(opts: MountOptions, *, to_stderr: bool) -> None:
-    """stderr in the foreground; syslog (or --log FILE) for a daemon."""
+    """stderr in the foreground; syslog (or --log FILE) for a daemon.
+
+    Where there is no syslog (many containers), a daemon logs to a file rather than
+    nowhere: /var/log/tmemfs.log for root, ~/.local/state/tmemfs.log for others.
+    """
     handler: logging.Handler
     if opts.log_file:
         handler = logging.FileHandler(opts.log_file)
@@ -335,13 +339,25 @@ def setup_logging(opts: MountOptions, *, to_stderr: bool) -> None:
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.ident = f"tmemfs[{os.getpid()}]: "
     else:
-        handler = logging.NullHandler()
+        handler = _fallback_log_file()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
     # coredis reports each retry; our own lines say what failed, once.
     logging.getLogger("coredis").setLevel(logging.DEBUG if opts.debug else logging.WARNING)
+
+
+def _fallback_log_file() -> logging.Handler:
+    if os.geteuid() == 0:
+        path = Path("/var/log/tmemfs.log")
+    else:
+        path = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "tmemfs.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return logging.FileHandler(path)
+    except OSError:
+        return logging.NullHandler()
 
 
 # -- umount ------------------------------------------------------------------------------
