@@ -126,3 +126,29 @@ def test_secrets_never_reach_logs_or_stats(redis_factory: RedisFactory, tmp_path
     bad = subprocess.run([*TMEMFS, "mount", "--backend", url.replace(secret, "wrong-" + secret),
                           str(mnt)], capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 1 and secret not in bad.stderr
+
+
+def test_log_has_start_stop_and_debug_request_lines(tmp_path: Path) -> None:
+    mnt, log = tmp_path / "mnt", tmp_path / "daemon.log"
+    mnt.mkdir()
+    subprocess.run([*TMEMFS, "mount", "--debug", "--log", str(log), "--max-pool", "64M",
+                    str(mnt)], check=True, timeout=60, capture_output=True)
+    try:
+        (mnt / "frontswap" / "0").mkdir()
+        store(mnt / "frontswap" / "0" / "1", text_page(1))
+        table = subprocess.run([*TMEMFS, "stat", str(mnt)], capture_output=True, text=True,
+                               check=True, timeout=60).stdout
+    finally:
+        subprocess.run([*TMEMFS, "umount", str(mnt)], check=True, timeout=60)
+    text = log.read_text()
+    start = next(line for line in text.splitlines() if "mounted " + str(mnt) in line)
+    assert "backend lz4" in start and "max_pool 67108864" in start
+    assert "unmounted " + str(mnt) in text
+    # --debug: one line per request, naming it, without page contents.
+    assert re.search(r"DEBUG tmemfs.fs: mkdir\(\d+, b'0'", text)
+    assert re.search(r"DEBUG tmemfs.fs: write\(\d+, 0, <4096 bytes>\)", text)
+    header, row = table.splitlines()[:2]
+    for column in ("PAGES", "ORIG", "COMPR", "RATIO", "SAME", "DEDUP", "WRITTENBACK",
+                   "REJECTED", "LOADS", "MISSES"):
+        assert column in header
+    assert row.split()[:2] == ["frontswap/0", "1"]

@@ -140,6 +140,7 @@ _COLUMNS = (
     ("RATIO", None),
     ("SAME", "same_filled_pages"),
     ("DEDUP", "dedup_pages"),
+    ("WRITTENBACK", "written_back_pages"),
     ("EVICTED", "evicted_pages"),
     ("REJECTED", None),
     ("LOADS", "loads"),

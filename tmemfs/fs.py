@@ -91,8 +91,12 @@ def translate_errors(
 ) -> Callable[P, Awaitable[R]]:
     """Let only FUSEErrors out of a handler; anything unexpected is logged and is EIO."""
 
+    name = handler.__name__
+
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if log.isEnabledFor(logging.DEBUG):  # --debug: one line per request
+            log.debug("%s(%s)", name, ", ".join(_describe(a) for a in args[1:]))
         try:
             return await handler(*args, **kwargs)
         except FUSEError:
@@ -104,6 +108,15 @@ def translate_errors(
             raise FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def _describe(arg: object) -> str:
+    """A request argument, short: who asked, and sizes rather than page contents."""
+    if isinstance(arg, pyfuse3.RequestContext):
+        return f"uid={arg.uid} pid={arg.pid}"
+    if isinstance(arg, bytes | bytearray | memoryview) and len(arg) > 64:
+        return f"<{len(arg)} bytes>"
+    return repr(arg)
 
 
 def fail(code: int) -> FUSEError:
