@@ -39,7 +39,7 @@ from coredis.connection import TCPLocation
 from tmemfs.backends.base import Backend, Encoded, RestoredPool
 from tmemfs.backends.codec import decode_payloads, encode_pages, payload_of
 from tmemfs.backends.store import Location, PageStore, StoreUnavailable
-from tmemfs.engine.keys import PoolId, PoolKind
+from tmemfs.engine.keys import PoolId, PoolKind, is_shared_pool_name
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,37 @@ class RedisStore(PageStore):
         self._exit = contextlib.AsyncExitStack()
         # Chunks of frontswap pools known to be in the chunk registry already.
         self._registered: set[tuple[str, int, int]] = set()
+        self._spaces: dict[str, str] = {}
 
     # -- names -----------------------------------------------------------------------
 
     def _space(self, pool: str) -> str:
-        if pool.startswith(PoolKind.EPHEMERAL.value + "/"):
-            from tmemfs.engine.keys import is_shared_pool_name
-
-            if is_shared_pool_name(pool.partition("/")[2]):
-                return "shared"
-        return self.namespace
+        """The namespace of a pool's keys: the mount's own, or "shared" for a UUID pool."""
+        space = self._spaces.get(pool)
+        if space is None:
+            kind, _, name = pool.partition("/")
+            shared = kind == PoolKind.EPHEMERAL.value and is_shared_pool_name(name)
+            space = self._spaces[pool] = "shared" if shared else self.namespace
+        return space
 
     def hash_of(self, loc: Location) -> bytes:
         """The hash a page lives in; the whole name is the cluster hash tag."""
-        part = str(loc.index // CHUNK) if loc.pool.startswith("frontswap/") else loc.object
-        return f"tmemfs:{{{self._space(loc.pool)}|{loc.pool}|{loc.generation}|{part}}}".encode()
+        return self._hash_name(loc.pool, loc.generation, self._part(loc))
+
+    @staticmethod
+    def _part(loc: Location) -> str | int:
+        """What tells a page's hash apart within its pool: the object, or the chunk."""
+        return loc.index // CHUNK if loc.pool.startswith("frontswap/") else loc.object
+
+    def _hash_name(self, pool: str, generation: int, part: str | int) -> bytes:
+        return f"tmemfs:{{{self._space(pool)}|{pool}|{generation}|{part}}}".encode()
+
+    def _group(self, locations: Sequence[Location]) -> dict[bytes, list[int]]:
+        """Positions of the locations by hash, each hash named once."""
+        by_part: dict[tuple[str, int, str | int], list[int]] = defaultdict(list)
+        for position, loc in enumerate(locations):
+            by_part[(loc.pool, loc.generation, self._part(loc))].append(position)
+        return {self._hash_name(*part): positions for part, positions in by_part.items()}
 
     def _pools_key(self) -> bytes:
         return f"tmemfs:{self.namespace}:pools".encode()
@@ -144,18 +160,18 @@ class RedisStore(PageStore):
     # -- pages -----------------------------------------------------------------------
 
     async def put_many(self, items: Sequence[tuple[Location, bytes]]) -> None:
-        groups: dict[bytes, dict[bytes, bytes]] = defaultdict(dict)
+        groups = self._group([loc for loc, _ in items])
         new_chunks: list[tuple[str, int, int]] = []
-        for loc, payload in items:
-            groups[self.hash_of(loc)][str(loc.index).encode()] = payload
+        for positions in groups.values():
+            loc = items[positions[0]][0]
             if loc.pool.startswith("frontswap/"):
                 chunk = (loc.pool, loc.generation, loc.index // CHUNK)
-                if chunk not in self._registered and chunk not in new_chunks:
+                if chunk not in self._registered:
                     new_chunks.append(chunk)
 
         def run(pipe: Any) -> None:
-            for name, fields in groups.items():
-                pipe.hset(name, fields)
+            for name, positions in groups.items():
+                pipe.hset(name, {str(items[p][0].index).encode(): items[p][1] for p in positions})
             for pool, generation, chunk in new_chunks:
                 pipe.sadd(self._chunks_key(pool, generation), [str(chunk).encode()])
                 pipe.hset(self._pools_key(), {pool.encode(): str(generation).encode()})
@@ -164,9 +180,7 @@ class RedisStore(PageStore):
         self._registered.update(new_chunks)
 
     async def get_many(self, locations: Sequence[Location]) -> list[bytes | None]:
-        groups: dict[bytes, list[int]] = defaultdict(list)
-        for position, loc in enumerate(locations):
-            groups[self.hash_of(loc)].append(position)
+        groups = self._group(locations)
         names = list(groups)
 
         def run(pipe: Any) -> None:
@@ -181,13 +195,11 @@ class RedisStore(PageStore):
         return out
 
     async def delete_many(self, locations: Sequence[Location]) -> None:
-        groups: dict[bytes, list[bytes]] = defaultdict(list)
-        for loc in locations:
-            groups[self.hash_of(loc)].append(str(loc.index).encode())
+        groups = self._group(locations)
 
         def run(pipe: Any) -> None:
-            for name, fields in groups.items():
-                pipe.hdel(name, fields)
+            for name, positions in groups.items():
+                pipe.hdel(name, [str(locations[p].index).encode() for p in positions])
 
         await self._pipeline(run)
 

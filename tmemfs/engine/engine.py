@@ -349,7 +349,7 @@ class Engine:
         kept = [d == self._KEEP for d in decisions]
         if keep:
             # Locations name pages outside this process; a local backend needs none.
-            locations = ([self._location(pool, tobj, pages[i][0]) for i in keep]
+            locations = (self._locations(pool, tobj, [pages[i][0] for i in keep])
                          if self.backend.remote else [])
             self._unschedule_deletes(locations)
             try:
@@ -561,7 +561,7 @@ class Engine:
         data: list[bytes | None] = [None] * len(hits)
         try:
             if here:
-                locations = ([self._location(pool, tobj, i) for _, i, _ in here]
+                locations = (self._locations(pool, tobj, [i for _, i, _ in here])
                              if self.backend.remote else [])
                 pages = await self.backend.load_many(locations, [e.handle for _, _, e in here])
                 for (n, _, _), page in zip(here, pages, strict=True):
@@ -569,7 +569,7 @@ class Engine:
             if below:
                 assert self.writeback is not None
                 payloads = await self.writeback.get_many(
-                    [self._location(pool, tobj, i) for _, i, _ in below])
+                    self._locations(pool, tobj, [i for _, i, _ in below]))
                 present = [(n, p) for (n, _, _), p in zip(below, payloads, strict=True)
                            if p is not None]
                 pages = await self.backend.run_batched(
@@ -791,6 +791,11 @@ class Engine:
         }
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _locations(self, pool: Pool, tobj: TmemObject, indexes: Sequence[int]) -> list[Location]:
+        """The locations of many pages of one object: the name is worked out once."""
+        name, generation, obj, _ = self._location(pool, tobj, 0)
+        return [Location(name, generation, obj, index) for index in indexes]
 
     def _location(self, pool: Pool, tobj: TmemObject, index: int) -> Location:
         """Where a page lives outside this process: named by its pool's or object's generation.
