@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Batches of at most this many pages are encoded right here: see run_batched.
+INLINE_MAX = 2
 # Below this many pages a batch is not worth splitting over several threads.
 _MIN_PAGES_PER_THREAD = 16
 
@@ -156,6 +158,10 @@ class Backend(ABC):
         """Run `func` over `items` in worker threads, one chunk per core, keeping order."""
         if not items:
             return []
+        if len(items) <= INLINE_MAX:
+            # A page or two takes microseconds; the hop to a worker thread and back takes
+            # a hundred (thread wake-ups), more than the work itself.
+            return func(items)
         chunks = max(1, min(int(self.limiter.total_tokens), len(items) // _MIN_PAGES_PER_THREAD))
         if chunks == 1:
             return await trio.to_thread.run_sync(func, items, limiter=self.limiter)
