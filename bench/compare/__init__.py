@@ -1,0 +1,1 @@
+"""The six comparisons; each `run(ctx)` returns a Section and draws its plots."""

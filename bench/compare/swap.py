@@ -1,0 +1,58 @@
+"""3. The swap experiment: the kernel swaps through tmemfs, zram, or a swap file on disk."""
+
+from __future__ import annotations
+
+from bench import plots, swap
+from bench.config import Context
+from bench.model import Section, Table, at_most, median, paired
+from bench.progress import Progress
+
+NUMBER = 3
+TITLE = "Swap experiment"
+GOAL = at_most(1.0, "zram swap")
+
+
+def run(ctx: Context) -> Section:
+    cfg = ctx.config
+    limit, ws = cfg.swap_limit, cfg.swap_working_set
+    section = Section(NUMBER, TITLE, "zram swap, and a swap file on disk")
+    section.method = (
+        f"`examples/swap_workload.py --working-set {ws >> 20}M` (fill with checksummed, "
+        f"log-like data, then two verified passes, the second shuffled) in a memory cgroup "
+        f"limited to {limit >> 20} MiB, on swap with priority 32767: "
+        f"`examples/swap-on-loop.sh` for tmemfs (loop device with direct I/O on "
+        f"`frontswap/0.img`, a fresh mount each run), zram0 (lz4), and a swap file on the "
+        f"root file system. Wall time is the workload's, start to exit. Runs rotate the "
+        f"order of the three stores."
+    )
+    stores = {
+        "tmemfs": lambda: swap.on_tmemfs(limit, ws, cfg.swap_timeout),
+        "zram": lambda: swap.on_zram(limit, ws, cfg.swap_timeout),
+        "disk": lambda: swap.on_disk(ctx.tmp, limit, ws, cfg.swap_timeout),
+    }
+    names = list(stores)
+    outcomes: dict[str, list[swap.Outcome]] = {name: [] for name in names}
+    with Progress("swap", cfg.runs * len(names)) as bar:
+        for r in range(cfg.runs):
+            for name in names[r % 3:] + names[:r % 3]:
+                bar.note(f"run {r + 1}: {ws >> 20} MiB in {limit >> 20} MiB on {name}")
+                outcome = stores[name]()
+                if not outcome.passed:
+                    raise RuntimeError(f"the workload failed on {name}:\n{outcome.tail}")
+                outcomes[name].append(outcome)
+                bar.step()
+    wall = {name: [o.wall for o in outs] for name, outs in outcomes.items()}
+    section.rows.append(paired("wall time vs zram swap", "s", wall["tmemfs"], wall["zram"], GOAL))
+    section.rows.append(paired("wall time vs disk swap", "s", wall["tmemfs"], wall["disk"]))
+    section.details.append(Table(
+        ["swap on", "wall time per run (s)", "pswpout per run", "pswpin per run"],
+        [[name, ", ".join(f"{o.wall:.1f}" for o in outs),
+          ", ".join(str(o.swapped_out) for o in outs),
+          ", ".join(str(o.swapped_in) for o in outs)] for name, outs in outcomes.items()]))
+    section.notes.append("pswpout and pswpin are /proc/vmstat deltas, system-wide.")
+    section.plots.append(plots.bars(
+        ctx.plot_path("swap"), f"Swap: {ws >> 20} MiB working set in {limit >> 20} MiB",
+        ["wall time (lower is better)"], "s",
+        {name: [median(wall[name])] for name in names}, log=False))
+    return section
+
