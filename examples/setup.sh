@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up tmemfs on a Debian machine: system packages, a virtualenv in .venv, and
-# `pip install -e .[test]`. Safe to run again; it installs only what is missing.
+# `pip install -e .[test,bench]`. Safe to run again; it installs only what is missing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
