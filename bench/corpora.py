@@ -24,7 +24,7 @@ from pathlib import Path
 
 import lz4.block
 
-from bench.pagefiles import PAGE
+from bench.pagefiles import PAGE, tree_pages
 
 FILE_ROOTS = ("/usr/lib", "/usr/share", "/usr/bin")
 CHILD = Path(__file__).with_name("anon_child.py")
@@ -82,22 +82,6 @@ def aligned_copy(data: bytes) -> mmap.mmap:
     buffer = mmap.mmap(-1, max(len(data), PAGE))
     buffer[:len(data)] = data
     return buffer
-
-
-def tree_pages(root: str) -> Iterator[bytes]:
-    """Whole pages of the regular files under `root`, sorted walk, symlinks skipped."""
-    for directory, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(directory, name)
-            if os.path.islink(path) or not os.path.isfile(path):
-                continue
-            try:
-                data = Path(path).read_bytes()
-            except OSError:
-                continue
-            for off in range(0, len(data) - PAGE + 1, PAGE):
-                yield data[off:off + PAGE]
 
 
 def files(size: int) -> Corpus:

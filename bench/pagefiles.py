@@ -23,10 +23,9 @@ from pathlib import Path
 PAGE = 4096
 
 
-def usr_lib_pages(limit: int) -> Iterator[bytes]:
-    """Whole pages of the files under /usr/lib, in sorted order, up to `limit` bytes."""
-    taken = 0
-    for directory, dirs, files in os.walk("/usr/lib"):
+def tree_pages(root: str) -> Iterator[bytes]:
+    """Whole pages of the regular files under `root`, sorted walk, symlinks skipped."""
+    for directory, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(directory, name)
@@ -37,10 +36,12 @@ def usr_lib_pages(limit: int) -> Iterator[bytes]:
             except OSError:
                 continue
             for off in range(0, len(data) - PAGE + 1, PAGE):
-                if taken >= limit:
-                    return
                 yield data[off : off + PAGE]
-                taken += PAGE
+
+
+def usr_lib_pages(limit: int) -> Iterator[bytes]:
+    """Whole pages of the files under /usr/lib, in sorted order, up to `limit` bytes."""
+    return itertools.islice(tree_pages("/usr/lib"), limit // PAGE)
 
 
 def store_and_load(pool: Path, pages: list[bytes]) -> tuple[float, float]:
