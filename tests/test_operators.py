@@ -117,6 +117,13 @@ def test_secrets_never_reach_logs_or_stats(redis_factory: RedisFactory, tmp_path
         daemon = (mnt / ".daemon").read_text()
         assert "***" in daemon and secret not in daemon
         assert secret not in (mnt / "stats").read_text()
+        # ps shows the daemon's command line: tmemfs rewrites it with the password masked.
+        pid = re.search(r"^pid (\d+)$", daemon, re.MULTILINE)
+        assert pid is not None
+        ps = subprocess.run(["ps", "-ww", "-o", "args=", "-p", pid.group(1)], capture_output=True,
+                            text=True, timeout=30, check=True).stdout
+        assert "tmemfs" in ps and secret not in ps
+        assert secret.encode() not in Path(f"/proc/{pid.group(1)}/cmdline").read_bytes()
     finally:
         subprocess.run([*TMEMFS, "umount", str(mnt)], check=True, timeout=60)
     text = log.read_text()

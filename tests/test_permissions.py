@@ -8,12 +8,11 @@ may remove it. Other users are played by `setpriv` as nobody (65534) and as
 daemon (1), in a child Python that reports the errno of each step.
 
 The log, `.daemon`, stats and error messages are checked for Redis passwords by
-tests/test_operators.py::test_secrets_never_reach_logs_or_stats; `ps` is checked here.
+tests/test_operators.py::test_secrets_never_reach_logs_or_stats, `ps` included.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -27,10 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, is_mounted, mounted
-from redis_servers import RedisFactory
 from tmemfs_testlib import PAGE, load, page_names, store, text_page
-
-pytest_plugins = ["redis_servers"]  # the redis_factory fixture
 
 TMEMFS = [sys.executable, "-m", "tmemfs"]
 NOBODY = 65534
@@ -206,36 +202,3 @@ def test_without_allow_other_other_users_get_eacces(shared_dir: Path) -> None:
         })
         assert seen == dict.fromkeys(seen, errno.EACCES)
         assert page_names(mount.path / "frontswap" / "0") == set()
-
-
-def test_redis_password_never_in_ps(redis_factory: RedisFactory, tmp_path: Path) -> None:
-    """`ps` of the daemon shows no Redis password (argv is what ps shows)."""
-    secret = "pw-in-argv-7781"
-    server = redis_factory()
-    server.cli("config", "set", "requirepass", secret)
-    url = f"redis://:{secret}@127.0.0.1:{server.port}/0"
-    mnt, log = tmp_path / "mnt", tmp_path / "daemon.log"
-    mnt.mkdir()
-    subprocess.run([*TMEMFS, "mount", "--backend", url, "--log", str(log), str(mnt)],
-                   check=True, timeout=60, capture_output=True)
-    pid = None
-    try:
-        for line in (mnt / ".daemon").read_text().splitlines():
-            if line.startswith("pid "):
-                pid = int(line.split()[1])
-        assert pid is not None
-        (mnt / "frontswap" / "0").mkdir()
-        store(mnt / "frontswap" / "0" / "1", text_page(1))
-        ps = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True,
-                            text=True, timeout=30, check=True).stdout
-        assert "tmemfs" in ps
-        assert secret not in ps, f"ps shows the password: {ps.strip()}"
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        assert secret.encode() not in cmdline
-    finally:
-        done = subprocess.run([*TMEMFS, "umount", str(mnt)], timeout=60, capture_output=True,
-                              check=False)
-        if done.returncode != 0 and pid is not None and is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], timeout=30, check=False)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)  # the daemon this test started
