@@ -76,17 +76,10 @@ def name(err: object) -> str:
     return "data"
 
 
-def try_unlink(path: Path) -> int:
+def errno_of(call: Callable[[Path], object], path: Path) -> int:
+    """The errno `call(path)` fails with, or 0."""
     try:
-        os.unlink(path)
-    except OSError as exc:
-        return exc.errno or -1
-    return 0
-
-
-def try_rmdir(path: Path) -> int:
-    try:
-        os.rmdir(path)
+        call(path)
     except OSError as exc:
         return exc.errno or -1
     return 0
@@ -331,8 +324,8 @@ def test_unlink_and_rmdir_while_redis_is_down(
         store(fs0 / str(i), random_page(i))
         store(fs1 / str(i), random_page(100 + i))
     server.kill()
-    unlinked = try_unlink(fs0 / "3")
-    flushed = try_rmdir(fs1)
+    unlinked = errno_of(os.unlink, fs0 / "3")
+    flushed = errno_of(os.rmdir, fs1)
     assert unlinked in (0, errno.EIO), f"unlink with Redis down: {name(unlinked)}"
     assert flushed in (0, errno.EIO), f"rmdir with Redis down: {name(flushed)}"
     server.restart()
