@@ -443,21 +443,27 @@ class Engine:
         remote: bool = True,
     ) -> None:
         """Release entries already removed from the index, and their copies elsewhere."""
-        lowered: list[Location] = []
-        remote_copies: list[Location] = []
         for key, entry in gone:
             self._release_here(pool, key, entry)
-            location = self._location(pool, tobj, key.index)
-            if isinstance(entry.handle, Lowered):
-                lowered.append(location)
-            elif self.backend.remote:
-                remote_copies.append(location)
-        if remote and remote_copies:
-            await self._forget_remote(remote_copies)
+        await self._delete_copies(pool, tobj, gone, remote=remote)
+
+    async def _delete_copies(
+        self,
+        pool: Pool,
+        tobj: TmemObject,
+        gone: Sequence[tuple[PageKey, Entry]],
+        *,
+        remote: bool = True,
+    ) -> None:
+        """Delete what released pages left outside this process: in the tier, remotely."""
+        lowered = [k.index for k, e in gone if isinstance(e.handle, Lowered)]
+        if remote and self.backend.remote:
+            elsewhere = [k.index for k, e in gone if not isinstance(e.handle, Lowered)]
+            await self._forget_remote(self._locations(pool, tobj, elsewhere))
         if lowered:
             assert self.writeback is not None
             try:
-                await self.writeback.delete_many(lowered)
+                await self.writeback.delete_many(self._locations(pool, tobj, lowered))
             except StoreUnavailable as exc:
                 log.warning("could not delete %d pages from the tier: %s", len(lowered), exc)
 
@@ -540,7 +546,7 @@ class Engine:
                 # Already out of the index and its counts (_take); release the rest.
                 if not isinstance(entry.handle, Lowered | Lost):
                     self.backend.invalidate(entry.handle)
-            await self._forget_copies(pool, tobj, gone)
+            await self._delete_copies(pool, tobj, gone)
             self._count(pool, "invalidates", len(gone))
         found = iter(data)
         result = [None if e is None else next(found) for e in entries]
@@ -599,18 +605,6 @@ class Engine:
             del tobj.pages[index]
             self._release_here(pool, PageKey(pool.id, self._object_name(pool, tobj), index),
                                Entry(LOST, 0))
-
-    async def _forget_copies(
-        self, pool: Pool, tobj: TmemObject, gone: Sequence[tuple[PageKey, Entry]]
-    ) -> None:
-        lowered = [self._location(pool, tobj, k.index) for k, e in gone
-                   if isinstance(e.handle, Lowered)]
-        remote = [self._location(pool, tobj, k.index) for k, e in gone
-                  if not isinstance(e.handle, Lowered)]
-        await self._forget_remote(remote)
-        if lowered and self.writeback is not None:
-            with contextlib.suppress(StoreUnavailable):
-                await self.writeback.delete_many(lowered)
 
     def _take(self, pool: Pool, tobj: TmemObject, key: PageKey) -> Entry | None:
         """Remove an entry for an exclusive get; its handle is released after loading."""
