@@ -603,7 +603,7 @@ class Engine:
         elif tobj.pages.get(index) is entry:
             # An ephemeral page the remote evicted: a miss from now on.
             del tobj.pages[index]
-            self._release_here(pool, PageKey(pool.id, self._object_name(pool, tobj), index),
+            self._release_here(pool, PageKey(pool.id, tobj.name, index),
                                Entry(LOST, 0))
 
     def _take(self, pool: Pool, tobj: TmemObject, key: PageKey) -> Entry | None:
@@ -799,11 +799,7 @@ class Engine:
         generation = pool.generation if pool.persistent else tobj.generation
         if pool.shared:
             generation = 0
-        return Location(str(pool.id), generation, self._object_name(pool, tobj), index)
-
-    @staticmethod
-    def _object_name(pool: Pool, tobj: TmemObject) -> str:
-        return tobj.name
+        return Location(str(pool.id), generation, tobj.name, index)
 
     @contextlib.asynccontextmanager
     async def _mutating(self, pool_id: PoolId) -> AsyncIterator[None]:
