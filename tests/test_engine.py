@@ -21,6 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tmemfs.backends import Encoded, open_backend
+from tmemfs.backends.raw import RawBackend
+from tmemfs.backends.store import Location
 from tmemfs.engine import (
     ENTRY_OVERHEAD,
     SWAP_OBJECT,
@@ -618,6 +620,26 @@ async def test_counters_survive_a_flushed_pool() -> None:
 # -- concurrency: what may change while a request awaits its worker thread -------------------
 
 
+class ThreadedRaw(RawBackend):
+    """A backend that awaits worker threads to encode and decode, as remote ones await the
+    network: what may change in the engine while a request waits. (lz4 encodes in
+    compiled code without awaiting, so these races cannot happen to it.)"""
+
+    async def encode_many(self, pages: Sequence[bytes]) -> list[Encoded]:
+        return await trio.to_thread.run_sync(
+            lambda: [Encoded(bytes(p), len(p) + 33) for p in pages], limiter=self.limiter)
+
+    async def load_many(
+        self, locations: Sequence[Location], handles: Sequence[bytes]
+    ) -> list[bytes | None]:
+        return await trio.to_thread.run_sync(lambda: list(handles), limiter=self.limiter)
+
+
+def make_threaded_engine(*, exclusive_gets: bool = False) -> Engine:
+    backend = ThreadedRaw(PAGE, trio.CapacityLimiter(2))
+    return Engine(backend, max_pool=64 << 20, exclusive_gets=exclusive_gets)
+
+
 class HeldLimiter:
     """Hold every token of the backend's limiter, so encode/decode wait until released."""
 
@@ -659,7 +681,7 @@ async def run_store_during(
 
 @pytest.mark.parametrize("pool_id", [SWAP0, FS])
 async def test_flush_while_store_many_encodes(pool_id: PoolId) -> None:
-    engine = with_pools(make_engine("lz4"), FS)
+    engine = with_pools(make_threaded_engine(), FS)
     obj = SWAP_OBJECT if pool_id == SWAP0 else OBJ
     batch = [(i, page(i)) for i in range(256)]
     result = await run_store_during(engine, pool_id, obj, batch, lambda: engine.flush_pool(pool_id))
@@ -671,7 +693,7 @@ async def test_flush_while_store_many_encodes(pool_id: PoolId) -> None:
 
 
 async def test_flush_and_recreate_while_store_many_encodes() -> None:
-    engine = with_pools(make_engine("lz4"))
+    engine = with_pools(make_threaded_engine())
     first = engine.pool(SWAP0)
 
     async def flush_and_recreate() -> None:
@@ -690,7 +712,7 @@ async def test_flush_and_recreate_while_store_many_encodes() -> None:
 
 
 async def test_invalidate_object_while_store_many_encodes() -> None:
-    engine = with_pools(make_engine("lz4"), FS)
+    engine = with_pools(make_threaded_engine(), FS)
     result = await run_store_during(
         engine, FS, OBJ, [(i, page(i)) for i in range(32)],
         lambda: engine.invalidate_object(FS, OBJ),
@@ -703,7 +725,7 @@ async def test_invalidate_object_while_store_many_encodes() -> None:
 
 async def test_invalidate_while_load_decodes() -> None:
     """A load that began before an invalidate still returns the right bytes."""
-    engine = with_pools(make_engine("lz4"), FS)
+    engine = with_pools(make_threaded_engine(), FS)
     await engine.store_many(FS, OBJ, [(i, page(i)) for i in range(32)])
     got: list[list[bytes | None]] = []
 
@@ -725,7 +747,7 @@ async def test_invalidate_while_load_decodes() -> None:
 
 
 async def test_exclusive_load_racing_a_flush_frees_memory_once() -> None:
-    engine = with_pools(make_engine("lz4", exclusive_gets=True))
+    engine = with_pools(make_threaded_engine(exclusive_gets=True))
     await engine.store_many(SWAP0, SWAP_OBJECT, [(i, page(i)) for i in range(32)])
     got: list[list[bytes | None]] = []
 
@@ -744,7 +766,7 @@ async def test_exclusive_load_racing_a_flush_frees_memory_once() -> None:
 
 
 async def test_concurrent_store_many_batches() -> None:
-    engine = with_pools(make_engine("lz4"), FS)
+    engine = with_pools(make_threaded_engine(), FS)
 
     async def store(base: int) -> None:
         batch = [(base + i, page(base + i)) for i in range(64)]

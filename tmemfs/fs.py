@@ -632,7 +632,7 @@ class TmemOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
 
     @translate_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         handle = self._handles[fh]
         if isinstance(handle, OpenStats):
             return handle.text[off : off + size]
@@ -680,7 +680,7 @@ class TmemOperations(pyfuse3.Operations):
         handle.dirty = True
         return len(buf)
 
-    async def _read_image(self, pool_id: PoolId, off: int, size: int) -> bytes:
+    async def _read_image(self, pool_id: PoolId, off: int, size: int) -> bytes | memoryview:
         """One request, one batch: every page it covers is loaded together."""
         pool = self.engine.pool(pool_id)
         end = min(off + size, pool.image_size or 0)
@@ -688,12 +688,15 @@ class TmemOperations(pyfuse3.Operations):
             return b""
         psize = self.page_size
         first, last = off // psize, (end - 1) // psize
+        start = off - first * psize
+        run = self.engine.load_run(pool_id, SWAP_OBJECT, first, last - first + 1)
+        if run is not None:
+            return memoryview(run)[start : start + end - off]
         pages = await self.engine.load_many(
             pool_id, SWAP_OBJECT, range(first, last + 1), exclusive=False
         )
         zero = bytes(psize)
         data = b"".join(zero if page is None else page for page in pages)
-        start = off - first * psize
         return data[start : start + end - off]
 
     async def _write_image(self, pool_id: PoolId, off: int, buf: bytes) -> int:
@@ -704,24 +707,21 @@ class TmemOperations(pyfuse3.Operations):
         if not buf:
             return 0
         first, last = off // psize, (end - 1) // psize
-        partial = sorted({i for i in (first, last) if off > i * psize or end < (i + 1) * psize})
-        loaded = await self.engine.load_many(pool_id, SWAP_OBJECT, partial, exclusive=False)
-        old = dict(zip(partial, loaded, strict=True))
-        view = memoryview(buf)
-        pages: list[tuple[int, bytes]] = []
-        for index in range(first, last + 1):
-            start = index * psize
-            lo, hi = max(off, start), min(end, start + psize)
-            if index in old:
-                page = bytearray(old[index] or bytes(psize))
-                page[lo - start : hi - start] = view[lo - off : hi - off]
-                pages.append((index, bytes(page)))
-            else:
-                pages.append((index, bytes(view[lo - off : hi - off])))
-        stored = await self.engine.store_many(pool_id, SWAP_OBJECT, pages)
+        data: bytes | bytearray = buf
+        if off % psize or end % psize:
+            partial = sorted({i for i in (first, last)
+                              if off > i * psize or end < (i + 1) * psize})
+            loaded = await self.engine.load_many(pool_id, SWAP_OBJECT, partial, exclusive=False)
+            data = bytearray((last - first + 1) * psize)
+            for index, page in zip(partial, loaded, strict=True):
+                if page is not None:
+                    at = (index - first) * psize
+                    data[at : at + psize] = page
+            data[off - first * psize : end - first * psize] = buf
+        stored = await self.engine.store_run(pool_id, SWAP_OBJECT, first, data)
         if pool.image_size is not None and end > pool.image_size:
             pool.image_size = end
-        if not all(stored):
+        if not stored:
             raise StoreRejected(f"{pool_id}.img")
         return len(buf)
 

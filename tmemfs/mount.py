@@ -411,10 +411,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+_MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
+
+
 def lock_memory() -> bool:
-    """mlockall(MCL_CURRENT | MCL_FUTURE), so that serving swap never needs swap."""
+    """mlockall, so that serving swap never needs swap.
+
+    MCL_ONFAULT locks pages as they are first touched rather than at mapping time: the
+    page store reserves its slab arenas ahead and fills them chunk by chunk, and only
+    what is filled should be resident.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlockall(1 | 2) != 0:
+    if libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
         log.warning("mlockall failed (%s); pages held by tmemfs may be swapped",
                     os.strerror(ctypes.get_errno()))
         return False

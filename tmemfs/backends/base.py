@@ -64,6 +64,9 @@ class Backend(ABC):
     name: str = ""
     #: Pages live outside this process: stores and deletes wait, and can fail.
     remote: ClassVar[bool] = False
+    #: Whole runs of pages can be kept and loaded in one call (encode_run, keep_run,
+    #: run_cost, load_into): the engine's image path then decides once per request.
+    batches: ClassVar[bool] = False
 
     def __init__(self, page_size: int, limiter: trio.CapacityLimiter) -> None:
         self.page_size = page_size
@@ -144,6 +147,9 @@ class Backend(ABC):
     @abstractmethod
     def stats(self) -> dict[str, int]:
         """Backend-wide counters (compr_data_size, same_filled_pages, dedup_pages)."""
+
+    def trim(self) -> None:  # noqa: B027 - optional hook
+        """After releases: give memory that is no longer needed back to the system."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op for RAM backends
         """Release connections and files."""

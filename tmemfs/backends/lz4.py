@@ -1,10 +1,14 @@
 """`lz4`: compressed pages in RAM, as zswap and zram keep them.
 
-Three rules, in the order a store meets them (as in zswap_store):
-same-filled pages (one 8-byte word repeated, zero pages included) keep just the
-word; other pages are lz4-compressed, and kept raw when they compress worse than
-the reject ratio (zram's huge pages); identical payloads are kept once with a
-reference count.
+The per-page work is compiled (tmemfs/_pagestore.pyx): a request's pages are
+compressed in one call with the GIL released, on both cores when there are many, and
+kept in size-class slabs whose empty chunks go back to the system at once. Three
+rules, in the order a store meets them (as in zswap_store): same-filled pages (one
+8-byte word repeated, zero pages included) keep just the word; other pages are
+lz4-compressed, and kept raw when they compress worse than the reject ratio (zram's
+huge pages); identical payloads are kept once with a reference count.
+
+A handle is an int: the id of the page's record in the store.
 """
 
 from __future__ import annotations
@@ -12,126 +16,124 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tmemfs.backends.base import Backend, Encoded
-from tmemfs.backends.codec import decode_payloads, encode_pages, payload_of
 from tmemfs.backends.store import Location
 
-# Measured CPython costs, so the budget counts what the daemon really holds:
-# a Blob (48) + its bytes header (33) + its slot in the dedup table (~50).
-_BLOB_OVERHEAD = 131
-# A same-filled page keeps only an int, usually a shared small one.
-_SAME_FILLED_OVERHEAD = 0
+try:
+    from tmemfs._pagestore import RECORD_OVERHEAD, EncodedBatch, SlabStore
+except ImportError as exc:  # pragma: no cover - a broken install, said once at mount
+    raise ImportError(
+        f"tmemfs's compiled page store is missing ({exc}); reinstall with "
+        "`pip install -e .` (it needs Cython, gcc and liblz4-dev)") from None
 
-
-class Blob:
-    """One stored payload and the number of pages that use it."""
-
-    __slots__ = ("data", "refs")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.refs = 1
+# Compaction runs once this many pages were released since the last one.
+_COMPACT_AFTER = 4096
 
 
 class Lz4Backend(Backend):
-    """Compressed RAM with same-filled detection and deduplication."""
+    """Compressed RAM with same-filled detection and deduplication, in compiled slabs."""
 
     name = "lz4"
+    #: Whole runs of pages go through `encode_run`/`keep_run`/`load_into` (the image path).
+    batches = True
 
-    def __init__(self, *args: object, reject_ratio: float = 0.875, **kwargs: object) -> None:
+    def __init__(self, *args: object, reject_ratio: float = 0.875, threads: int = 2,
+                 **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if not 0 < reject_ratio <= 1:
             raise ValueError("reject ratio must be in (0, 1]")
         self.reject_ratio = reject_ratio
-        # Keyed by the payload itself: a dict hit compares the bytes in full, so a hash
-        # collision can never share two different pages. lz4 is deterministic, so equal
-        # pages give equal payloads.
-        self._blobs: dict[bytes, Blob] = {}
-        self._payload_bytes = 0
-        self._same_filled = 0
-        self._shared_pages = 0
-        self._words = self.page_size // 8
+        self.slabs = SlabStore(self.page_size, int(self.page_size * reject_ratio), threads)
+        self._released = 0
 
-    # Encoding and decoding run in worker threads; python-lz4 releases the GIL.
-    def _encode_chunk(self, pages: Sequence[bytes]) -> list[Encoded]:
-        return encode_pages(pages, self.page_size, self.reject_ratio, _BLOB_OVERHEAD)
+    # -- batches: one call per request ---------------------------------------------------
 
-    def _decode_chunk(self, payloads: Sequence[bytes]) -> list[bytes]:
-        return decode_payloads(payloads, self.page_size)
+    def encode_run(self, data: bytes | bytearray | memoryview) -> EncodedBatch:
+        """Compress whole pages from one buffer. It runs right here: the call releases the
+        GIL and uses both cores for a large batch, and a small one takes microseconds,
+        less than a hop to a worker thread would."""
+        return self.slabs.encode(data)
+
+    def run_cost(self, batch: EncodedBatch) -> int:
+        """What keeping every page of a batch would cost at most (no dedup assumed)."""
+        cost_of = self.slabs.cost_of
+        return sum(cost_of(batch.length(i)) for i in range(batch.count))
+
+    def keep_run(self, batch: EncodedBatch) -> list[int]:
+        """Keep every page of a batch; their handles."""
+        return self.slabs.keep_all(batch)
+
+    def load_into(self, handles: Sequence[int], out: bytearray | memoryview) -> None:
+        """Decompress pages into one buffer (-1 gives a zero page)."""
+        self.slabs.load_into(handles, out)
+
+    # -- one Encoded per page: page files, and the general store path --------------------
 
     async def encode_many(self, pages: Sequence[bytes]) -> list[Encoded]:
-        return await self.run_batched(self._encode_chunk, pages)
+        batch = self.slabs.encode(b"".join(pages))
+        cost_of = self.slabs.cost_of
+        out: list[Encoded] = []
+        for i in range(batch.count):
+            if batch.is_same_filled(i):
+                out.append(Encoded(batch.word(i), 0))
+            else:
+                length = batch.length(i)
+                out.append(Encoded(batch.payload(i), cost_of(length), batch.is_poor(i)))
+        return out
 
-    def store(self, encoded: Encoded) -> int | Blob:
+    def store(self, encoded: Encoded) -> int:
         value = encoded.value
-        if isinstance(value, int):
-            self._same_filled += 1
-            return value
-        blob = self._blobs.get(value)
-        if blob is None:
-            blob = self._blobs[value] = Blob(value)
-            self._payload_bytes += len(value)
-            return blob
-        blob.refs += 1
-        self._shared_pages += 2 if blob.refs == 2 else 1
-        return blob
+        payload = value.to_bytes(8, "little") if isinstance(value, int) else value
+        return self.slabs.keep(self.slabs.encode_payload(payload), 0)
 
     async def load_many(
-        self, locations: Sequence[Location], handles: Sequence[int | Blob]
+        self, locations: Sequence[Location], handles: Sequence[int]
     ) -> list[bytes | None]:
-        pages: list[bytes | None] = []
-        compressed: list[tuple[int, bytes]] = []
-        for i, handle in enumerate(handles):
-            if isinstance(handle, int):
-                pages.append(handle.to_bytes(8, "little") * self._words)
-            elif len(handle.data) == self.page_size:
-                pages.append(handle.data)
-            else:
-                pages.append(b"")
-                compressed.append((i, handle.data))
-        if compressed:
-            decoded = await self.run_batched(self._decode_chunk, [p for _, p in compressed])
-            for (i, _), page in zip(compressed, decoded, strict=True):
-                pages[i] = page
-        return pages
+        ps = self.page_size
+        out = bytearray(len(handles) * ps)
+        self.slabs.load_into(handles, out)
+        view = memoryview(out)
+        return [bytes(view[i * ps : (i + 1) * ps]) for i in range(len(handles))]
 
-    def invalidate(self, handle: int | Blob) -> None:
-        if isinstance(handle, int):
-            self._same_filled -= 1
-            return
-        handle.refs -= 1
-        if handle.refs == 0:
-            del self._blobs[handle.data]
-            self._payload_bytes -= len(handle.data)
-        else:
-            self._shared_pages -= 2 if handle.refs == 1 else 1
+    def invalidate(self, handle: int) -> None:
+        self.slabs.release(handle)
+        self._released += 1
 
-    def payload_of(self, handle: int | Blob) -> bytes:
-        return payload_of(handle if isinstance(handle, int) else handle.data)
+    def invalidate_many(self, handles: Sequence[int]) -> None:
+        """Release many handles in one call."""
+        self.slabs.release_many(handles)
+        self._released += len(handles)
 
-    def payload_share(self, handle: int | Blob) -> float:
-        if isinstance(handle, int):
-            return 0
-        return len(handle.data) / handle.refs
+    def trim(self) -> None:
+        """After many releases: compact the slabs so sparse chunks go back to the system."""
+        if self._released >= _COMPACT_AFTER or self.slabs.live_records == 0:
+            self._released = 0
+            self.slabs.compact()
 
-    def is_same_filled(self, handle: int | Blob) -> bool:
-        return isinstance(handle, int)
+    def payload_of(self, handle: int) -> bytes:
+        return self.slabs.payload(handle)
 
-    def is_shared(self, handle: int | Blob) -> bool:
-        return not isinstance(handle, int) and handle.refs > 1
+    def payload_share(self, handle: int) -> float:
+        return self.slabs.length(handle) / self.slabs.refs(handle)
+
+    def is_same_filled(self, handle: int) -> bool:
+        return self.slabs.is_same_filled(handle)
+
+    def is_shared(self, handle: int) -> bool:
+        return not self.slabs.is_same_filled(handle) and self.slabs.refs(handle) > 1
 
     def memory_used(self) -> int:
-        return (
-            self._payload_bytes
-            + len(self._blobs) * _BLOB_OVERHEAD
-            + self._same_filled * _SAME_FILLED_OVERHEAD
-        )
+        return self.slabs.memory_used()
 
     def stats(self) -> dict[str, int]:
+        slabs = self.slabs
         return {
-            "compr_data_size": self._payload_bytes,
-            "same_filled_pages": self._same_filled,
-            "dedup_pages": self._shared_pages,
+            "compr_data_size": slabs.payload_bytes,
+            "same_filled_pages": slabs.same_filled_pages,
+            "dedup_pages": slabs.dedup_pages,
         }
 
     def describe(self) -> str:
-        return f"lz4 (reject ratio {self.reject_ratio})"
+        return f"lz4 (reject ratio {self.reject_ratio}, compiled slabs)"
+
+
+__all__ = ["RECORD_OVERHEAD", "Lz4Backend"]

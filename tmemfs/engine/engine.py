@@ -305,6 +305,64 @@ class Engine:
                     self._reserved -= reserved
             return kept
 
+    async def store_run(self, pool_id: PoolId, obj: str, first: int, data: bytes) -> bool:
+        """Store consecutive whole pages from one buffer (an image write); False if refused.
+
+        This is the image's hot path, decided once per request: compress the batch in
+        compiled code, check the budget once, replace the old copies, keep the batch.
+        A batch that does not fit as a whole, or a setup with rules that act page by
+        page (a writeback tier, --reject-poor, a remote backend), takes `store_many`.
+        """
+        backend = self.backend
+        psize = self.page_size
+        count = len(data) // psize
+        if not backend.batches or self.writeback is not None or self.reject_poor:
+            return await self._store_pages(pool_id, obj, first, data, count)
+        tobj = self.get_object(pool_id, obj)
+        pool = self.pools[pool_id]
+        batch = backend.encode_run(data)
+        cost = backend.run_cost(batch) + count * ENTRY_OVERHEAD
+        if self.pool_total_size() + self._reserved + cost > self.max_pool:
+            # Eviction and refusal are decided page by page.
+            return await self._store_pages(pool_id, obj, first, data, count)
+        # The duplicate-store rule: the old copies go first (they are never returned again).
+        pages = tobj.pages
+        indexes = range(first, first + count)
+        old = [(i, e) for i in indexes if (e := pages.pop(i, None)) is not None]
+        if old:
+            self._count(pool, "duplicate_entry", len(old))
+            self._count(pool, "invalidates", len(old))
+            for index, entry in old:
+                self._release_here(pool, PageKey(pool_id, obj, index), entry)
+        self._insert_many(pool, tobj, indexes, backend.keep_run(batch), time.time_ns())
+        return True
+
+    async def _store_pages(
+        self, pool_id: PoolId, obj: str, first: int, data: bytes, count: int
+    ) -> bool:
+        psize = self.page_size
+        pages = [(first + i, bytes(data[i * psize : (i + 1) * psize])) for i in range(count)]
+        return all(await self.store_many(pool_id, obj, pages))
+
+    def load_run(self, pool_id: PoolId, obj: str, first: int, count: int) -> bytearray | None:
+        """Consecutive pages in one buffer, zeros where nothing is stored (an image read).
+
+        None when the backend cannot do it in one call (the caller then takes load_many).
+        """
+        backend = self.backend
+        if not backend.batches or self.writeback is not None:
+            return None
+        pool = self.pool(pool_id)
+        pages = self.get_object(pool_id, obj).pages
+        handles = [-1 if (e := pages.get(i)) is None else e.handle
+                   for i in range(first, first + count)]
+        out = bytearray(count * self.page_size)
+        backend.load_into(handles, out)
+        misses = handles.count(-1)
+        self._count(pool, "loads", count - misses)
+        self._count(pool, "load_misses", misses)
+        return out
+
     # What _admit decides for one page.
     _KEEP, _LOWER, _REFUSE = "keep", "lower", "refuse"
 
@@ -395,8 +453,9 @@ class Engine:
                 lru[PageKey(pool.id, tobj.name, index)] = None
         elif self.writeback is not None:
             cold = self._cold
+            same_filled = self.backend.is_same_filled
             for index, handle in zip(indexes, handles, strict=True):
-                if not isinstance(handle, Lowered | int):
+                if not isinstance(handle, Lowered) and not same_filled(handle):
                     cold[PageKey(pool.id, tobj.name, index)] = None
         self._count(pool, "stores", len(indexes))
 
@@ -445,6 +504,7 @@ class Engine:
         """Release entries already removed from the index, and their copies elsewhere."""
         for key, entry in gone:
             self._release_here(pool, key, entry)
+        self.backend.trim()
         await self._delete_copies(pool, tobj, gone, remote=remote)
 
     async def _delete_copies(

@@ -1,0 +1,261 @@
+"""The compiled page store against a pure-Python model of the same format.
+
+The model keeps what a user of the store may rely on: a kept page loads back byte for
+byte until its last reference is released; same-filled pages keep only their word;
+identical pages share one payload, counted once; and memory follows: slots are the
+payloads rounded to their size class, and when nothing is kept, no chunk is held.
+Hypothesis drives both with the same batches of stores, loads, releases, range
+releases, flushes and compactions over same-filled, duplicate, incompressible and
+ordinary pages.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+from dataclasses import dataclass, field
+
+import lz4.block
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from tmemfs._pagestore import RECORD_OVERHEAD, SlabStore
+
+PAGE = 4096
+LIMIT = PAGE * 7 // 8
+GRAIN = 32
+
+
+def same_filled(word: int) -> bytes:
+    return word.to_bytes(8, "little") * (PAGE // 8)
+
+
+def ordinary(seed: int) -> bytes:
+    """Text-like pages that compress to anything from a few hundred bytes to most of a page."""
+    rng = random.Random(seed)
+    words = [rng.randbytes(rng.randint(1, 6)).hex() for _ in range(rng.randint(2, 200))]
+    text = b" ".join(w.encode() for w in rng.choices(words, k=2000))
+    return text[:PAGE].ljust(PAGE, b".")
+
+
+def incompressible(seed: int) -> bytes:
+    return random.Random(seed).randbytes(PAGE)
+
+
+pages = st.one_of(
+    st.integers(0, 3).map(lambda w: same_filled([0, 1, 0xFFFFFFFFFFFFFFFF, 0x0101][w])),
+    st.integers(0, 40).map(ordinary),
+    st.integers(0, 5).map(incompressible),
+    # Two pages that differ in one byte must never share a payload.
+    st.integers(0, 40).map(lambda s: ordinary(s)[:-1] + b"!"),
+)
+
+
+@dataclass
+class Model:
+    """The format, in Python: each distinct page kept once, with its references."""
+
+    refs: dict[bytes, int] = field(default_factory=dict)
+
+    def keep(self, page: bytes) -> None:
+        self.refs[page] = self.refs.get(page, 0) + 1
+
+    def release(self, page: bytes) -> None:
+        self.refs[page] -= 1
+        if not self.refs[page]:
+            del self.refs[page]
+
+    @staticmethod
+    def word_page(page: bytes) -> bool:
+        return page == page[:8] * (PAGE // 8)
+
+    def same_filled_pages(self) -> int:
+        return sum(n for p, n in self.refs.items() if self.word_page(p))
+
+    def dedup_pages(self) -> int:
+        return sum(n for p, n in self.refs.items() if n > 1 and not self.word_page(p))
+
+    def payloads(self) -> int:
+        return sum(1 for p in self.refs if not self.word_page(p))
+
+
+def check_payload(store: SlabStore, handle: int, page: bytes) -> None:
+    """A kept payload is the codec's: the word, the raw page, or an lz4 block of it."""
+    payload = store.payload(handle)
+    if Model.word_page(page):
+        assert payload == page[:8]
+    elif len(payload) == PAGE:
+        assert payload == page
+    else:
+        assert len(payload) <= LIMIT
+        assert lz4.block.decompress(payload, uncompressed_size=PAGE) == page
+
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = SlabStore(PAGE, LIMIT, 2)
+        self.model = Model()
+        self.keys: dict[int, tuple[int, bytes]] = {}  # key -> (handle, page)
+
+    def _put(self, key: int, handle: int, page: bytes) -> None:
+        old = self.keys.pop(key, None)
+        if old is not None:
+            self.store.release(old[0])
+            self.model.release(old[1])
+        self.keys[key] = (handle, page)
+        self.model.keep(page)
+
+    @rule(first=st.integers(0, 200), batch=st.lists(pages, min_size=1, max_size=40))
+    def store_batch(self, first: int, batch: list[bytes]) -> None:
+        encoded = self.store.encode(b"".join(batch))
+        assert encoded.count == len(batch)
+        for i, page in enumerate(batch):
+            assert encoded.is_same_filled(i) == Model.word_page(page)
+        handles = self.store.keep_all(encoded)
+        for i, (handle, page) in enumerate(zip(handles, batch, strict=True)):
+            self._put(first + i, handle, page)
+            check_payload(self.store, handle, page)
+
+    @rule(key=st.integers(0, 240), page=pages)
+    def store_one_from_payload(self, key: int, page: bytes) -> None:
+        """A page coming back up from a tier arrives as a payload, and dedups alike."""
+        payload = self.store.encode(page).payload(0)
+        handle = self.store.keep(self.store.encode_payload(payload), 0)
+        self._put(key, handle, page)
+
+    @rule(first=st.integers(0, 240), count=st.integers(1, 40))
+    def load_run(self, first: int, count: int) -> None:
+        handles = [self.keys[k][0] if k in self.keys else -1 for k in range(first, first + count)]
+        out = bytearray(count * PAGE)
+        self.store.load_into(handles, out)
+        for n, k in enumerate(range(first, first + count)):
+            want = self.keys[k][1] if k in self.keys else bytes(PAGE)
+            assert out[n * PAGE : (n + 1) * PAGE] == want
+
+    @precondition(lambda self: self.keys)
+    @rule(data=st.data())
+    def release_one(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.keys)))
+        handle, page = self.keys.pop(key)
+        assert self.store.load(handle) == page
+        self.store.release(handle)
+        self.model.release(page)
+
+    @rule(start=st.integers(0, 240), count=st.integers(1, 120))
+    def release_range(self, start: int, count: int) -> None:
+        gone = [k for k in self.keys if start <= k < start + count]
+        self.store.release_many([self.keys[k][0] for k in gone])
+        for k in gone:
+            self.model.release(self.keys.pop(k)[1])
+
+    @rule()
+    def flush(self) -> None:
+        self.store.release_many([h for h, _ in self.keys.values()])
+        for _, page in self.keys.values():
+            self.model.release(page)
+        self.keys.clear()
+        self.store.compact()
+        assert self.store.chunk_bytes == 0
+
+    @rule()
+    def compact(self) -> None:
+        self.store.compact()
+
+    @invariant()
+    def counters_agree(self) -> None:
+        store, model = self.store, self.model
+        assert store.same_filled_pages == model.same_filled_pages()
+        assert store.dedup_pages == model.dedup_pages()
+        handles = {h for h, p in self.keys.values() if not Model.word_page(p)}
+        assert len(handles) == model.payloads()
+        for handle in handles:
+            assert store.refs(handle) == model.refs[self.page_of(handle)]
+        lengths = [store.length(h) for h in handles]
+        assert store.payload_bytes == sum(lengths)
+        assert store.slot_bytes == sum(-(-n // GRAIN) * GRAIN for n in lengths)
+        assert store.memory_used() == store.slot_bytes + len(handles) * RECORD_OVERHEAD
+        assert store.chunk_bytes >= store.slot_bytes
+        if not handles:
+            assert store.chunk_bytes == 0
+
+    def page_of(self, handle: int) -> bytes:
+        return next(p for h, p in self.keys.values() if h == handle)
+
+    def teardown(self) -> None:
+        for key in sorted(self.keys):
+            handle, page = self.keys[key]
+            assert self.store.load(handle) == page
+            check_payload(self.store, handle, page)
+
+
+StoreMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_store_matches_model = StoreMachine.TestCase
+
+
+def test_compaction_frees_sparse_chunks_and_keeps_every_page() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    batch = [ordinary(seed) for seed in range(2000)]
+    handles = store.keep_all(store.encode(b"".join(batch)))
+    full = store.chunk_bytes
+    keep = set(range(0, 2000, 10))
+    store.release_many([h for i, h in enumerate(handles) if i not in keep])
+    assert store.chunk_bytes > full // 4  # survivors are spread over most chunks
+    freed = store.compact()
+    assert freed > 0
+    assert store.chunk_bytes <= store.slot_bytes * 1.3 + 128 * 8 * 4096
+    for i in keep:
+        assert store.load(handles[i]) == batch[i]
+
+
+def test_flushed_memory_goes_back_to_the_system() -> None:
+    """RSS, not counters: 80 MiB of payloads kept and released leaves no chunk resident."""
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    store = SlabStore(PAGE, LIMIT, 2)
+    before = rss()
+    handles = []
+    rng = random.Random(7)
+    for _ in range(160):
+        # Half random, half zeros: about 2 KiB each, so 80 MiB of payload in all.
+        batch = b"".join(rng.randbytes(2048) + bytes(2048) for _ in range(256))
+        handles += store.keep_all(store.encode(batch))
+    grown = rss() - before
+    assert grown > 64 << 20
+    assert abs(grown - store.chunk_bytes) < 0.05 * grown + (4 << 20)
+    store.release_many(handles)
+    store.compact()
+    assert store.chunk_bytes == 0
+    assert rss() - before < 4 << 20
+
+
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 256])
+def test_batches_of_any_size_round_trip(size: int) -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    batch = [ordinary(i) if i % 3 else same_filled(i) for i in range(size)]
+    handles = store.keep_all(store.encode(b"".join(batch)))
+    out = bytearray(size * PAGE)
+    store.load_into(handles, out)
+    assert bytes(out) == b"".join(batch)
+
+
+def test_bad_arguments_are_errors_not_crashes() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    with pytest.raises(ValueError):
+        store.encode(bytes(PAGE + 1))
+    with pytest.raises(KeyError):
+        store.release(12345)
+    with pytest.raises(KeyError):
+        store.load(-5)
+    with pytest.raises(ValueError):
+        store.load_into([-1, -1], bytearray(PAGE))
+    with pytest.raises(ValueError):
+        store.encode_payload(bytes(PAGE + 1))
+    with pytest.raises(ValueError):
+        SlabStore(100, 100)

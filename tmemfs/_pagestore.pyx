@@ -1,0 +1,874 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The per-page work of the lz4 backend, compiled: compression, same-filled pages,
+deduplication and the slab memory that keeps payloads.
+
+Python decides once per request; this module loops over the request's pages with the
+GIL released, on both cores when the batch is large (as pyfuse3 and S3QL do their hot
+paths in Cython). It is the zsmalloc of tmemfs:
+
+- A payload lives in a slot of its size class (32-byte steps up to a page). A class
+  takes memory in chunks of 1 to 8 pages, chosen per class to waste the least, carved
+  from 2 MiB arenas reserved with mmap. A chunk whose last slot is freed goes back to
+  the system at once (a fresh mapping over it), so a flush lowers RSS, not a free list.
+- Every chunk starts with the record id of each slot's owner, so `compact` can move
+  payloads from sparse chunks into fuller ones and free the sparse ones.
+- A handle is the id of a 24-byte record: the payload's hash, its slot, its length and
+  its reference count. Identical payloads (a 64-bit hash, confirmed byte for byte) and
+  same-filled pages (the word kept in the record; no payload) share one record.
+
+The encoding is the one codec.py describes for Redis and the writeback tiers: a
+same-filled page is its 8-byte word, a page that compresses worse than the reject
+limit is kept raw (page-size bytes), anything else is an lz4 block.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cython.parallel cimport prange
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
+
+cdef extern from "lz4.h" nogil:
+    int LZ4_compress_default(const char* src, char* dst, int src_size, int dst_capacity)
+    int LZ4_decompress_safe(const char* src, char* dst, int compressed_size, int dst_capacity)
+    int LZ4_compressBound(int input_size)
+
+cdef extern from "sys/mman.h" nogil:
+    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void* addr, size_t length)
+    int madvise(void* addr, size_t length, int advice)
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, MAP_FIXED
+    int MADV_DONTNEED
+    void* MAP_FAILED
+
+cdef extern from *:
+    """
+    #define TMEMFS_FREE_SLOT 0x80000000u
+    #define TMEMFS_NO_SLOT 0x7FFFFFFFu
+    #define TMEMFS_NO_RECORD 0xFFFFFFFFu
+    """
+    # An owner word with FREE_SLOT set names the next free slot of its chunk.
+    const uint32_t FREE_SLOT "TMEMFS_FREE_SLOT"
+    const uint32_t NO_SLOT "TMEMFS_NO_SLOT"
+    const uint32_t NO_RECORD "TMEMFS_NO_RECORD"
+
+DEF WORD = 8
+DEF GRAIN = 32                  # size classes step by this many bytes
+DEF ARENA_BYTES = 2 * 1024 * 1024
+DEF MAX_CHUNK_PAGES = 8
+DEF PARALLEL_MIN = 16           # below this many pages one thread is faster than two
+DEF MADV_POPULATE_WRITE = 23    # Linux 5.14+: fault a fresh chunk in at once
+
+# What one kept payload costs beyond its slot: its record, its owner word, its share of
+# the dedup table (kept at most half full: two 4-byte entries per record).
+RECORD_OVERHEAD = 24 + 4 + 8
+
+
+cdef struct Record:
+    uint64_t hash       # of the payload; the word itself for a same-filled page
+    uint32_t refs       # 0: a free record, and `chunk` is the next free one
+    uint32_t chunk      # chunk number within the size class
+    uint16_t slot       # slot within the chunk
+    uint16_t length     # payload bytes; 0 for a same-filled page
+    uint8_t size_class
+    uint8_t live_flags
+
+
+cdef struct Chunk:
+    char* base          # NULL while the chunk holds nothing (its memory went back)
+    uint32_t used
+    uint32_t fresh      # slots below this have been handed out at least once
+    uint32_t free_head  # a freed slot to reuse, or NO_SLOT
+    uint32_t partial    # 1 while listed in its class's partial list
+
+
+cdef struct SizeClass:
+    uint32_t size
+    uint32_t chunk_bytes
+    uint32_t per_chunk
+    uint32_t header      # bytes of owner words at the start of a chunk (8-aligned)
+    Chunk* chunks
+    uint32_t nchunks
+    uint32_t cap_chunks
+    uint32_t* partial    # a stack of chunks with free slots
+    uint32_t npartial
+    uint32_t cap_partial
+    char** arenas
+    uint32_t narenas
+    uint32_t chunks_per_arena
+
+
+cdef inline void give_back(char* base, size_t length) noexcept nogil:
+    """Return a chunk's memory to the system, keeping its addresses reserved.
+
+    A fresh mapping over the chunk frees its pages even when they are locked (the daemon
+    runs under mlockall once an image exists, and MADV_DONTNEED refuses locked pages);
+    the new mapping merges back into its arena's, so the mapping count does not grow.
+    """
+    if mmap(base, length, PROT_READ | PROT_WRITE,
+            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED:
+        madvise(base, length, MADV_DONTNEED)
+
+
+cdef inline uint64_t hash_bytes(const char* data, int length) noexcept nogil:
+    """A 64-bit multiply-xorshift hash; equal hashes are always confirmed with memcmp."""
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL ^ <uint64_t>length
+    cdef uint64_t w
+    cdef int i = 0
+    while i + WORD <= length:
+        memcpy(&w, data + i, WORD)
+        h = (h ^ w) * 0xFF51AFD7ED558CCDULL
+        h ^= h >> 29
+        i += WORD
+    w = 0
+    if i < length:
+        memcpy(&w, data + i, length - i)
+        h = (h ^ w) * 0xC4CEB9FE1A85EC53ULL
+    h ^= h >> 32
+    return h
+
+
+cdef inline bint same_filled(const char* page, int page_size, uint64_t* word) noexcept nogil:
+    cdef uint64_t first, w
+    cdef int i
+    memcpy(&first, page, WORD)
+    i = WORD
+    while i < page_size:
+        memcpy(&w, page + i, WORD)
+        if w != first:
+            return False
+        i += WORD
+    word[0] = first
+    return True
+
+
+cdef void encode_page(const char* page, int ps, int limit, char* out, int bound,
+                      int32_t* length, uint64_t* hash) noexcept nogil:
+    """Same-filled check, then lz4; raw when it compresses worse than `limit`."""
+    cdef uint64_t word
+    cdef int n
+    if same_filled(page, ps, &word):
+        length[0] = 0
+        hash[0] = word
+        return
+    n = LZ4_compress_default(page, out, ps, bound)
+    # An 8-byte block would read as a same-filled word in the codec's format.
+    if n <= 0 or n > limit or n >= ps or n == WORD:
+        memcpy(out, page, ps)
+        n = ps
+    length[0] = n
+    hash[0] = hash_bytes(out, n)
+
+
+cdef class EncodedBatch:
+    """Pages compressed but not yet kept: the engine decides what to admit in between."""
+
+    cdef readonly int count
+    cdef readonly int page_size
+    cdef int32_t* lengths   # 0: same-filled; page_size: raw; else an lz4 block
+    cdef uint64_t* hashes
+    cdef char* scratch      # `bound` bytes per page
+    cdef int bound
+
+    def __dealloc__(self):
+        free(self.lengths)
+        free(self.hashes)
+        free(self.scratch)
+
+    def length(self, int i) -> int:
+        """Payload bytes of page i (0 for a same-filled page)."""
+        return self.lengths[i]
+
+    def is_same_filled(self, int i) -> bool:
+        return self.lengths[i] == 0
+
+    def is_poor(self, int i) -> bool:
+        """Whether page i compressed worse than the reject limit and is kept raw."""
+        return self.lengths[i] == self.page_size
+
+    def word(self, int i) -> int:
+        """The repeated word of a same-filled page."""
+        return self.hashes[i]
+
+    def payload(self, int i) -> bytes:
+        """Page i in the codec's format (8 bytes for a same-filled page)."""
+        cdef uint64_t word
+        if self.lengths[i] == 0:
+            word = self.hashes[i]
+            return PyBytes_FromStringAndSize(<char*>&word, WORD)
+        return PyBytes_FromStringAndSize(self.scratch + <size_t>i * self.bound, self.lengths[i])
+
+    def total_length(self) -> int:
+        cdef long total = 0
+        cdef int i
+        for i in range(self.count):
+            total += self.lengths[i]
+        return total
+
+
+cdef class SlabStore:
+    """Compressed pages in size-class slabs, deduplicated, addressed by record handles."""
+
+    cdef readonly int page_size
+    cdef readonly int reject_limit
+    cdef int threads
+    cdef SizeClass* classes
+    cdef int nclasses
+    cdef Record* records
+    cdef uint32_t nrecords      # records ever handed out (ids below this exist)
+    cdef uint32_t cap_records
+    cdef uint32_t free_record
+    cdef uint32_t* table        # dedup: record id + 1, 0 for empty; linear probing
+    cdef uint32_t table_mask
+    cdef uint32_t table_used
+    # Gauges, kept as things change so that reading them costs nothing.
+    cdef readonly long live_records
+    cdef readonly long payload_bytes     # compressed bytes kept, each payload once
+    cdef readonly long slot_bytes        # bytes of the slots holding them
+    cdef readonly long chunk_bytes       # memory of chunks that hold something
+    cdef readonly long same_filled_pages
+    cdef readonly long dedup_pages       # pages whose payload another page shares too
+    cdef readonly long arena_count
+    cdef long word_records              # records of same-filled pages (a few words)
+
+    def __cinit__(self, int page_size, int reject_limit, int threads=2):
+        cdef int c
+        cdef uint32_t size, pages, best_pages, per, header
+        cdef double waste, best_waste
+        if page_size < 64 or page_size % GRAIN or page_size > 65535:
+            raise ValueError("page size must be a multiple of 32 from 64 to 65504")
+        self.page_size = page_size
+        self.reject_limit = min(reject_limit, page_size)
+        self.threads = max(1, threads)
+        self.nclasses = page_size // GRAIN
+        self.classes = <SizeClass*>calloc(self.nclasses, sizeof(SizeClass))
+        if self.classes == NULL:
+            raise MemoryError()
+        for c in range(self.nclasses):
+            size = (c + 1) * GRAIN
+            best_pages, best_waste = 1, 2.0
+            for pages in range(1, MAX_CHUNK_PAGES + 1):
+                per = (pages * 4096) // (size + 4)
+                if per == 0:
+                    continue
+                header = ((per * 4 + 7) // 8) * 8
+                while header + per * size > pages * 4096:
+                    per -= 1
+                    header = ((per * 4 + 7) // 8) * 8
+                if per == 0:
+                    continue
+                waste = 1.0 - <double>(per * size) / (pages * 4096)
+                if waste < best_waste - 0.005:
+                    best_pages, best_waste = pages, waste
+            per = (best_pages * 4096) // (size + 4)
+            header = ((per * 4 + 7) // 8) * 8
+            while header + per * size > best_pages * 4096:
+                per -= 1
+                header = ((per * 4 + 7) // 8) * 8
+            self.classes[c].size = size
+            self.classes[c].chunk_bytes = best_pages * 4096
+            self.classes[c].per_chunk = per
+            self.classes[c].header = header
+            self.classes[c].chunks_per_arena = ARENA_BYTES // (best_pages * 4096)
+        self.free_record = NO_RECORD
+        if not self._resize_table(1024):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        cdef int c, a
+        if self.classes != NULL:
+            for c in range(self.nclasses):
+                for a in range(self.classes[c].narenas):
+                    if self.classes[c].arenas[a] != NULL:
+                        munmap(self.classes[c].arenas[a], ARENA_BYTES)
+                free(self.classes[c].arenas)
+                free(self.classes[c].chunks)
+                free(self.classes[c].partial)
+            free(self.classes)
+        free(self.records)
+        free(self.table)
+
+    # -- encoding: many pages, the GIL released -----------------------------------------
+
+    def encode(self, const uint8_t[::1] pages not None) -> EncodedBatch:
+        """Compress whole pages from one buffer (a FUSE request's, say) in one call."""
+        cdef int ps = self.page_size
+        if pages.shape[0] % ps:
+            raise ValueError("the buffer must hold whole pages")
+        cdef EncodedBatch batch = EncodedBatch.__new__(EncodedBatch)
+        cdef int n = pages.shape[0] // ps
+        cdef int i
+        batch.count = n
+        batch.page_size = ps
+        batch.bound = (LZ4_compressBound(ps) + 7) // 8 * 8
+        batch.lengths = <int32_t*>malloc(max(n, 1) * sizeof(int32_t))
+        batch.hashes = <uint64_t*>malloc(max(n, 1) * sizeof(uint64_t))
+        batch.scratch = <char*>malloc(max(n, 1) * <size_t>batch.bound)
+        if batch.lengths == NULL or batch.hashes == NULL or batch.scratch == NULL:
+            raise MemoryError()
+        cdef const char* src = <const char*>&pages[0] if n else NULL
+        cdef int limit = self.reject_limit
+        cdef int bound = batch.bound
+        cdef char* scratch = batch.scratch
+        cdef int32_t* lengths = batch.lengths
+        cdef uint64_t* hashes = batch.hashes
+        if n >= PARALLEL_MIN and self.threads > 1:
+            for i in prange(n, nogil=True, num_threads=self.threads, schedule="static"):
+                encode_page(src + <size_t>i * ps, ps, limit, scratch + <size_t>i * bound,
+                            bound, &lengths[i], &hashes[i])
+        else:
+            with nogil:
+                for i in range(n):
+                    encode_page(src + <size_t>i * ps, ps, limit, scratch + <size_t>i * bound,
+                                bound, &lengths[i], &hashes[i])
+        return batch
+
+    def encode_payload(self, bytes payload not None) -> EncodedBatch:
+        """A batch of one page from a payload in the codec's format (a tier's copy)."""
+        cdef EncodedBatch batch = EncodedBatch.__new__(EncodedBatch)
+        cdef Py_ssize_t n = len(payload)
+        cdef uint64_t word
+        batch.count = 1
+        batch.page_size = self.page_size
+        batch.bound = (LZ4_compressBound(self.page_size) + 7) // 8 * 8
+        batch.lengths = <int32_t*>malloc(sizeof(int32_t))
+        batch.hashes = <uint64_t*>malloc(sizeof(uint64_t))
+        batch.scratch = <char*>malloc(batch.bound)
+        if batch.lengths == NULL or batch.hashes == NULL or batch.scratch == NULL:
+            raise MemoryError()
+        if n == WORD:
+            memcpy(&word, PyBytes_AS_STRING(payload), WORD)
+            batch.lengths[0] = 0
+            batch.hashes[0] = word
+        elif 0 < n <= self.page_size:
+            memcpy(batch.scratch, PyBytes_AS_STRING(payload), n)
+            batch.lengths[0] = n
+            batch.hashes[0] = hash_bytes(batch.scratch, n)
+        else:
+            raise ValueError(f"a payload of {n} bytes is not a page's")
+        return batch
+
+    # -- keeping: the allocator, one thread ---------------------------------------------
+
+    def keep(self, EncodedBatch batch, int i) -> int:
+        """Keep page i of a batch; its handle. Identical payloads share a record."""
+        cdef uint32_t rec
+        if i < 0 or i >= batch.count:
+            raise IndexError(i)
+        with nogil:
+            rec = self._keep_one(batch.scratch + <size_t>i * batch.bound,
+                                 batch.lengths[i], batch.hashes[i])
+        if rec == NO_RECORD:
+            raise MemoryError("no memory for a slab chunk")
+        return rec
+
+    def keep_all(self, EncodedBatch batch, const uint8_t[::1] wanted=None) -> list:
+        """Keep every page of a batch (or those `wanted` marks); handles, -1 where not."""
+        cdef int n = batch.count
+        cdef int i, done = 0
+        cdef bint marked = wanted is not None
+        cdef const uint8_t* marks = NULL
+        if marked:
+            if wanted.shape[0] != n:
+                raise ValueError("one mark per page")
+            if n:
+                marks = &wanted[0]
+        cdef uint32_t* out = <uint32_t*>malloc(max(n, 1) * sizeof(uint32_t))
+        if out == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                for i in range(n):
+                    done = i + 1
+                    if marked and not marks[i]:
+                        out[i] = NO_RECORD
+                        continue
+                    out[i] = self._keep_one(batch.scratch + <size_t>i * batch.bound,
+                                            batch.lengths[i], batch.hashes[i])
+                    if out[i] == NO_RECORD:
+                        done = i
+                        break
+            if done < n:
+                for i in range(done):
+                    if out[i] != NO_RECORD:
+                        self._release_one(out[i])
+                raise MemoryError("no memory for a slab chunk")
+            return [-1 if out[i] == NO_RECORD else <long>out[i] for i in range(n)]
+        finally:
+            free(out)
+
+    cdef uint32_t _keep_one(self, const char* payload, int length, uint64_t hash) noexcept nogil:
+        cdef uint32_t pos = <uint32_t>hash & self.table_mask
+        cdef uint32_t rec
+        cdef Record* r
+        while self.table[pos]:
+            rec = self.table[pos] - 1
+            r = &self.records[rec]
+            if r.hash == hash and r.length == length and (
+                    length == 0 or memcmp(self._slot_ptr(r), payload, length) == 0):
+                r.refs += 1
+                if length == 0:
+                    self.same_filled_pages += 1
+                else:
+                    self.dedup_pages += 2 if r.refs == 2 else 1
+                return rec
+            pos = (pos + 1) & self.table_mask
+        rec = self._new_record()
+        if rec == NO_RECORD:
+            return NO_RECORD
+        r = &self.records[rec]
+        r.hash = hash
+        r.refs = 1
+        r.length = length
+        if length:
+            if not self._alloc_slot(rec, length):
+                r.refs = 0
+                r.chunk = self.free_record
+                self.free_record = rec
+                return NO_RECORD
+            memcpy(self._slot_ptr(r), payload, length)
+            self.payload_bytes += length
+        else:
+            self.same_filled_pages += 1
+            self.word_records += 1
+        self.live_records += 1
+        self.table[pos] = rec + 1
+        self.table_used += 1
+        if self.table_used * 2 > self.table_mask:
+            self._resize_table((self.table_mask + 1) * 2)
+        return rec
+
+    cdef uint32_t _new_record(self) noexcept nogil:
+        cdef uint32_t rec, cap
+        cdef Record* grown
+        if self.free_record != NO_RECORD:
+            rec = self.free_record
+            self.free_record = self.records[rec].chunk
+            return rec
+        if self.nrecords == self.cap_records:
+            cap = max(1024, self.cap_records + self.cap_records // 2)
+            grown = <Record*>realloc(self.records, cap * sizeof(Record))
+            if grown == NULL:
+                return NO_RECORD
+            self.records, self.cap_records = grown, cap
+        rec = self.nrecords
+        self.nrecords += 1
+        return rec
+
+    cdef inline char* _slot_ptr(self, Record* r) noexcept nogil:
+        cdef SizeClass* sc = &self.classes[r.size_class]
+        return sc.chunks[r.chunk].base + sc.header + <size_t>r.slot * sc.size
+
+    cdef inline uint32_t* _owners(self, SizeClass* sc, uint32_t chunk) noexcept nogil:
+        return <uint32_t*>sc.chunks[chunk].base
+
+    cdef bint _alloc_slot(self, uint32_t rec, int length) noexcept nogil:
+        cdef int c = (length + GRAIN - 1) // GRAIN - 1
+        cdef SizeClass* sc = &self.classes[c]
+        cdef uint32_t chunk, slot
+        cdef Chunk* ch
+        while True:
+            if sc.npartial == 0:
+                if not self._new_chunk(sc):
+                    return False
+            chunk = sc.partial[sc.npartial - 1]
+            ch = &sc.chunks[chunk]
+            if ch.used < sc.per_chunk:
+                break
+            sc.npartial -= 1
+            ch.partial = 0
+        if ch.base == NULL and not self._populate(sc, chunk):
+            return False
+        if ch.free_head != NO_SLOT:
+            slot = ch.free_head
+            ch.free_head = self._owners(sc, chunk)[slot] & ~FREE_SLOT
+        else:
+            slot = ch.fresh
+            ch.fresh += 1
+        self._owners(sc, chunk)[slot] = rec
+        ch.used += 1
+        if ch.used == sc.per_chunk:
+            sc.npartial -= 1
+            ch.partial = 0
+        self.records[rec].size_class = c
+        self.records[rec].chunk = chunk
+        self.records[rec].slot = slot
+        self.slot_bytes += sc.size
+        return True
+
+    cdef bint _new_chunk(self, SizeClass* sc) noexcept nogil:
+        """A chunk number for the class (its memory is taken when first used)."""
+        cdef uint32_t cap
+        cdef Chunk* grown
+        cdef char** arenas
+        cdef void* arena
+        cdef uint32_t a = sc.nchunks // sc.chunks_per_arena
+        if a >= sc.narenas:
+            arena = mmap(NULL, ARENA_BYTES, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            if arena == MAP_FAILED:
+                return False
+            arenas = <char**>realloc(sc.arenas, (sc.narenas + 1) * sizeof(char*))
+            if arenas == NULL:
+                munmap(arena, ARENA_BYTES)
+                return False
+            sc.arenas = arenas
+            sc.arenas[sc.narenas] = <char*>arena
+            sc.narenas += 1
+            self.arena_count += 1
+        if sc.nchunks == sc.cap_chunks:
+            cap = max(16, sc.cap_chunks * 2)
+            grown = <Chunk*>realloc(sc.chunks, cap * sizeof(Chunk))
+            if grown == NULL:
+                return False
+            sc.chunks, sc.cap_chunks = grown, cap
+        memset(&sc.chunks[sc.nchunks], 0, sizeof(Chunk))
+        sc.chunks[sc.nchunks].free_head = NO_SLOT
+        if not self._push_partial(sc, sc.nchunks):
+            return False
+        sc.nchunks += 1
+        return True
+
+    cdef bint _push_partial(self, SizeClass* sc, uint32_t chunk) noexcept nogil:
+        cdef uint32_t cap
+        cdef uint32_t* grown
+        if sc.npartial == sc.cap_partial:
+            cap = max(16, sc.cap_partial * 2)
+            grown = <uint32_t*>realloc(sc.partial, cap * sizeof(uint32_t))
+            if grown == NULL:
+                return False
+            sc.partial, sc.cap_partial = grown, cap
+        sc.partial[sc.npartial] = chunk
+        sc.npartial += 1
+        sc.chunks[chunk].partial = 1
+        return True
+
+    cdef bint _populate(self, SizeClass* sc, uint32_t chunk) noexcept nogil:
+        cdef char* base = (sc.arenas[chunk // sc.chunks_per_arena]
+                           + <size_t>(chunk % sc.chunks_per_arena) * sc.chunk_bytes)
+        # One call faults the whole chunk in, instead of one fault per page touched.
+        madvise(base, sc.chunk_bytes, MADV_POPULATE_WRITE)
+        sc.chunks[chunk].base = base
+        sc.chunks[chunk].used = 0
+        sc.chunks[chunk].fresh = 0
+        sc.chunks[chunk].free_head = NO_SLOT
+        self.chunk_bytes += sc.chunk_bytes
+        return True
+
+    # -- release -------------------------------------------------------------------------
+
+    def release(self, long handle) -> None:
+        """Drop one reference; the payload goes when its last page does."""
+        self._check(handle)
+        self._release_one(<uint32_t>handle)
+
+    def release_many(self, handles) -> None:
+        cdef long h
+        for h in handles:
+            self._check(h)
+            self._release_one(<uint32_t>h)
+
+    cdef inline void _check(self, long handle) except *:
+        if handle < 0 or handle >= self.nrecords or self.records[handle].refs == 0:
+            raise KeyError(handle)
+
+    cdef void _release_one(self, uint32_t rec) noexcept nogil:
+        cdef Record* r = &self.records[rec]
+        r.refs -= 1
+        if r.length == 0:
+            self.same_filled_pages -= 1
+        elif r.refs >= 1:
+            self.dedup_pages -= 2 if r.refs == 1 else 1
+        if r.refs:
+            return
+        self._unindex(rec)
+        if r.length:
+            self.payload_bytes -= r.length
+            self._free_slot(r)
+        else:
+            self.word_records -= 1
+        self.live_records -= 1
+        r.chunk = self.free_record
+        self.free_record = rec
+
+    cdef void _unindex(self, uint32_t rec) noexcept nogil:
+        """Remove a record from the dedup table (backward-shift deletion, no tombstones)."""
+        cdef uint32_t mask = self.table_mask
+        cdef uint32_t pos = <uint32_t>self.records[rec].hash & mask
+        cdef uint32_t nxt, home
+        while self.table[pos] != rec + 1:
+            pos = (pos + 1) & mask
+        nxt = (pos + 1) & mask
+        while self.table[nxt]:
+            home = <uint32_t>self.records[self.table[nxt] - 1].hash & mask
+            # Move the entry back if `pos` lies on its probe path from `home`.
+            if ((nxt - home) & mask) >= ((nxt - pos) & mask):
+                self.table[pos] = self.table[nxt]
+                pos = nxt
+            nxt = (nxt + 1) & mask
+        self.table[pos] = 0
+        self.table_used -= 1
+
+    cdef void _free_slot(self, Record* r) noexcept nogil:
+        cdef SizeClass* sc = &self.classes[r.size_class]
+        cdef Chunk* ch = &sc.chunks[r.chunk]
+        self._owners(sc, r.chunk)[r.slot] = FREE_SLOT | ch.free_head
+        ch.free_head = r.slot
+        ch.used -= 1
+        self.slot_bytes -= sc.size
+        if ch.used == 0:
+            # Memory goes back to the system now, not to a free list.
+            give_back(ch.base, sc.chunk_bytes)
+            ch.base = NULL
+            ch.fresh = 0
+            ch.free_head = NO_SLOT
+            self.chunk_bytes -= sc.chunk_bytes
+        if not ch.partial:
+            self._push_partial(sc, r.chunk)
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load_into(self, handles, uint8_t[::1] out not None) -> None:
+        """Decompress pages into one buffer, page i at i * page_size; -1 gives zeros."""
+        cdef int ps = self.page_size
+        cdef int n = len(handles)
+        cdef int i
+        cdef long h
+        cdef int bad = 0
+        if out.shape[0] < <Py_ssize_t>n * ps:
+            raise ValueError("the buffer is too small")
+        cdef uint32_t* recs = <uint32_t*>malloc(max(n, 1) * sizeof(uint32_t))
+        if recs == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                h = handles[i]
+                if h != -1:
+                    self._check(h)
+                recs[i] = NO_RECORD if h == -1 else <uint32_t>h
+            if n >= PARALLEL_MIN and self.threads > 1:
+                for i in prange(n, nogil=True, num_threads=self.threads, schedule="static"):
+                    bad += self._load_one(recs[i], <char*>&out[0] + <size_t>i * ps)
+            else:
+                with nogil:
+                    for i in range(n):
+                        bad += self._load_one(recs[i], <char*>&out[0] + <size_t>i * ps)
+        finally:
+            free(recs)
+        if bad:
+            raise ValueError(f"{bad} corrupt payloads")
+
+    def load(self, long handle) -> bytes:
+        """One page."""
+        cdef bytes page = PyBytes_FromStringAndSize(NULL, self.page_size)
+        self._check(handle)
+        if self._load_one(<uint32_t>handle, PyBytes_AS_STRING(page)):
+            raise ValueError("corrupt payload")
+        return page
+
+    cdef int _load_one(self, uint32_t rec, char* out) noexcept nogil:
+        cdef int ps = self.page_size
+        cdef Record* r
+        cdef uint64_t word
+        cdef int i
+        if rec == NO_RECORD:
+            memset(out, 0, ps)
+            return 0
+        r = &self.records[rec]
+        if r.length == 0:
+            word = r.hash
+            i = 0
+            while i < ps:
+                memcpy(out + i, &word, WORD)
+                i += WORD
+            return 0
+        if r.length == ps:
+            memcpy(out, self._slot_ptr(r), ps)
+            return 0
+        return 0 if LZ4_decompress_safe(self._slot_ptr(r), out, r.length, ps) == ps else 1
+
+    def payload(self, long handle) -> bytes:
+        """A kept page in the codec's format, for Redis and the writeback tiers."""
+        cdef Record* r
+        cdef uint64_t word
+        self._check(handle)
+        r = &self.records[handle]
+        if r.length == 0:
+            word = r.hash
+            return PyBytes_FromStringAndSize(<char*>&word, WORD)
+        return PyBytes_FromStringAndSize(self._slot_ptr(r), r.length)
+
+    # -- inspection ----------------------------------------------------------------------
+
+    def length(self, long handle) -> int:
+        """Payload bytes behind a handle (0 for a same-filled page)."""
+        self._check(handle)
+        return self.records[handle].length
+
+    def refs(self, long handle) -> int:
+        self._check(handle)
+        return self.records[handle].refs
+
+    def is_same_filled(self, long handle) -> bool:
+        self._check(handle)
+        return self.records[handle].length == 0
+
+    def memory_used(self) -> int:
+        """What the store holds for pages: slots in use, records, the dedup table. The
+        records of same-filled words are not counted: there are a few, shared by all."""
+        return self.slot_bytes + (self.live_records - self.word_records) * RECORD_OVERHEAD
+
+    def memory_mapped(self) -> int:
+        """Memory really taken: chunks in use and every table, at their capacity."""
+        cdef long tables = (<long>self.cap_records * sizeof(Record)
+                            + (<long>self.table_mask + 1) * 4)
+        cdef int c
+        for c in range(self.nclasses):
+            tables += self.classes[c].cap_chunks * sizeof(Chunk)
+            tables += self.classes[c].cap_partial * 4
+        return self.chunk_bytes + tables
+
+    def cost_of(self, int length) -> int:
+        """What keeping a new payload of `length` bytes adds to memory_used."""
+        if length == 0:
+            return 0
+        return ((length + GRAIN - 1) // GRAIN) * GRAIN + RECORD_OVERHEAD
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def compact(self) -> int:
+        """Move payloads out of the sparsest chunks of each class into fuller ones, so at
+        most about one chunk per class is partly empty; returns the bytes given back."""
+        cdef long before = self.chunk_bytes
+        cdef int c
+        with nogil:
+            for c in range(self.nclasses):
+                self._compact_class(&self.classes[c])
+        self._trim_tables()
+        return before - self.chunk_bytes
+
+    cdef void _compact_class(self, SizeClass* sc) noexcept nogil:
+        cdef uint32_t i, j, src, dst, slot, rec, nslot
+        cdef uint32_t* owners
+        cdef Chunk* s
+        cdef Chunk* d
+        cdef long free_slots = 0
+        # Live partial chunks: the sparsest are emptied into the fullest.
+        cdef uint32_t n = 0
+        for i in range(sc.npartial):
+            if sc.chunks[sc.partial[i]].base != NULL:
+                sc.partial[n] = sc.partial[i]
+                n += 1
+            else:
+                sc.chunks[sc.partial[i]].partial = 0
+        sc.npartial = n
+        if n < 2:
+            # Keep the memoryless chunks listed too, so they are found again.
+            self._relist_empty(sc)
+            return
+        # Sort by use, fullest last (insertion sort: partial lists are short).
+        for i in range(1, n):
+            j = i
+            while j > 0 and sc.chunks[sc.partial[j - 1]].used > sc.chunks[sc.partial[j]].used:
+                sc.partial[j - 1], sc.partial[j] = sc.partial[j], sc.partial[j - 1]
+                j -= 1
+        i, j = 0, n - 1
+        while i < j:
+            s = &sc.chunks[sc.partial[i]]
+            d = &sc.chunks[sc.partial[j]]
+            if d.used == sc.per_chunk:
+                j -= 1
+                continue
+            if s.used == 0 or s.base == NULL:
+                i += 1
+                continue
+            src, dst = sc.partial[i], sc.partial[j]
+            # Move one live slot of the source into the destination.
+            owners = self._owners(sc, src)
+            for slot in range(s.fresh):
+                if not owners[slot] & FREE_SLOT:
+                    break
+            rec = owners[slot]
+            if d.free_head != NO_SLOT:
+                nslot = d.free_head
+                d.free_head = self._owners(sc, dst)[nslot] & ~FREE_SLOT
+            else:
+                nslot = d.fresh
+                d.fresh += 1
+            memcpy(d.base + sc.header + <size_t>nslot * sc.size,
+                   s.base + sc.header + <size_t>slot * sc.size, sc.size)
+            self._owners(sc, dst)[nslot] = rec
+            d.used += 1
+            self.records[rec].chunk = dst
+            self.records[rec].slot = nslot
+            owners[slot] = FREE_SLOT | s.free_head
+            s.free_head = slot
+            s.used -= 1
+            if s.used == 0:
+                give_back(s.base, sc.chunk_bytes)
+                s.base = NULL
+                s.fresh = 0
+                s.free_head = NO_SLOT
+                self.chunk_bytes -= sc.chunk_bytes
+                i += 1
+        # Rebuild the partial list: chunks with room, fullest on top (used first).
+        n = 0
+        for i in range(sc.npartial):
+            if sc.chunks[sc.partial[i]].used < sc.per_chunk:
+                sc.partial[n] = sc.partial[i]
+                n += 1
+            else:
+                sc.chunks[sc.partial[i]].partial = 0
+        sc.npartial = n
+        self._relist_empty(sc)
+
+    cdef void _relist_empty(self, SizeClass* sc) noexcept nogil:
+        cdef uint32_t k
+        for k in range(sc.nchunks):
+            if not sc.chunks[k].partial and sc.chunks[k].used < sc.per_chunk:
+                # Memoryless chunks go to the bottom: live ones are filled first.
+                if self._push_partial(sc, k):
+                    sc.partial[sc.npartial - 1] = sc.partial[0]
+                    sc.partial[0] = k
+
+    cdef void _trim_tables(self):
+        """Give back record and dedup table memory that a mass invalidate left unused."""
+        cdef uint32_t top = self.nrecords
+        cdef uint32_t rec, cap, size
+        cdef Record* shrunk
+        while top > 0 and self.records[top - 1].refs == 0:
+            top -= 1
+        if top + top // 2 + 1024 < self.cap_records:
+            self.free_record = NO_RECORD
+            for rec in range(top):
+                if self.records[rec].refs == 0:
+                    self.records[rec].chunk = self.free_record
+                    self.free_record = rec
+            self.nrecords = top
+            cap = max(1024, top)
+            shrunk = <Record*>realloc(self.records, cap * sizeof(Record))
+            if shrunk != NULL:
+                self.records, self.cap_records = shrunk, cap
+        size = 1024
+        while size < self.table_used * 4:
+            size *= 2
+        if size < (self.table_mask + 1) // 2:
+            self._resize_table(size)
+
+    cdef bint _resize_table(self, uint32_t size) noexcept nogil:
+        """Rehash the dedup table to `size` slots; False (table unchanged) without memory."""
+        cdef uint32_t* table = <uint32_t*>calloc(size, sizeof(uint32_t))
+        cdef uint32_t* old = self.table
+        cdef uint32_t old_size = self.table_mask + 1 if old != NULL else 0
+        cdef uint32_t i, pos
+        if table == NULL:
+            return False
+        self.table = table
+        self.table_mask = size - 1
+        for i in range(old_size):
+            if old[i]:
+                pos = <uint32_t>self.records[old[i] - 1].hash & self.table_mask
+                while table[pos]:
+                    pos = (pos + 1) & self.table_mask
+                table[pos] = old[i]
+        free(old)
+        return True
