@@ -312,7 +312,7 @@ cdef class SlabStore:
         cdef int32_t* lengths = batch.lengths
         cdef uint64_t* hashes = batch.hashes
         if n >= PARALLEL_MIN and self.threads > 1:
-            for i in prange(n, nogil=True, num_threads=self.threads, schedule="static"):
+            for i in prange(n, nogil=True, num_threads=self.threads, schedule="dynamic", chunksize=8):
                 encode_page(src + <size_t>i * ps, ps, limit, scratch + <size_t>i * bound,
                             bound, &lengths[i], &hashes[i])
         else:
@@ -646,7 +646,7 @@ cdef class SlabStore:
                     self._check(h)
                 recs[i] = NO_RECORD if h == -1 else <uint32_t>h
             if n >= PARALLEL_MIN and self.threads > 1:
-                for i in prange(n, nogil=True, num_threads=self.threads, schedule="static"):
+                for i in prange(n, nogil=True, num_threads=self.threads, schedule="dynamic", chunksize=8):
                     bad += self._load_one(recs[i], <char*>&out[0] + <size_t>i * ps)
             else:
                 with nogil:

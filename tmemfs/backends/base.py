@@ -103,6 +103,11 @@ class Backend(ABC):
     def invalidate(self, handle: Any) -> None:
         """Release one reference to a handle (what this process holds for it)."""
 
+    def invalidate_many(self, handles: Sequence[Any]) -> None:
+        """Release many handles (a batch form of `invalidate`)."""
+        for handle in handles:
+            self.invalidate(handle)
+
     async def delete_many(self, locations: Sequence[Location]) -> None:  # noqa: B027
         """Delete remote copies (remote backends); StoreUnavailable if it cannot."""
 

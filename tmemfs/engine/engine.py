@@ -328,12 +328,13 @@ class Engine:
         # The duplicate-store rule: the old copies go first (they are never returned again).
         pages = tobj.pages
         indexes = range(first, first + count)
-        old = [(i, e) for i in indexes if (e := pages.pop(i, None)) is not None]
+        old = [e.handle for i in indexes if (e := pages.pop(i, None)) is not None]
         if old:
+            # Kept here, with no writeback order to update (this path has no tier).
             self._count(pool, "duplicate_entry", len(old))
             self._count(pool, "invalidates", len(old))
-            for index, entry in old:
-                self._release_here(pool, PageKey(pool_id, obj, index), entry)
+            backend.invalidate_many(old)
+            self._entries -= len(old)
         self._insert_many(pool, tobj, indexes, backend.keep_run(batch), time.time_ns())
         return True
 
