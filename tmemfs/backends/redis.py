@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import ssl
 import urllib.parse
 from collections import defaultdict
 from collections.abc import Sequence
@@ -61,10 +63,52 @@ def mask_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+# The URL parameters of rediss:// (coredis's own names). The server's certificate is
+# verified against the system's CAs, or ssl_ca_certs, and must name the host in the URL.
+_TLS_PARAMETERS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_check_hostname", "ssl_certfile",
+                   "ssl_keyfile")
+_CERT_REQS = ("required", "optional", "none")
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def tls_options(url: str) -> dict[str, Any]:
+    """coredis's ssl_* arguments from a rediss:// URL's parameters; ValueError if bad.
+
+    The defaults verify: the certificate chain (ssl_cert_reqs=required) and that the
+    certificate names the host (ssl_check_hostname=true), which coredis itself would
+    not check.
+    """
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - set(_TLS_PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r} (known: {', '.join(_TLS_PARAMETERS)})")
+    if not parts.scheme.startswith("rediss"):
+        if query:
+            raise ValueError(f"{next(iter(query))} needs a rediss:// URL")
+        return {"ssl": False}
+    value = {name: values[-1] for name, values in query.items()}
+    reqs = value.get("ssl_cert_reqs", "required")
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, not {reqs!r}")
+    check = value.get("ssl_check_hostname", "true" if reqs == "required" else "false").lower()
+    if check not in _BOOLEANS:
+        raise ValueError(f"ssl_check_hostname must be true or false, not {check!r}")
+    if _BOOLEANS[check] and reqs == "none":
+        raise ValueError("ssl_check_hostname=true needs ssl_cert_reqs optional or required")
+    options: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": reqs,
+                               "ssl_check_hostname": _BOOLEANS[check]}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in value:
+            if not os.path.exists(value[name]):
+                raise ValueError(f"{name}: {value[name]} does not exist")
+            options[name] = value[name]
+    return options
+
+
 def make_client(url: str, timeout: float) -> coredis.Redis[bytes] | coredis.RedisCluster[bytes]:
     """A client for redis://, rediss://, redis+cluster:// or rediss+cluster:// URLs."""
     parts = urllib.parse.urlsplit(url)
-    tls = parts.scheme.startswith("rediss")
     if not parts.hostname:
         raise ValueError(f"no host in {mask_url(url)}")
     common: dict[str, Any] = {
@@ -73,13 +117,8 @@ def make_client(url: str, timeout: float) -> coredis.Redis[bytes] | coredis.Redi
         "connect_timeout": timeout,
         "username": urllib.parse.unquote(parts.username) if parts.username else None,
         "password": urllib.parse.unquote(parts.password) if parts.password else None,
-        "ssl": tls,
+        **tls_options(url),
     }
-    if tls:
-        query = urllib.parse.parse_qs(parts.query)
-        common["ssl_cert_reqs"] = query.get("ssl_cert_reqs", ["required"])[0]
-        if "ssl_ca_certs" in query:
-            common["ssl_ca_certs"] = query["ssl_ca_certs"][0]
     if parts.scheme.endswith("+cluster"):
         nodes = []
         for hostport in parts.netloc.rpartition("@")[2].split(","):
@@ -281,6 +320,14 @@ class RedisStore(PageStore):
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
+    # coredis says only "Unable to establish a connection"; a TLS failure says why.
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS: the server's certificate is not trusted: {cause.verify_message}"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
