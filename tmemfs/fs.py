@@ -720,7 +720,7 @@ class TmemOperations(pyfuse3.Operations):
                 pages.append((index, bytes(view[lo - off : hi - off])))
         stored = await self.engine.store_many(pool_id, SWAP_OBJECT, pages)
         if pool.image_size is not None and end > pool.image_size:
-            pool.image_size = end
+            await self.engine.resize_image(pool_id, end)
         if not all(stored):
             raise StoreRejected(f"{pool_id}.img")
         return len(buf)
@@ -814,7 +814,7 @@ class TmemOperations(pyfuse3.Operations):
             raise fail(errno.ENOENT)
         elif node.kind is Kind.IMAGE:
             assert node.pool is not None
-            self.engine.remove_image(node.pool)
+            await self.engine.remove_image(node.pool)
         elif not self._exists(node):
             raise fail(errno.ENOENT)
         elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):

@@ -10,6 +10,7 @@ forgets a generation, and its hashes are deleted by name, never by scanning.
     tmemfs:{NS|frontswap/N|GEN|CHUNK}     field INDEX -> payload   (CHUNK = INDEX // 256)
     tmemfs:{NS|cleancache/P|GEN|OBJ}      field INDEX -> payload
     tmemfs:NS:pools                       frontswap/N -> GEN        (what a remount restores)
+    tmemfs:NS:images                      frontswap/N -> "GEN SIZE" (its image, if it has one)
     tmemfs:NS:chunks:frontswap/N:GEN      set of CHUNK              (what a flush deletes)
 
 NS is the mount's namespace (--namespace; shared pools use "shared", so every mount
@@ -176,6 +177,9 @@ class RedisStore(PageStore):
     def _pools_key(self) -> bytes:
         return f"tmemfs:{self.namespace}:pools".encode()
 
+    def _images_key(self) -> bytes:
+        return f"tmemfs:{self.namespace}:images".encode()
+
     def _chunks_key(self, pool: str, generation: int) -> bytes:
         return f"tmemfs:{self.namespace}:chunks:{pool}:{generation}".encode()
 
@@ -257,11 +261,33 @@ class RedisStore(PageStore):
         names = [self.hash_of(Location(pool, generation, "", int(c) * CHUNK)) for c in chunks]
         await self.drop_hashes([*names, chunks_key])
         await self._call(self._client.hdel(self._pools_key(), [pool.encode()]))
+        await self._call(self._client.hdel(self._images_key(), [pool.encode()]))
         self._registered = {c for c in self._registered if c[:2] != (pool, generation)}
 
     async def registered_pools(self) -> dict[str, int]:
         pools = await self._call(self._client.hgetall(self._pools_key()))
         return {k.decode(): int(v) for k, v in pools.items()}
+
+    async def save_image(self, pool: str, generation: int, size: int | None) -> None:
+        """Record a pool's image size (None: it has none), and the pool with it."""
+        def run(pipe: Any) -> None:
+            if size is None:
+                pipe.hdel(self._images_key(), [pool.encode()])
+            else:
+                pipe.hset(self._images_key(), {pool.encode(): f"{generation} {size}".encode()})
+                pipe.hset(self._pools_key(), {pool.encode(): str(generation).encode()})
+
+        await self._pipeline(run)
+
+    async def image_sizes(self, registered: dict[str, int]) -> dict[str, int]:
+        """The image size of each registered pool that has one (of that generation)."""
+        images = await self._call(self._client.hgetall(self._images_key()))
+        sizes = {}
+        for pool, value in images.items():
+            generation, _, size = value.decode().partition(" ")
+            if registered.get(pool.decode()) == int(generation):
+                sizes[pool.decode()] = int(size)
+        return sizes
 
     async def pool_pages(self, pool: str, generation: int) -> dict[int, int]:
         """Index -> payload length of every page a frontswap pool generation holds."""
@@ -364,15 +390,21 @@ class RedisBackend(Backend):
 
     async def restore(self) -> list[RestoredPool]:
         restored = []
-        for pool, generation in (await self.store_.registered_pools()).items():
+        registered = await self.store_.registered_pools()
+        images = await self.store_.image_sizes(registered)
+        for pool, generation in registered.items():
             kind, _, name = pool.partition("/")
             if kind != PoolKind.PERSISTENT.value:
                 continue
             pages = await self.store_.pool_pages(pool, generation)
             for length in pages.values():
                 self._account(length, +1)
-            restored.append(RestoredPool(PoolId(PoolKind.PERSISTENT, name), generation, pages))
+            restored.append(RestoredPool(PoolId(PoolKind.PERSISTENT, name), generation, pages,
+                                         images.get(pool)))
         return restored
+
+    async def save_image(self, pool: str, generation: int, size: int | None) -> None:
+        await self.store_.save_image(pool, generation, size)
 
     def _encode_chunk(self, pages: Sequence[bytes]) -> list[Encoded]:
         # Nothing but the index entry is held here, so a page costs no local payload.
