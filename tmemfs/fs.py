@@ -158,7 +158,7 @@ class Listing:
 
 
 class TmemOperations(pyfuse3.Operations):
-    """The tmemfs tree of SPEC section 1 over an Engine."""
+    """The tmemfs tree of tmemfs(5) over an Engine."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
