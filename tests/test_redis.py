@@ -30,6 +30,7 @@ from tmemfs_testlib import (
     PAGE,
     SPEC_COUNTERS,
     ZERO_PAGE,
+    errno_of,
     load,
     page_names,
     random_page,
@@ -74,15 +75,6 @@ def name(err: object) -> str:
     if isinstance(err, int):
         return errno.errorcode.get(err, str(err)) if err else "success"
     return "data"
-
-
-def errno_of(call: Callable[[Path], object], path: Path) -> int:
-    """The errno `call(path)` fails with, or 0."""
-    try:
-        call(path)
-    except OSError as exc:
-        return exc.errno or -1
-    return 0
 
 
 def wait_until_stores_work(pool: Path, timeout: float = 10.0) -> float:
@@ -324,8 +316,8 @@ def test_unlink_and_rmdir_while_redis_is_down(
         store(fs0 / str(i), random_page(i))
         store(fs1 / str(i), random_page(100 + i))
     server.kill()
-    unlinked = errno_of(os.unlink, fs0 / "3")
-    flushed = errno_of(os.rmdir, fs1)
+    unlinked = errno_of(lambda: os.unlink(fs0 / "3"))
+    flushed = errno_of(lambda: os.rmdir(fs1))
     assert unlinked in (0, errno.EIO), f"unlink with Redis down: {name(unlinked)}"
     assert flushed in (0, errno.EIO), f"rmdir with Redis down: {name(flushed)}"
     server.restart()

@@ -28,7 +28,6 @@ from tmemfs.engine import (
     BadName,
     Engine,
     NoSuchObject,
-    NoSuchPage,
     NoSuchPool,
     Owner,
     PageKey,
@@ -53,7 +52,6 @@ _ERRNO: dict[type[TmemError], int] = {
     BadName: errno.EINVAL,
     NoSuchPool: errno.ENOENT,
     NoSuchObject: errno.ENOENT,
-    NoSuchPage: errno.ENOENT,
     PoolExists: errno.EEXIST,
     StoreRejected: errno.ENOSPC,
     PageLost: errno.EIO,
@@ -815,8 +813,6 @@ class TmemOperations(pyfuse3.Operations):
         elif node.kind is Kind.IMAGE:
             assert node.pool is not None
             await self.engine.remove_image(node.pool)
-        elif not self._exists(node):
-            raise fail(errno.ENOENT)
         elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
             raise fail(errno.EPERM)
         else:
