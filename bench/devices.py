@@ -13,9 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.pagefiles import stats as read_stats
 from bench.redis import TMEMFS
-from bench.redis import stats as read_stats
 from bench.system import ZRAM_SYS, run, try_run, vm_rss, warn
+from tmemfs.mount import daemon_pid
 
 ZRAM_DEV = Path("/dev/zram0")
 MM_STAT = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
@@ -27,7 +28,10 @@ class TmemMount:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.pid = daemon_pid(path)
+        pid = daemon_pid(path)
+        if pid is None:
+            raise RuntimeError(f"{path}/.daemon names no pid")
+        self.pid = pid
 
     def stats(self) -> dict[str, int]:
         return read_stats(self.path)
@@ -44,14 +48,6 @@ class TmemMount:
         finally:
             os.close(fd)
         return path
-
-
-def daemon_pid(mount: Path) -> int:
-    for line in (mount / ".daemon").read_text().splitlines():
-        name, _, value = line.partition(" ")
-        if name == "pid":
-            return int(value)
-    raise RuntimeError(f"{mount}/.daemon names no pid")
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
-"""O_DIRECT writes in 1 MiB requests at any offset, as a loop device or swap sends them.
+"""O_DIRECT reads and writes in 1 MiB requests, as a loop device or swap sends them.
 
-bench.redis.direct_write and direct_read move a whole buffer from offset 0; the
-memory and growth comparisons need to write a store in steps and look in between.
+The one place the bench moves bytes to and from an image or a device with direct
+I/O: whole buffers from offset 0 (`direct_write`, `direct_read`, `read_all`), or a
+store written in steps with a look in between (`opened` and `write_at`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.redis import CHUNK
+CHUNK = 1 << 20  # one direct-I/O request: 256 pages
+
+
+def aligned(size: int) -> mmap.mmap:
+    """A page-aligned anonymous buffer, as O_DIRECT wants."""
+    return mmap.mmap(-1, size)
 
 
 @contextlib.contextmanager
@@ -38,12 +44,32 @@ def write_at(fd: int, buffer: mmap.mmap, start: int, end: int, offset: int) -> f
         return time.perf_counter() - began
 
 
+def read_at(fd: int, into: mmap.mmap, start: int, end: int, offset: int) -> float:
+    """Fill into[start:end] from file offset `offset` in 1 MiB requests; seconds taken."""
+    with memoryview(into) as view:
+        began = time.perf_counter()
+        for pos in range(start, end, CHUNK):
+            with view[pos:min(pos + CHUNK, end)] as piece:
+                got = os.preadv(fd, [piece], offset + pos - start)
+                if got != len(piece):
+                    raise OSError(f"short direct read at {offset + pos - start}: {got}")
+        return time.perf_counter() - began
+
+
+def direct_write(path: Path | str, buffer: mmap.mmap, size: int) -> float:
+    """Write the first `size` bytes of `buffer` from offset 0; seconds taken."""
+    with opened(path, os.O_WRONLY) as fd:
+        return write_at(fd, buffer, 0, size, 0)
+
+
+def direct_read(path: Path | str, into: mmap.mmap, size: int) -> float:
+    """Read the first `size` bytes into `into`; seconds taken."""
+    with opened(path, os.O_RDONLY) as fd:
+        return read_at(fd, into, 0, size, 0)
+
+
 def read_all(path: Path | str, size: int) -> mmap.mmap:
     """The first `size` bytes of a file or device, read with O_DIRECT."""
-    into = mmap.mmap(-1, size)
-    with memoryview(into) as view, opened(path, os.O_RDONLY) as fd:
-        for pos in range(0, size, CHUNK):
-            with view[pos:min(pos + CHUNK, size)] as piece:
-                if os.preadv(fd, [piece], pos) != len(piece):
-                    raise OSError(f"short direct read at {pos}")
+    into = aligned(size)
+    direct_read(path, into, size)
     return into

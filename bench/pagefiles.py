@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tmemfs.engine import stats as statsfmt
+
 PAGE = 4096
 
 
@@ -61,8 +63,8 @@ def store_and_load(pool: Path, pages: list[bytes]) -> tuple[float, float]:
 
 
 def stats(mount: Path) -> dict[str, int]:
-    return {k: int(v) for k, v in (line.split() for line in (mount / "stats").read_text()
-                                   .splitlines())}
+    """The global counters of a mount, read with tmemfs's own parser."""
+    return statsfmt.counters((mount / "stats").read_text())
 
 
 def main() -> int:

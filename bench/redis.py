@@ -14,8 +14,6 @@ is unmounted and stopped at the end, whatever happens.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import mmap
 import os
 import re
 import socket
@@ -25,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.pagefiles import PAGE, usr_lib_pages
+from bench.directio import CHUNK, aligned, direct_read, direct_write
+from bench.pagefiles import PAGE, stats, usr_lib_pages
 
-CHUNK = 1 << 20  # one direct-I/O request: 256 pages
 TMEMFS = [sys.executable, "-m", "tmemfs"]
 
 
@@ -73,43 +71,6 @@ def stop_redis(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def aligned(size: int) -> mmap.mmap:
-    """A page-aligned anonymous buffer, as O_DIRECT wants."""
-    return mmap.mmap(-1, size)
-
-
-def direct_write(image: Path, corpus: mmap.mmap, size: int) -> float:
-    """Write `size` bytes of `corpus` to the image in 1 MiB O_DIRECT requests; seconds."""
-    view = memoryview(corpus)
-    fd = os.open(image, os.O_WRONLY | os.O_DIRECT)
-    try:
-        start = time.perf_counter()
-        for off in range(0, size, CHUNK):
-            n = os.pwrite(fd, view[off:off + CHUNK], off)
-            if n != min(CHUNK, size - off):
-                raise SystemExit(f"short write at {off}: {n}")
-        return time.perf_counter() - start
-    finally:
-        view.release()
-        os.close(fd)
-
-
-def direct_read(image: Path, into: mmap.mmap, size: int) -> float:
-    """Read `size` bytes of the image in 1 MiB O_DIRECT requests; seconds."""
-    view = memoryview(into)
-    fd = os.open(image, os.O_RDONLY | os.O_DIRECT)
-    try:
-        start = time.perf_counter()
-        for off in range(0, size, CHUNK):
-            n = os.preadv(fd, [view[off:off + CHUNK]], off)
-            if n != min(CHUNK, size - off):
-                raise SystemExit(f"short read at {off}: {n}")
-        return time.perf_counter() - start
-    finally:
-        view.release()
-        os.close(fd)
-
-
 def redis_benchmark(port: int, requests: int) -> dict[str, float]:
     """requests/s of SET and GET, 4 KiB values, 32 commands per pipeline."""
     result = subprocess.run(
@@ -127,15 +88,6 @@ def redis_benchmark(port: int, requests: int) -> dict[str, float]:
     if set(rates) != {"SET", "GET"}:
         raise SystemExit(f"cannot read redis-benchmark's output:\n{result.stdout}")
     return rates
-
-
-def stats(mount: Path) -> dict[str, int]:
-    values: dict[str, int] = {}
-    for line in (mount / "stats").read_text().splitlines():
-        key, value = line.split()
-        with contextlib.suppress(ValueError):
-            values[key] = int(value)
-    return values
 
 
 def used_memory(port: int) -> int:

@@ -51,6 +51,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+# The stats format and sizes as tmemfs itself reads them; run this with tmemfs's
+# python (.venv/bin/python). Everything else here is plain file I/O.
+from tmemfs.engine import stats as statsfmt
+from tmemfs.sizes import parse_size
+
 OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open, ".bz2": bz2.open}
 
 
@@ -175,10 +180,9 @@ def page_size(mount: Path) -> int:
         text = (mount / "stats").read_text()
     except OSError as exc:
         raise SystemExit(f"block_cache: {mount} is not a mounted tmemfs ({exc.strerror})") from None
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == "page_size":
-            return int(value)
+    size = statsfmt.counters(text).get("page_size")
+    if size is not None:
+        return size
     raise SystemExit(f"block_cache: {mount}/stats has no page_size: is it a tmemfs?")
 
 
@@ -260,13 +264,6 @@ def make_sample(directory: Path, size: int) -> Path:
             f.write(line)
             written += len(line)
     return path
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if text[-1:].upper() in units:
-        return int(float(text[:-1]) * units[text[-1].upper()])
-    return int(text)
 
 
 def report(result: Result) -> str:

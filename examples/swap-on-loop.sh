@@ -53,7 +53,7 @@ memory.swappiness=100). Only the workload process is moved into it.
 
 Exit status: 0 PASS, 1 FAIL, 2 usage error, 77 cannot run here (not root,
 no loop device, no swap support, no memory cgroup), 124 timed out,
-130/143 interrupted. Swap is used without --discard (tmemfs SPEC section 4).
+130/143 interrupted. Swap is used without --discard (see tmemfs(5), Discard).
 EOF
 }
 
@@ -371,7 +371,7 @@ summary() {
         row "tmemfs stored_pages:" "${stored:-?} ($(mib "${orig:-0}") of page data, ${same:-?} same-filled), compressed to $(mib "${compr:-0}"), ratio $(ratio "$orig" "$compr")"
         row "tmemfs holds:" "$(mib "${total:-0}") (pool_total_size) for $(mib "${orig:-0}") of swapped pages = $(ratio $(( ${total:-0} * 100 )) "${orig:-0}")% of the swapped bytes"
         if (( ${orig:-0} > peak * 1024 )); then
-            row "" "(includes slots that swap freed but could not discard: SPEC section 4)"
+            row "" "(includes slots that swap freed but could not discard: see tmemfs(5))"
         fi
     fi
     if (( oom > 0 )); then
@@ -421,7 +421,7 @@ pool_existed=0
 say "creating $IMG_PATH ($(mib "$IMAGE_BYTES"))"
 IMG=$IMG_PATH
 truncate -s "$IMAGE_BYTES" -- "$IMG" ||
-    die "cannot create $IMG (does this tmemfs serve block images? SPEC section 4)"
+    die "cannot create $IMG (does this tmemfs serve block images? see tmemfs(5))"
 (( ! pool_existed )) && [[ -d $MNT/frontswap/$POOL ]] && POOL_DIR=$MNT/frontswap/$POOL
 
 LOOPDEV=$(losetup --direct-io=on -f --show -- "$IMG")

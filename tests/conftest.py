@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tmemfs.engine import stats as statsfmt
+
 TMEMFS = [sys.executable, "-m", "tmemfs"]
 MOUNT_TIMEOUT = 20.0
 
@@ -38,12 +40,7 @@ class Mount:
     def stats(self, pool: str | None = None) -> dict[str, int]:
         """The global stats file, or a pool's .stats ("frontswap/0", "cleancache/x")."""
         path = self.path / "stats" if pool is None else self.path / pool / ".stats"
-        values: dict[str, int] = {}
-        for line in path.read_text().splitlines():
-            name, value = line.split()
-            with contextlib.suppress(ValueError):
-                values[name] = int(value)
-        return values
+        return statsfmt.counters(path.read_text())
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

@@ -5,6 +5,9 @@ chose, with its own directory, so a test can kill it (a crash), restart it on th
 same port and directory (AOF data comes back) and always stop it at the end. Only
 the processes started here are ever signalled, by their PID.
 
+A server can speak TLS only (`tls=make_tls(DIR)`): a CA and a server certificate
+for 127.0.0.1 made with openssl, and no plaintext port at all (`--port 0`).
+
 A test module gets the fixtures (`redis_factory`, `redis_cluster`) with
 
     pytest_plugins = ["redis_servers"]
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -63,10 +67,52 @@ def free_port(*, cluster: bool = False) -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def redis_cli(port: int, *args: str, timeout: float = 10.0) -> str:
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA, a server certificate it signed for 127.0.0.1 (IP SAN) and the server's key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _openssl(*args: str | Path) -> None:
+    result = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]} failed:\n{result.stderr}")
+
+
+def make_tls(directory: Path, *, name: str = "tmemfs test", san: str = f"IP:{HOST}") -> TlsFiles:
+    """A fresh CA and a server certificate for `san` signed by it, in `directory`.
+
+    Each call makes a new CA, so the CA of one call does not verify another's server.
+    """
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    ext = directory / "server.ext"
+    ext.write_text(f"subjectAltName = {san}\nbasicConstraints = CA:FALSE\n"
+                   "keyUsage = digitalSignature, keyEncipherment\n"
+                   "extendedKeyUsage = serverAuth\n")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", f"/CN={name} CA", "-keyout", ca_key, "-out", ca)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name} server",
+             "-keyout", key, "-out", csr)
+    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-days", "2", "-extfile", ext, "-out", cert)
+    return TlsFiles(ca, cert, key)
+
+
+def redis_cli(
+    port: int, *args: str, timeout: float = 10.0, tls: TlsFiles | None = None
+) -> str:
     """`redis-cli -p PORT ARGS`: its stdout, stripped (errors are printed there too)."""
+    secure = ["--tls", "--cacert", str(tls.ca)] if tls is not None else []
     result = subprocess.run(
-        ["redis-cli", "-h", HOST, "-p", str(port), *args],
+        ["redis-cli", "-h", HOST, "-p", str(port), *secure, *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
     return (result.stdout + result.stderr).strip()
@@ -77,7 +123,8 @@ class RedisServer:
 
     `aof` turns on the append-only file with an fsync per write, so a kill loses
     nothing and `restart()` brings the data back; without it nothing is persisted
-    (`--save ''`), and a restart comes back empty.
+    (`--save ''`), and a restart comes back empty. With `tls` it listens with TLS only
+    (no plaintext port) and does not ask clients for certificates.
     """
 
     def __init__(
@@ -87,6 +134,7 @@ class RedisServer:
         aof: bool = False,
         maxmemory: str | None = None,
         cluster: bool = False,
+        tls: TlsFiles | None = None,
         extra: Sequence[str] = (),
     ) -> None:
         self.directory = directory
@@ -94,6 +142,7 @@ class RedisServer:
         self.aof = aof
         self.maxmemory = maxmemory
         self.cluster = cluster
+        self.tls = tls
         self.extra = tuple(extra)
         self.port = free_port(cluster=cluster)
         self.log = directory / "redis.log"
@@ -107,7 +156,12 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """The --backend / --writeback value for this server (database 0)."""
+        """The --backend / --writeback value for this server (database 0).
+
+        For a TLS server: rediss://, trusting this server's CA and nothing else.
+        """
+        if self.tls is not None:
+            return f"rediss://{self.address}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://{self.address}/0"
 
     @property
@@ -118,7 +172,7 @@ class RedisServer:
         return self.proc is not None and self.proc.poll() is None
 
     def cli(self, *args: str) -> str:
-        return redis_cli(self.port, *args)
+        return redis_cli(self.port, *args, tls=self.tls)
 
     def info(self, section: str = "") -> dict[str, str]:
         """INFO as a dict of strings."""
@@ -141,10 +195,16 @@ class RedisServer:
     # -- life cycle ------------------------------------------------------------------------
 
     def command(self) -> list[str]:
+        if self.tls is None:
+            ports = ["--port", str(self.port)]
+        else:
+            ports = ["--port", "0", "--tls-port", str(self.port),
+                     "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                     "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no"]
         args = [
             "redis-server",
             "--bind", HOST,
-            "--port", str(self.port),
+            *ports,
             "--dir", str(self.directory),
             "--daemonize", "no",
             "--save", "",

@@ -8,16 +8,17 @@ costs add up to compr_data_size. Everything must round-trip byte for byte.
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 from collections.abc import Sequence
 
 import lz4.block
 import pytest
-import trio
+from engine_testlib import PAGE, SWAP0, make_backend, make_engine
 from tmemfs._pagestore import SlabStore
 
-from tmemfs.backends import BACKEND_NAMES, Backend, BackendError, open_backend
+from tmemfs.backends import BACKEND_NAMES, BackendError
 from tmemfs.backends.lz4 import Lz4Backend
 from tmemfs.engine import (
     ENTRY_OVERHEAD,
@@ -29,8 +30,6 @@ from tmemfs.engine import (
     StoreRejected,
 )
 
-PAGE = 4096
-SWAP0 = PoolId(PoolKind.PERSISTENT, "0")
 WORDS = ("alpha", "beta", "gamma", "delta", "tmem", "frontswap", "cleancache", "zswap")
 
 
@@ -63,20 +62,8 @@ def lz4_size(page: bytes) -> int:
     return SlabStore(PAGE, PAGE, 1).encode(page).length(0)
 
 
-def make_backend(name: str = "lz4", reject_ratio: float = 0.875, tokens: int = 2) -> Backend:
-    return open_backend(
-        name, page_size=PAGE, limiter=trio.CapacityLimiter(tokens), reject_ratio=reject_ratio
-    )
-
-
-def make_engine(
-    name: str = "lz4", *, max_pool: int = 64 << 20, reject_poor: bool = False,
-    reject_ratio: float = 0.875,
-) -> Engine:
-    engine = Engine(make_backend(name, reject_ratio), max_pool=max_pool, exclusive_gets=False,
-                    reject_poor=reject_poor)
-    engine.create_pool(SWAP0)
-    return engine
+# Every engine here has frontswap pool 0; the backend is lz4 unless named.
+backend_engine = functools.partial(make_engine, pools=(SWAP0,))
 
 
 def key(index: int) -> PageKey:
@@ -138,7 +125,7 @@ def test_test_pages_are_what_they_claim() -> None:
     ids=["zero", "ones", "counting", "ascii", "high-bit"],
 )
 async def test_same_filled_pages_cost_nothing_and_round_trip(word: bytes) -> None:
-    engine = make_engine()
+    engine = backend_engine("lz4")
     page = same_filled(word)
     await engine.store(key(0), page)
     await engine.store(key(1), page)
@@ -159,7 +146,7 @@ async def test_same_filled_pages_cost_nothing_and_round_trip(word: bytes) -> Non
 
 async def test_nearly_same_filled_page_is_compressed() -> None:
     """One byte off in the last word: not same-filled, and it still round-trips."""
-    engine = make_engine()
+    engine = backend_engine("lz4")
     page = bytes(PAGE - 1) + b"\x01"
     await engine.store(key(0), page)
     assert engine.stats()["same_filled_pages"] == 0
@@ -169,7 +156,7 @@ async def test_nearly_same_filled_page_is_compressed() -> None:
 
 async def test_word_with_period_shorter_than_eight_bytes() -> None:
     """A 4-byte pattern is an 8-byte word repeated too."""
-    engine = make_engine()
+    engine = backend_engine("lz4")
     page = b"\xde\xad\xbe\xef" * (PAGE // 4)
     await engine.store(key(0), page)
     assert engine.stats()["same_filled_pages"] == 1
@@ -180,7 +167,7 @@ async def test_word_with_period_shorter_than_eight_bytes() -> None:
 
 
 async def test_identical_pages_share_one_payload() -> None:
-    engine = make_engine()
+    engine = backend_engine("lz4")
     page = compressible(7)
     await engine.store(key(0), page)
     single = engine.stats()
@@ -201,7 +188,7 @@ async def test_identical_pages_share_one_payload() -> None:
 
 
 async def test_dedup_counts_every_reference() -> None:
-    engine = make_engine()
+    engine = backend_engine("lz4")
     page = compressible(8)
     for i in range(5):
         await engine.store(key(i), page)
@@ -218,7 +205,7 @@ async def test_dedup_counts_every_reference() -> None:
 
 
 async def test_invalidating_one_reference_keeps_the_other() -> None:
-    engine = make_engine()
+    engine = backend_engine("lz4")
     page = compressible(9)
     await engine.store(key(0), page)
     await engine.store(key(1), page)
@@ -232,7 +219,7 @@ async def test_invalidating_one_reference_keeps_the_other() -> None:
 
 
 async def test_overwriting_a_shared_page_leaves_the_other_reference() -> None:
-    engine = make_engine()
+    engine = backend_engine("lz4")
     a, b = compressible(10), compressible(11)
     await engine.store(key(0), a)
     await engine.store(key(1), a)
@@ -243,7 +230,7 @@ async def test_overwriting_a_shared_page_leaves_the_other_reference() -> None:
 
 
 async def test_dedup_across_pools_and_objects() -> None:
-    engine = make_engine()
+    engine = backend_engine("lz4")
     eph = PoolId(PoolKind.EPHEMERAL, "fs")
     engine.create_pool(eph)
     engine.create_object(eph, "ino")
@@ -258,7 +245,7 @@ async def test_dedup_across_pools_and_objects() -> None:
 
 async def test_different_pages_are_never_shared() -> None:
     """The dedup table compares payloads in full, so near-identical pages stay apart."""
-    engine = make_engine()
+    engine = backend_engine("lz4")
     base = compressible(13)
     pages = [base]
     for pos in (0, 1, PAGE // 2, PAGE - 1):
@@ -275,7 +262,7 @@ async def test_different_pages_are_never_shared() -> None:
 
 async def test_payload_equal_to_another_page_is_not_shared() -> None:
     """A page whose bytes equal another page's lz4 payload (zero-padded) is its own page."""
-    engine = make_engine()
+    engine = backend_engine("lz4")
     page = compressible(14)
     payload = lz4.block.compress(page, store_size=False)
     twin = payload + bytes(PAGE - len(payload))
@@ -289,7 +276,7 @@ async def test_payload_equal_to_another_page_is_not_shared() -> None:
 
 
 async def test_poor_pages_are_kept_raw() -> None:
-    engine = make_engine()
+    engine = backend_engine("lz4")
     page = incompressible(20)
     await engine.store(key(0), page)
     stats = engine.stats()
@@ -303,7 +290,7 @@ async def test_poor_pages_are_kept_raw() -> None:
 
 
 async def test_poor_pages_refused_with_reject_poor() -> None:
-    engine = make_engine(reject_poor=True)
+    engine = backend_engine("lz4", reject_poor=True)
     good = compressible(21)
     await engine.store(key(0), good)
     with pytest.raises(StoreRejected):
@@ -320,7 +307,7 @@ async def test_poor_pages_refused_with_reject_poor() -> None:
 
 
 async def test_reject_poor_invalidates_the_old_copy() -> None:
-    engine = make_engine(reject_poor=True)
+    engine = backend_engine("lz4", reject_poor=True)
     await engine.store(key(0), compressible(22))
     with pytest.raises(StoreRejected):
         await engine.store(key(0), incompressible(22))
@@ -334,10 +321,10 @@ async def test_reject_ratio_sets_the_bar() -> None:
     half = compressible(23)[: PAGE // 2] + incompressible(23)[: PAGE // 2]
     ratio = lz4_size(half) / PAGE
     assert 0.25 < ratio < 0.875
-    strict = make_engine(reject_poor=True, reject_ratio=0.25)
+    strict = backend_engine("lz4", reject_poor=True, reject_ratio=0.25)
     with pytest.raises(StoreRejected):
         await strict.store(key(0), half)
-    lenient = make_engine(reject_poor=True, reject_ratio=0.875)
+    lenient = backend_engine("lz4", reject_poor=True, reject_ratio=0.875)
     await lenient.store(key(0), half)
     assert await lenient.load(key(0)) == half
 
@@ -354,7 +341,7 @@ def _page_compressing_to_exactly_a_page() -> bytes:
 
 async def test_reject_ratio_one_round_trips_a_page_of_exact_size() -> None:
     page = _page_compressing_to_exactly_a_page()
-    engine = make_engine(reject_ratio=1.0)
+    engine = backend_engine("lz4", reject_ratio=1.0)
     await engine.store(key(0), page)
     assert await engine.load(key(0)) == page
 
@@ -363,7 +350,7 @@ async def test_reject_ratio_one_round_trips_a_page_of_exact_size() -> None:
 
 
 async def test_random_pages_round_trip() -> None:
-    engine = make_engine()
+    engine = backend_engine("lz4")
     rng = random.Random(30)
     pages: list[bytes] = []
     for i in range(64):
@@ -385,7 +372,7 @@ async def test_random_pages_round_trip() -> None:
 
 @pytest.mark.parametrize("name", ["lz4", "raw"])
 async def test_batch_of_256_pages_round_trips_in_order(name: str) -> None:
-    engine = make_engine(name)
+    engine = backend_engine(name)
     pages = [
         compressible(i) if i % 3 else (incompressible(i) if i % 2 else same_filled(b"%8d" % i))
         for i in range(256)
@@ -464,7 +451,7 @@ async def test_lz4_backend_accounting_directly() -> None:
 
 
 async def test_raw_backend_costs_a_full_page_each() -> None:
-    engine = make_engine("raw")
+    engine = backend_engine("raw")
     pages = [bytes(PAGE), bytes(PAGE), compressible(50), incompressible(50)]
     await engine.store_many(SWAP0, SWAP_OBJECT, list(enumerate(pages)))
     stats = engine.stats()
@@ -481,7 +468,7 @@ async def test_raw_backend_costs_a_full_page_each() -> None:
 
 async def test_raw_backend_keeps_a_copy() -> None:
     """A caller's buffer changing after the store must not change the stored page."""
-    engine = make_engine("raw")
+    engine = backend_engine("raw")
     buf = bytearray(compressible(51))
     await engine.store(key(0), bytes(buf))
     await engine.store_many(SWAP0, SWAP_OBJECT, [(1, buf)])  # type: ignore[list-item]
@@ -492,7 +479,7 @@ async def test_raw_backend_keeps_a_copy() -> None:
 
 
 async def test_lz4_backend_keeps_a_copy() -> None:
-    engine = make_engine("lz4")
+    engine = backend_engine("lz4")
     buf = bytearray(incompressible(52))
     await engine.store_many(SWAP0, SWAP_OBJECT, [(0, buf)])  # type: ignore[list-item]
     expected = bytes(buf)

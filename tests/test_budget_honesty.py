@@ -18,6 +18,8 @@ from pathlib import Path
 
 from conftest import Mount
 
+from bench.pagefiles import usr_lib_pages
+
 MIB = 1 << 20
 PAGE = 4096
 HONEST_MIB = 160          # real-file pages stored for the honesty check
@@ -38,26 +40,12 @@ def vm_rss(pid: int) -> int:
 
 
 def real_file_corpus(path: Path, size: int) -> None:
-    """The first `size` bytes of whole pages of the files under /usr/lib, in sorted order."""
-    taken = 0
+    """The first `size` bytes of whole pages of the files under /usr/lib, in sorted order
+    (the bench's corpus of real files, read the same way)."""
     with open(path, "wb") as out:
-        for directory, dirs, files in os.walk("/usr/lib"):
-            dirs.sort()
-            for name in sorted(files):
-                file = os.path.join(directory, name)
-                if os.path.islink(file) or not os.path.isfile(file):
-                    continue
-                try:
-                    with open(file, "rb") as f:
-                        data = f.read(size - taken)
-                except OSError:
-                    continue
-                data = data[: len(data) // PAGE * PAGE]
-                out.write(data)
-                taken += len(data)
-                if taken >= size:
-                    return
-    raise AssertionError(f"/usr/lib holds only {taken} bytes of whole pages")
+        taken = sum(out.write(page) for page in usr_lib_pages(size))
+    if taken < size:
+        raise AssertionError(f"/usr/lib holds only {taken} bytes of whole pages")
 
 
 def settle(pid: int) -> int:

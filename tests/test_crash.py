@@ -25,6 +25,8 @@ from conftest import is_mounted
 from redis_servers import RedisFactory
 from tmemfs_testlib import load, page_names, try_store
 
+from tmemfs import mount as tmemfs_mount
+
 pytest_plugins = ["redis_servers"]  # the redis_factory fixture
 
 TMEMFS = [sys.executable, "-m", "tmemfs"]
@@ -38,10 +40,9 @@ def tmemfs(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def daemon_pid(mnt: Path) -> int:
-    for line in (mnt / ".daemon").read_text().splitlines():
-        if line.startswith("pid "):
-            return int(line.split()[1])
-    raise AssertionError("no pid in .daemon")
+    pid = tmemfs_mount.daemon_pid(mnt)
+    assert pid is not None, f"no pid in {mnt}/.daemon"
+    return pid
 
 
 def alive(pid: int) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from engine_testlib import PAGE, SWAP0, make_backend, make_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,29 +43,16 @@ from tmemfs.engine import (
 from tmemfs.engine.keys import MAX_INDEX
 from tmemfs.engine.stats import ALL_COUNTERS
 
-PAGE = 4096
 WORDS = ("put", "get", "flush", "pool", "object", "index", "page", "swap")
 
-SWAP0 = PoolId(PoolKind.PERSISTENT, "0")
 FS = PoolId(PoolKind.EPHEMERAL, "fs")
 SHARED = PoolId(PoolKind.EPHEMERAL, "6f1c2b8e-3d4a-4b5c-9e8f-0a1b2c3d4e5f")
 OBJ = "ino"
 
 
-def make_engine(
-    name: str = "raw", *, max_pool: int = 64 << 20, exclusive_gets: bool = False,
-    reject_poor: bool = False,
-) -> Engine:
-    backend = open_backend(name, page_size=PAGE, limiter=trio.CapacityLimiter(2),
-                           reject_ratio=0.875)
-    return Engine(backend, max_pool=max_pool, exclusive_gets=exclusive_gets,
-                  reject_poor=reject_poor)
-
-
 def _raw_cost() -> int:
     """What one page costs under the raw backend: its memory plus its index entry."""
-    backend = open_backend("raw", page_size=PAGE, limiter=trio.CapacityLimiter(1),
-                           reject_ratio=0.875)
+    backend = make_backend("raw", tokens=1)
     backend.store(Encoded(bytes(PAGE), PAGE))
     return backend.memory_used() + ENTRY_OVERHEAD
 

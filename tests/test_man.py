@@ -1,7 +1,10 @@
-"""man/tmemfs.8: it documents every option the CLI accepts, renders cleanly, installs.
+"""man/tmemfs.8 and man/tmemfs.5: they document every option, errno and counter,
+render cleanly, and install where man finds them.
 
-The option list comes from tmemfs.cli.build_parser() itself, subcommand by
-subcommand, so a new option without a line in the man page fails here.
+tmemfs(8) is the commands: the option list comes from tmemfs.cli.build_parser()
+itself, subcommand by subcommand, so a new option without a line in the page fails
+here. tmemfs(5) is the filesystem: every counter of tmemfs.engine.stats and every
+errno the adapter (tmemfs/fs.py) answers must have an entry.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from tmemfs.engine.stats import ALL_COUNTERS
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "man" / "tmemfs.8"
+FS_PAGE = REPO / "man" / "tmemfs.5"
+PAGES = (PAGE, FS_PAGE)
 WIDTH = 80
 # What the synopsis calls each positional argument.
 POSITIONALS = {"mountpoint": "MOUNT"}
@@ -34,17 +39,17 @@ def need(*tools: str) -> None:
             pytest.skip(f"{tool} is not installed (apt-get install man-db groff-base)")
 
 
-def render(*man_args: str) -> subprocess.CompletedProcess[str]:
+def render(*man_args: str, page: Path = PAGE) -> subprocess.CompletedProcess[str]:
     """`man -l` as a user runs it, at 80 columns, into a pipe (so plain text)."""
     need("man", "groff")
     env = {k: v for k, v in os.environ.items() if k not in ("MANPAGER", "PAGER", "MANOPT")}
     env |= {"MANWIDTH": str(WIDTH), "LC_ALL": "C.UTF-8", "MAN_KEEP_FORMATTING": ""}
-    return subprocess.run(["man", *man_args, "-l", str(PAGE)], capture_output=True,
+    return subprocess.run(["man", *man_args, "-l", str(page)], capture_output=True,
                           text=True, env=env, timeout=60, check=False)
 
 
-def rendered_text() -> str:
-    result = render()
+def rendered_text(page: Path = PAGE) -> str:
+    result = render(page=page)
     assert result.returncode == 0, result.stderr
     # Undo what a UTF-8 terminal gets instead of ASCII hyphens and quotes.
     return result.stdout.translate(str.maketrans("\u2010\u2212\u2018\u2019", "--''"))
@@ -149,12 +154,46 @@ def test_every_option_of_every_command_is_documented() -> None:
 
 
 def test_every_counter_is_documented() -> None:
-    documented = {tag for tag, _ in entries(sections(rendered_text())["STATISTICS"])}
+    """tmemfs(5) has an entry for each counter; tmemfs(8) sends readers there."""
+    statistics = sections(rendered_text(FS_PAGE))["STATISTICS"]
+    documented = {tag for tag, _ in entries(statistics)}
     for counter in (*ALL_COUNTERS, "lost_pages"):
-        assert counter in documented, f"STATISTICS has no entry for {counter}"
-    statistics = " ".join(sections(rendered_text())["STATISTICS"])
+        assert counter in documented, f"tmemfs(5) STATISTICS has no entry for {counter}"
     for name in MORE_COUNTERS:
-        assert has_token(statistics, name), f"STATISTICS does not mention {name}"
+        assert has_token(" ".join(statistics), name), f"tmemfs(5) does not mention {name}"
+    assert "tmemfs(5)" in " ".join(sections(rendered_text())["STATISTICS"])
+
+
+def answered_errnos() -> set[str]:
+    """Every errno name the FUSE adapter can answer with."""
+    source = (REPO / "tmemfs" / "fs.py").read_text()
+    return set(re.findall(r"errno\.(E[A-Z]+)", source))
+
+
+def test_every_errno_is_documented() -> None:
+    page = sections(rendered_text(FS_PAGE))
+    documented = {name.strip() for tag, _ in entries(page["ERRORS"]) for name in tag.split(",")}
+    answered = answered_errnos()
+    assert {"ENOENT", "EINVAL", "ENOSPC", "EIO", "EPERM"} <= answered
+    missing = answered - documented
+    assert not missing, f"tmemfs(5) ERRORS has no entry for {sorted(missing)}"
+
+
+def test_the_filesystem_page_is_for_users() -> None:
+    """tmemfs(5) stands alone: the tree, the semantics, the image, discard, errors."""
+    page = sections(rendered_text(FS_PAGE))
+    for heading in ("NAME", "DESCRIPTION", "ERRORS", "STATISTICS", "FILES", "EXAMPLES",
+                    "SEE ALSO"):
+        assert heading in page, f"tmemfs(5) has no {heading} section"
+    description = " ".join(" ".join(page["DESCRIPTION"]).split())
+    for words in ("frontswap/", "cleancache/", ".stats", "N.img", "FALLOC_FL_PUNCH_HOLE",
+                  "FALLOC_FL_ZERO_RANGE", "EOPNOTSUPP", "--exclusive-gets", "Remounts",
+                  "Permissions"):
+        assert words in description, f"tmemfs(5) DESCRIPTION does not cover {words}"
+    assert "tmemfs(8)" in " ".join(page["SEE ALSO"])
+    readme = (REPO / "README.md").read_text()
+    assert "SPEC.md" not in readme, "README links a contract users do not have"
+    assert "man/tmemfs.5" in readme
 
 
 def test_the_page_has_the_sections_operators_look_for() -> None:
@@ -168,17 +207,19 @@ def test_the_page_has_the_sections_operators_look_for() -> None:
         assert path in files
     assert "discard" in " ".join(page["BUGS"])
     see_also = " ".join(page["SEE ALSO"])
-    for ref in ("zramctl(8)", "swapon(8)", "losetup(8)", "mount.fuse3(8)", "redis-server(1)"):
+    for ref in ("tmemfs(5)", "zramctl(8)", "swapon(8)", "losetup(8)", "mount.fuse3(8)",
+                "redis-server(1)"):
         assert ref in see_also
 
 
-def test_renders_without_warnings() -> None:
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_renders_without_warnings(page: Path) -> None:
     need("groff")
-    groff = subprocess.run(["groff", "-man", "-ww", "-z", str(PAGE)], capture_output=True,
+    groff = subprocess.run(["groff", "-man", "-ww", "-z", str(page)], capture_output=True,
                            text=True, timeout=60, check=False)
     assert groff.returncode == 0
     assert groff.stderr == ""
-    man = render("--warnings=all")
+    man = render("--warnings=all", page=page)
     assert man.returncode == 0
     assert man.stderr == ""
     too_wide = [line for line in man.stdout.splitlines() if len(line) > WIDTH]
@@ -212,11 +253,13 @@ def test_an_install_puts_the_page_where_man_finds_it(tmp_path: Path) -> None:
     if pip.returncode != 0 and "satisfies the requirement setuptools" in pip.stderr:
         pytest.skip("no package index to fetch the build backend (setuptools) from")
     assert pip.returncode == 0, pip.stdout + pip.stderr
-    installed = venv / "share" / "man" / "man8" / "tmemfs.8"
-    assert installed.read_bytes() == PAGE.read_bytes()
     env = {k: v for k, v in os.environ.items() if k not in ("MANPATH", "MANOPT")}
     env["PATH"] = f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin"
-    where = subprocess.run(["man", "-w", "tmemfs"], capture_output=True, text=True, env=env,
-                           timeout=60, check=False)
-    assert where.returncode == 0, where.stderr
-    assert Path(where.stdout.strip()) == installed
+    for page in PAGES:
+        section = page.suffix[1:]
+        installed = venv / "share" / "man" / f"man{section}" / page.name
+        assert installed.read_bytes() == page.read_bytes()
+        where = subprocess.run(["man", "-w", section, "tmemfs"], capture_output=True,
+                               text=True, env=env, timeout=60, check=False)
+        assert where.returncode == 0, where.stderr
+        assert Path(where.stdout.strip()) == installed

@@ -30,6 +30,7 @@ from tmemfs_testlib import (
     PAGE,
     SPEC_COUNTERS,
     ZERO_PAGE,
+    errno_of,
     load,
     page_names,
     random_page,
@@ -74,15 +75,6 @@ def name(err: object) -> str:
     if isinstance(err, int):
         return errno.errorcode.get(err, str(err)) if err else "success"
     return "data"
-
-
-def errno_of(call: Callable[[Path], object], path: Path) -> int:
-    """The errno `call(path)` fails with, or 0."""
-    try:
-        call(path)
-    except OSError as exc:
-        return exc.errno or -1
-    return 0
 
 
 def wait_until_stores_work(pool: Path, timeout: float = 10.0) -> float:
@@ -324,8 +316,8 @@ def test_unlink_and_rmdir_while_redis_is_down(
         store(fs0 / str(i), random_page(i))
         store(fs1 / str(i), random_page(100 + i))
     server.kill()
-    unlinked = errno_of(os.unlink, fs0 / "3")
-    flushed = errno_of(os.rmdir, fs1)
+    unlinked = errno_of(lambda: os.unlink(fs0 / "3"))
+    flushed = errno_of(lambda: os.rmdir(fs1))
     assert unlinked in (0, errno.EIO), f"unlink with Redis down: {name(unlinked)}"
     assert flushed in (0, errno.EIO), f"rmdir with Redis down: {name(flushed)}"
     server.restart()
@@ -536,6 +528,74 @@ def test_remount_finds_frontswap_pages(redis_factory: RedisFactory, tmp_path: Pa
     # Another mount point on the same Redis has its own namespace: none of these pools.
     with mounted(tmp_path / "other", "--backend", server.url) as other:
         assert page_names(other.path / "frontswap") == set()
+
+
+def test_remount_finds_the_images_with_their_sizes(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """truncate, write, unmount, remount: `stat` and losetup find the same images."""
+    if subprocess.run(["losetup", "-f"], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("no free loop device on this machine")
+    server = redis_factory()
+    mnt = tmp_path / "mnt"
+    sizes = {2: 3 * MiB + 8 * PAGE, 5: MiB, 7: MiB}  # 5 holds no page; 7.img is removed
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(3 * MiB))
+    first = start_mount(mnt, "--backend", server.url, log=tmp_path / "mnt.log")
+    try:
+        frontswap = mnt / "frontswap"
+        for n, size in sizes.items():
+            subprocess.run(["truncate", "-s", str(size), str(frontswap / f"{n}.img")],
+                           check=True, timeout=30)
+        result = dd(f"if={source}", f"of={frontswap / '2.img'}", "bs=1M", "seek=0",
+                    "oflag=direct", "conv=notrunc")
+        assert result.returncode == 0, result.stderr
+        os.unlink(frontswap / "7.img")
+        tmemfs_umount(first)
+    finally:
+        first.unmount()
+
+    expected = source.read_bytes() + bytes(8 * PAGE)
+    with mounted(mnt, "--backend", server.url):
+        frontswap = mnt / "frontswap"
+        assert sorted(os.listdir(frontswap)) == ["2", "2.img", "5", "5.img", "7"]
+        assert (frontswap / "2.img").stat().st_size == sizes[2]
+        assert (frontswap / "5.img").stat().st_size == sizes[5]
+        assert direct_pread(frontswap / "2.img", 0, sizes[2]) == expected
+        assert direct_pread(frontswap / "5.img", 0, sizes[5]) == bytes(MiB)
+        attached = subprocess.run(
+            ["losetup", "--direct-io=on", "--read-only", "-f", "--show",
+             str(frontswap / "2.img")], capture_output=True, text=True, timeout=30)
+        assert attached.returncode == 0, attached.stderr
+        device = attached.stdout.strip()
+        try:
+            size = subprocess.run(["blockdev", "--getsize64", device], capture_output=True,
+                                  text=True, timeout=30, check=True).stdout
+            assert int(size) == sizes[2]
+            assert direct_pread(Path(device), 0, sizes[2]) == expected
+        finally:
+            subprocess.run(["losetup", "-d", device], timeout=30, check=False)
+
+
+def test_an_image_size_that_cannot_be_kept_is_refused(
+    redis_factory: RedisFactory, mount_factory: MountFactory
+) -> None:
+    """While Redis hangs, truncate of an image fails and changes nothing (no stale size
+    for the next mount to find); once Redis is back it works."""
+    server = redis_factory()
+    mount = mount_factory("--backend", server.url, *FAST)
+    image = mount.path / "frontswap" / "0.img"
+    subprocess.run(["truncate", "-s", str(MiB), str(image)], check=True, timeout=30)
+    server.pause()
+    try:
+        result = subprocess.run(["truncate", "-s", str(2 * MiB), str(image)],
+                                capture_output=True, text=True, timeout=30)
+    finally:
+        server.resume()
+    assert result.returncode != 0 and "No space left" in result.stderr, result.stderr
+    assert image.stat().st_size == MiB
+    subprocess.run(["truncate", "-s", str(2 * MiB), str(image)], check=True, timeout=30)
+    assert image.stat().st_size == 2 * MiB
 
 
 def test_explicit_namespace_follows_the_pages(

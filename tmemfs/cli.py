@@ -152,8 +152,7 @@ _SIZES = {"orig_data_size", "compr_data_size", "pool_total_size"}
 def read_stats(mountpoint: Path) -> dict[str, dict[str, int]]:
     """Every stats file of a mount: {"total": {...}, "frontswap/0": {...}, ...}."""
     def load(path: Path) -> dict[str, int]:
-        values = statsfmt.parse(path.read_text())
-        return {k: int(v) for k, v in values.items() if v.lstrip("-").isdigit()}
+        return statsfmt.counters(path.read_text())
 
     result = {"total": load(mountpoint / "stats")}
     for kind in ("frontswap", "cleancache"):

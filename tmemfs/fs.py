@@ -28,7 +28,6 @@ from tmemfs.engine import (
     BadName,
     Engine,
     NoSuchObject,
-    NoSuchPage,
     NoSuchPool,
     Owner,
     PageKey,
@@ -53,7 +52,6 @@ _ERRNO: dict[type[TmemError], int] = {
     BadName: errno.EINVAL,
     NoSuchPool: errno.ENOENT,
     NoSuchObject: errno.ENOENT,
-    NoSuchPage: errno.ENOENT,
     PoolExists: errno.EEXIST,
     StoreRejected: errno.ENOSPC,
     PageLost: errno.EIO,
@@ -158,7 +156,7 @@ class Listing:
 
 
 class TmemOperations(pyfuse3.Operations):
-    """The tmemfs tree of SPEC section 1 over an Engine."""
+    """The tmemfs tree of tmemfs(5) over an Engine."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -720,7 +718,7 @@ class TmemOperations(pyfuse3.Operations):
             data[off - first * psize : end - first * psize] = buf
         stored = await self.engine.store_run(pool_id, SWAP_OBJECT, first, data)
         if pool.image_size is not None and end > pool.image_size:
-            pool.image_size = end
+            await self.engine.resize_image(pool_id, end)
         if not stored:
             raise StoreRejected(f"{pool_id}.img")
         return len(buf)
@@ -814,9 +812,7 @@ class TmemOperations(pyfuse3.Operations):
             raise fail(errno.ENOENT)
         elif node.kind is Kind.IMAGE:
             assert node.pool is not None
-            self.engine.remove_image(node.pool)
-        elif not self._exists(node):
-            raise fail(errno.ENOENT)
+            await self.engine.remove_image(node.pool)
         elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
             raise fail(errno.EPERM)
         else:

@@ -29,6 +29,7 @@ from tmemfs import __version__
 from tmemfs.backends import mask_url, open_backend, open_tier
 from tmemfs.backends.store import StoreUnavailable
 from tmemfs.engine import Engine
+from tmemfs.engine import stats as statsfmt
 from tmemfs.fs import TmemOperations
 from tmemfs.metrics import open_metrics_listeners, serve_metrics
 
@@ -306,14 +307,20 @@ def _hide_secrets_from_ps() -> None:
         setproctitle.setproctitle(" ".join(mask_url(a) if "://" in a else a for a in sys.argv))
 
 
+BUSY = "it is busy (open files, a cwd or a loop device)"
+
+
 def _plain_unmount(mountpoint: Path) -> str | None:
-    """Unmount without detaching lazily; None on success, else why not."""
+    """`fusermount3 -u`, never lazily: None on success, else why not (BUSY when busy).
+
+    For `tmemfs umount` and for the daemon's own signal handler alike.
+    """
     result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
                             text=True, timeout=60, check=False)
     if result.returncode == 0:
         return None
     reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-    return "it is busy (open files, a cwd or a loop device)" if "busy" in reason else reason
+    return BUSY if "busy" in reason.lower() else reason
 
 
 def _detach_stdio() -> None:
@@ -366,14 +373,10 @@ def _fallback_log_file() -> logging.Handler:
 def daemon_pid(path: Path) -> int | None:
     """The daemon's pid, from the mount's own `.daemon` file."""
     try:
-        text = (path / ".daemon").read_text()
+        pid = statsfmt.parse((path / ".daemon").read_text()).get("pid", "")
     except OSError:
         return None
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == "pid" and value.isdigit():
-            return int(value)
-    return None
+    return int(pid) if pid.isdigit() else None
 
 
 def umount(path: Path, timeout: float = 30.0) -> int:
@@ -387,13 +390,11 @@ def umount(path: Path, timeout: float = 30.0) -> int:
         detach(path)
         return 0
     pid = daemon_pid(path)
-    result = subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, text=True,
-                            check=False)
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        if "busy" in reason.lower():
-            raise MountError(f"{path} is busy (open files, a cwd, or a loop device); not unmounted")
-        raise MountError(f"cannot unmount {path}: {reason}")
+    refusal = _plain_unmount(path)
+    if refusal == BUSY:
+        raise MountError(f"{path} is not unmounted: {BUSY}")
+    if refusal is not None:
+        raise MountError(f"cannot unmount {path}: {refusal}")
     if pid is not None:
         deadline = time.monotonic() + timeout
         while _alive(pid):

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 from bench import corpora, devices, directio, plots
 from bench.config import Context
+from bench.directio import CHUNK
 from bench.model import Goal, Row, Section, Table, median, paired
 from bench.pagefiles import PAGE
 from bench.progress import Progress
-from bench.redis import CHUNK
 
 NUMBER = 6
 TITLE = "Growth"

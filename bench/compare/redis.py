@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 
-from bench import devices, plots
+from bench import devices, directio, plots
 from bench import redis as redis_bench
 from bench.config import Context
 from bench.model import Section, at_least, paired
@@ -26,7 +26,7 @@ def run(ctx: Context) -> Section:
         f"A private `redis-server` on 127.0.0.1 (no persistence). tmemfs mounted with "
         f"`--backend redis://127.0.0.1:PORT/0` writes then reads {size >> 20} MiB of the files "
         f"corpus through a new `frontswap/N.img` per run in 1 MiB O_DIRECT requests (the "
-        f"batched path, `bench.redis.direct_write`/`direct_read`), checked byte for byte; "
+        f"batched path, `bench.directio.direct_write`/`direct_read`), checked byte for byte; "
         f"`redis-benchmark -P 32 -d 4096 -t set,get -n {cfg.redis_requests}` runs against the "
         f"same server in between. tmemfs pages/s against redis-benchmark requests/s."
     )
@@ -42,9 +42,9 @@ def run(ctx: Context) -> Section:
                     bar.note(f"run {r + 1}: {side}")
                     if side == "tmemfs":
                         image = mount.image(r, size)
-                        rates["store"].append(size / PAGE / redis_bench.direct_write(
+                        rates["store"].append(size / PAGE / directio.direct_write(
                             image, corpus.data, size))
-                        rates["load"].append(size / PAGE / redis_bench.direct_read(
+                        rates["load"].append(size / PAGE / directio.direct_read(
                             image, back, size))
                         if back[:size] != corpus.data[:size]:
                             raise RuntimeError("the redis-backed image returned different data")

@@ -44,11 +44,13 @@ class Encoded:
 
 
 class RestoredPool(NamedTuple):
-    """A pool a remote backend still holds from an earlier mount: its pages by index."""
+    """A pool a remote backend still holds from an earlier mount: its pages by index,
+    and the size of its block image (None: it had none)."""
 
     pool: PoolId
     generation: int
     pages: dict[int, Any]
+    image_size: int | None = None
 
 
 class Backend(ABC):
@@ -78,6 +80,9 @@ class Backend(ABC):
     async def restore(self) -> list[RestoredPool]:
         """Persistent pools kept from an earlier mount (remote backends only)."""
         return []
+
+    async def save_image(self, pool: str, generation: int, size: int | None) -> None:  # noqa: B027
+        """Keep a pool's image size for restore() (remote backends); None: no image."""
 
     @abstractmethod
     async def encode_many(self, pages: Sequence[bytes]) -> list[Encoded]:

@@ -10,6 +10,7 @@ forgets a generation, and its hashes are deleted by name, never by scanning.
     tmemfs:{NS|frontswap/N|GEN|CHUNK}     field INDEX -> payload   (CHUNK = INDEX // 256)
     tmemfs:{NS|cleancache/P|GEN|OBJ}      field INDEX -> payload
     tmemfs:NS:pools                       frontswap/N -> GEN        (what a remount restores)
+    tmemfs:NS:images                      frontswap/N -> "GEN SIZE" (its image, if it has one)
     tmemfs:NS:chunks:frontswap/N:GEN      set of CHUNK              (what a flush deletes)
 
 NS is the mount's namespace (--namespace; shared pools use "shared", so every mount
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import ssl
 import urllib.parse
 from collections import defaultdict
 from collections.abc import Sequence
@@ -61,10 +64,52 @@ def mask_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+# The URL parameters of rediss:// (coredis's own names). The server's certificate is
+# verified against the system's CAs, or ssl_ca_certs, and must name the host in the URL.
+_TLS_PARAMETERS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_check_hostname", "ssl_certfile",
+                   "ssl_keyfile")
+_CERT_REQS = ("required", "optional", "none")
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def tls_options(url: str) -> dict[str, Any]:
+    """coredis's ssl_* arguments from a rediss:// URL's parameters; ValueError if bad.
+
+    The defaults verify: the certificate chain (ssl_cert_reqs=required) and that the
+    certificate names the host (ssl_check_hostname=true), which coredis itself would
+    not check.
+    """
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - set(_TLS_PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r} (known: {', '.join(_TLS_PARAMETERS)})")
+    if not parts.scheme.startswith("rediss"):
+        if query:
+            raise ValueError(f"{next(iter(query))} needs a rediss:// URL")
+        return {"ssl": False}
+    value = {name: values[-1] for name, values in query.items()}
+    reqs = value.get("ssl_cert_reqs", "required")
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, not {reqs!r}")
+    check = value.get("ssl_check_hostname", "true" if reqs == "required" else "false").lower()
+    if check not in _BOOLEANS:
+        raise ValueError(f"ssl_check_hostname must be true or false, not {check!r}")
+    if _BOOLEANS[check] and reqs == "none":
+        raise ValueError("ssl_check_hostname=true needs ssl_cert_reqs optional or required")
+    options: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": reqs,
+                               "ssl_check_hostname": _BOOLEANS[check]}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in value:
+            if not os.path.exists(value[name]):
+                raise ValueError(f"{name}: {value[name]} does not exist")
+            options[name] = value[name]
+    return options
+
+
 def make_client(url: str, timeout: float) -> coredis.Redis[bytes] | coredis.RedisCluster[bytes]:
     """A client for redis://, rediss://, redis+cluster:// or rediss+cluster:// URLs."""
     parts = urllib.parse.urlsplit(url)
-    tls = parts.scheme.startswith("rediss")
     if not parts.hostname:
         raise ValueError(f"no host in {mask_url(url)}")
     common: dict[str, Any] = {
@@ -73,13 +118,8 @@ def make_client(url: str, timeout: float) -> coredis.Redis[bytes] | coredis.Redi
         "connect_timeout": timeout,
         "username": urllib.parse.unquote(parts.username) if parts.username else None,
         "password": urllib.parse.unquote(parts.password) if parts.password else None,
-        "ssl": tls,
+        **tls_options(url),
     }
-    if tls:
-        query = urllib.parse.parse_qs(parts.query)
-        common["ssl_cert_reqs"] = query.get("ssl_cert_reqs", ["required"])[0]
-        if "ssl_ca_certs" in query:
-            common["ssl_ca_certs"] = query["ssl_ca_certs"][0]
     if parts.scheme.endswith("+cluster"):
         nodes = []
         for hostport in parts.netloc.rpartition("@")[2].split(","):
@@ -136,6 +176,9 @@ class RedisStore(PageStore):
 
     def _pools_key(self) -> bytes:
         return f"tmemfs:{self.namespace}:pools".encode()
+
+    def _images_key(self) -> bytes:
+        return f"tmemfs:{self.namespace}:images".encode()
 
     def _chunks_key(self, pool: str, generation: int) -> bytes:
         return f"tmemfs:{self.namespace}:chunks:{pool}:{generation}".encode()
@@ -218,11 +261,33 @@ class RedisStore(PageStore):
         names = [self.hash_of(Location(pool, generation, "", int(c) * CHUNK)) for c in chunks]
         await self.drop_hashes([*names, chunks_key])
         await self._call(self._client.hdel(self._pools_key(), [pool.encode()]))
+        await self._call(self._client.hdel(self._images_key(), [pool.encode()]))
         self._registered = {c for c in self._registered if c[:2] != (pool, generation)}
 
     async def registered_pools(self) -> dict[str, int]:
         pools = await self._call(self._client.hgetall(self._pools_key()))
         return {k.decode(): int(v) for k, v in pools.items()}
+
+    async def save_image(self, pool: str, generation: int, size: int | None) -> None:
+        """Record a pool's image size (None: it has none), and the pool with it."""
+        def run(pipe: Any) -> None:
+            if size is None:
+                pipe.hdel(self._images_key(), [pool.encode()])
+            else:
+                pipe.hset(self._images_key(), {pool.encode(): f"{generation} {size}".encode()})
+                pipe.hset(self._pools_key(), {pool.encode(): str(generation).encode()})
+
+        await self._pipeline(run)
+
+    async def image_sizes(self, registered: dict[str, int]) -> dict[str, int]:
+        """The image size of each registered pool that has one (of that generation)."""
+        images = await self._call(self._client.hgetall(self._images_key()))
+        sizes = {}
+        for pool, value in images.items():
+            generation, _, size = value.decode().partition(" ")
+            if registered.get(pool.decode()) == int(generation):
+                sizes[pool.decode()] = int(size)
+        return sizes
 
     async def pool_pages(self, pool: str, generation: int) -> dict[int, int]:
         """Index -> payload length of every page a frontswap pool generation holds."""
@@ -281,6 +346,14 @@ class RedisStore(PageStore):
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
+    # coredis says only "Unable to establish a connection"; a TLS failure says why.
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS: the server's certificate is not trusted: {cause.verify_message}"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
@@ -317,15 +390,21 @@ class RedisBackend(Backend):
 
     async def restore(self) -> list[RestoredPool]:
         restored = []
-        for pool, generation in (await self.store_.registered_pools()).items():
+        registered = await self.store_.registered_pools()
+        images = await self.store_.image_sizes(registered)
+        for pool, generation in registered.items():
             kind, _, name = pool.partition("/")
             if kind != PoolKind.PERSISTENT.value:
                 continue
             pages = await self.store_.pool_pages(pool, generation)
             for length in pages.values():
                 self._account(length, +1)
-            restored.append(RestoredPool(PoolId(PoolKind.PERSISTENT, name), generation, pages))
+            restored.append(RestoredPool(PoolId(PoolKind.PERSISTENT, name), generation, pages,
+                                         images.get(pool)))
         return restored
+
+    async def save_image(self, pool: str, generation: int, size: int | None) -> None:
+        await self.store_.save_image(pool, generation, size)
 
     def _encode_chunk(self, pages: Sequence[bytes]) -> list[Encoded]:
         # Nothing but the index entry is held here, so a page costs no local payload.

@@ -4,7 +4,6 @@ from tmemfs.engine.engine import ENTRY_OVERHEAD, Engine
 from tmemfs.engine.errors import (
     BadName,
     NoSuchObject,
-    NoSuchPage,
     NoSuchPool,
     PageLost,
     PoolExists,
@@ -29,7 +28,6 @@ __all__ = [
     "Engine",
     "Entry",
     "NoSuchObject",
-    "NoSuchPage",
     "NoSuchPool",
     "Owner",
     "PageKey",

@@ -115,6 +115,7 @@ class Engine:
         for restored in await self.backend.restore():
             pool = self.create_pool(restored.pool)
             pool.generation = restored.generation
+            pool.image_size = restored.image_size
             tobj = pool.objects[SWAP_OBJECT]
             now = time.time_ns()
             for index, handle in restored.pages.items():
@@ -755,6 +756,8 @@ class Engine:
             raise NoSuchPool(str(pool_id))
         pool = self.pools.get(pool_id) or self.create_pool(pool_id)
         old = pool.image_size or 0
+        if size != pool.image_size:
+            await self._save_image(pool, size)
         pool.image_size = size
         if size >= old:
             return
@@ -766,12 +769,20 @@ class Engine:
                 tail = page[:partial].ljust(self.page_size, b"\0")
                 await self.store(PageKey(pool_id, SWAP_OBJECT, cut), tail)
 
-    def remove_image(self, pool_id: PoolId) -> None:
+    async def remove_image(self, pool_id: PoolId) -> None:
         """Unlink the image: the view goes, the pool and its pages stay."""
         pool = self.pool(pool_id)
         if pool.image_size is None:
             raise NoSuchPool(f"{pool_id}.img")
+        await self._save_image(pool, None)
         pool.image_size = None
+
+    async def _save_image(self, pool: Pool, size: int | None) -> None:
+        """Record an image's size where a remount finds it; refused if it cannot be."""
+        try:
+            await self.backend.save_image(str(pool.id), pool.generation, size)
+        except StoreUnavailable as exc:
+            raise StoreRejected(f"{pool.id}.img: {exc}") from None
 
     # -- inspection --------------------------------------------------------------------
 

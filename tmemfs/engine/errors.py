@@ -23,10 +23,6 @@ class PoolExists(TmemError):
     """mkdir of a pool or object that already exists (EEXIST)."""
 
 
-class NoSuchPage(TmemError):
-    """A load or invalidate that misses: never stored, invalidated, or evicted (ENOENT)."""
-
-
 class StoreRejected(TmemError):
     """The backend refused a store: budget full, compresses poorly, or remote failure (ENOSPC)."""
 

@@ -41,10 +41,16 @@ def render(values: dict[str, int | str]) -> bytes:
 
 
 def parse(text: str) -> dict[str, str]:
-    """Read back what `render` wrote (for `tmemfs stat`)."""
+    """Read back what `render` wrote: the one parser of stats, .stats and .daemon."""
     values: dict[str, str] = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name:
             values[name] = value
     return values
+
+
+def counters(text: str) -> dict[str, int]:
+    """The numeric lines of a stats file, as integers (for `tmemfs stat`, tests, bench)."""
+    return {name: int(value) for name, value in parse(text).items()
+            if value.lstrip("-").isdigit()}
