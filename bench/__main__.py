@@ -1,6 +1,6 @@
 """python -m bench: every comparison, side by side, in one process; a report and plots.
 
-    python -m bench [--quick] [--out DIR] [--only image,memory,swap,pagefiles,redis,growth]
+    python -m bench [--quick] [--out DIR] [--only image,memory,swap,pagefiles,redis,growth,ceiling]
 
 Needs root and an idle /dev/zram0 (exit 77 otherwise). Writes
 bench/results/DATE.md, its PNG plots and BENCHMARKS.md (or, with --out, the report
@@ -37,7 +37,7 @@ from bench.system import (
 RESULTS = ROOT / "bench" / "results"
 # In report order; each is bench/compare/NAME.py, imported only once the checks pass
 # (matplotlib comes with them, and a refusal should be one quiet line).
-COMPARISONS = ("image", "memory", "swap", "pagefiles", "redis", "growth")
+COMPARISONS = ("image", "memory", "swap", "pagefiles", "redis", "growth", "ceiling")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

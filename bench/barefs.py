@@ -2,9 +2,9 @@
 
     python -m bench.barefs MOUNTPOINT [--size MIB]
 
-It serves `img` (a file of fixed size, its 4 KiB pages in a dict) and `pages/` (a
-directory of page files, each kept as bytes), both with direct I/O as tmemfs serves
-them, and nothing else: no compression, no budget, no counters. What tmemfs does
+It serves `img` (a file of fixed size, its 4 KiB pages in a dict) and directories made
+with mkdir holding page files (each kept as bytes), all with direct I/O as tmemfs
+serves them, and nothing else: no compression, no budget, no counters. What tmemfs does
 beyond this is its own cost; the bench prints tmemfs's rates as ratios of this one's.
 """
 
@@ -20,8 +20,7 @@ import pyfuse3
 import trio
 
 PAGE = 4096
-IMG, PAGES = pyfuse3.ROOT_INODE + 1, pyfuse3.ROOT_INODE + 2
-FIRST_PAGE_INODE = 100
+IMG = pyfuse3.ROOT_INODE + 1
 
 
 class BareFS(pyfuse3.Operations):
@@ -31,14 +30,14 @@ class BareFS(pyfuse3.Operations):
         super().__init__()
         self.size = size
         self.image: dict[int, bytes] = {}
-        self.names: dict[bytes, int] = {}
+        self.dirs: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {b"img": IMG}}
         self.files: dict[int, bytes] = {}
-        self.next_inode = FIRST_PAGE_INODE
+        self.next_inode = IMG + 1
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
-        if inode in (pyfuse3.ROOT_INODE, PAGES):
+        if inode in self.dirs:
             attr.st_mode = stat.S_IFDIR | 0o755
         else:
             attr.st_mode = stat.S_IFREG | 0o644
@@ -49,30 +48,44 @@ class BareFS(pyfuse3.Operations):
         attr.attr_timeout = attr.entry_timeout = 1.0
         return attr
 
+    def _new(self, parent: int, name: bytes) -> int:
+        inode = self.dirs[parent][name] = self.next_inode
+        self.next_inode += 1
+        return inode
+
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if inode in (pyfuse3.ROOT_INODE, IMG, PAGES) or inode in self.files:
+        if inode == IMG or inode in self.dirs or inode in self.files:
             return self._attr(inode)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def lookup(self, parent: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if parent == pyfuse3.ROOT_INODE and name in (b"img", b"pages"):
-            return self._attr(IMG if name == b"img" else PAGES)
-        if parent == PAGES and name in self.names:
-            return self._attr(self.names[name])
+        inode = self.dirs.get(parent, {}).get(name)
+        if inode is not None:
+            return self._attr(inode)
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = 0
-        return attr  # a negative entry, as tmemfs gives
+        return attr  # a negative entry
+
+    async def mkdir(self, parent: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name in self.dirs[parent]:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        inode = self._new(parent, name)
+        self.dirs[inode] = {}
+        return self._attr(inode)
+
+    async def rmdir(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        inode = self.dirs[parent].pop(name)
+        for child in self.dirs.pop(inode).values():
+            self.files.pop(child, None)
 
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        if parent != PAGES:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        inode = self.names.get(name)
+        inode = self.dirs[parent].get(name)
         if inode is None:
-            inode = self.names[name] = self.next_inode
-            self.next_inode += 1
+            inode = self._new(parent, name)
             self.files[inode] = bytes(PAGE)
         return pyfuse3.FileInfo(fh=inode, direct_io=True), self._attr(inode)
 
@@ -98,10 +111,10 @@ class BareFS(pyfuse3.Operations):
         return len(buf)
 
     async def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        inode = self.names.pop(name, None)
+        inode = self.dirs[parent].pop(name, None)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        del self.files[inode]
+        self.files.pop(inode, None)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         return inode

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,3 +74,22 @@ def read_all(path: Path | str, size: int) -> mmap.mmap:
     into = aligned(size)
     direct_read(path, into, size)
     return into
+
+
+def random_reads(path: Path | str, block: int, size: int, seconds: float) -> float:
+    """Random O_DIRECT reads of `block` bytes, one in flight, for `seconds`: reads/s."""
+    into = aligned(block)
+    rng = random.Random(1)
+    blocks = size // block
+    try:
+        with opened(path, os.O_RDONLY) as fd:
+            done = 0
+            start = time.perf_counter()
+            deadline = start + seconds
+            while True:
+                os.preadv(fd, [into], rng.randrange(blocks) * block)
+                done += 1
+                if done % 64 == 0 and time.perf_counter() > deadline:
+                    return done / (time.perf_counter() - start)
+    finally:
+        into.close()

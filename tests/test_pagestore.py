@@ -259,3 +259,17 @@ def test_bad_arguments_are_errors_not_crashes() -> None:
         store.encode_payload(bytes(PAGE + 1))
     with pytest.raises(ValueError):
         SlabStore(100, 100)
+
+
+def test_summarize_agrees_with_each_handle() -> None:
+    """What .stats and the image's st_blocks sum in one call, page by page."""
+    store = SlabStore(PAGE, LIMIT, 2)
+    batch = [ordinary(i % 7) if i % 5 else same_filled(i % 2) for i in range(60)]
+    handles = store.keep_all(store.encode(b"".join(batch)))
+    same, shared, charged = store.summarize(handles)
+    assert same == sum(store.is_same_filled(h) for h in handles)
+    assert shared == sum(not store.is_same_filled(h) and store.refs(h) > 1 for h in handles)
+    assert charged == pytest.approx(sum(store.length(h) / store.refs(h) for h in handles))
+    assert charged == pytest.approx(store.payload_bytes)
+    with pytest.raises(KeyError):
+        store.summarize([-1])

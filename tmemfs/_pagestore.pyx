@@ -712,6 +712,24 @@ cdef class SlabStore:
         self._check(handle)
         return self.records[handle].length == 0
 
+    def summarize(self, handles) -> tuple:
+        """(same-filled pages, shared pages, payload bytes charged to them) over handles:
+        a shared payload is split among its references, as payload_share splits it."""
+        cdef long same = 0, shared = 0
+        cdef double charged = 0
+        cdef long h
+        cdef Record* r
+        for h in handles:
+            self._check(h)
+            r = &self.records[h]
+            if r.length == 0:
+                same += 1
+                continue
+            if r.refs > 1:
+                shared += 1
+            charged += <double>r.length / r.refs
+        return same, shared, charged
+
     def memory_used(self) -> int:
         """What the store holds for pages: slots in use, records, the dedup table. The
         records of same-filled words are not counted: there are a few, shared by all."""

@@ -158,6 +158,10 @@ class Backend(ABC):
     def stats(self) -> dict[str, int]:
         """Backend-wide counters (compr_data_size, same_filled_pages, dedup_pages)."""
 
+    def summarize(self, handles: Sequence[Any]) -> tuple[int, int, float]:
+        """Same-filled pages, shared pages and payload bytes charged to them (batches only)."""
+        raise NotImplementedError
+
     def trim(self) -> None:  # noqa: B027 - optional hook
         """After releases: give memory that is no longer needed back to the system."""
 

@@ -116,6 +116,10 @@ class Lz4Backend(Backend):
             self._released = 0
             self.slabs.compact()
 
+    def summarize(self, handles: Sequence[int]) -> tuple[int, int, float]:
+        """Same-filled pages, shared pages and payload bytes charged to them, in one call."""
+        return self.slabs.summarize(handles)
+
     def payload_of(self, handle: int) -> bytes:
         return self.slabs.payload(handle)
 

@@ -812,17 +812,25 @@ class Engine:
         backend = self.backend
         stored = same = shared = 0
         compressed = here = 0.0
-        for tobj in pool.objects.values():
-            for entry in tobj.pages.values():
-                handle: Any = entry.handle
-                stored += 1
-                cost = self.page_cost(entry)
-                compressed += cost
-                if not isinstance(handle, Lowered | Lost):
-                    same += backend.is_same_filled(handle)
-                    shared += backend.is_shared(handle)
-                    if not backend.remote:
-                        here += cost
+        if backend.batches and self.writeback is None:
+            # Every handle is the compiled store's: one call sums them (a 1 GiB image's
+            # 262,144 pages in milliseconds, where a Python loop took most of a second).
+            handles = [e.handle for tobj in pool.objects.values() for e in tobj.pages.values()]
+            stored = len(handles)
+            same, shared, compressed = backend.summarize(handles)
+            here = compressed
+        else:
+            for tobj in pool.objects.values():
+                for entry in tobj.pages.values():
+                    handle: Any = entry.handle
+                    stored += 1
+                    cost = self.page_cost(entry)
+                    compressed += cost
+                    if not isinstance(handle, Lowered | Lost):
+                        same += backend.is_same_filled(handle)
+                        shared += backend.is_shared(handle)
+                        if not backend.remote:
+                            here += cost
         # What this process holds for the pool: payloads kept here, and the index.
         total = round(here) + stored * ENTRY_OVERHEAD
         if stored and not backend.remote:
