@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import random
 import resource
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lz4.block
 import pytest
@@ -273,3 +276,26 @@ def test_summarize_agrees_with_each_handle() -> None:
     assert charged == pytest.approx(store.payload_bytes)
     with pytest.raises(KeyError):
         store.summarize([-1])
+
+
+def test_a_missing_compiled_store_is_one_clear_line(tmp_path: Path) -> None:
+    """No silent slow fallback: without the module, `tmemfs mount` refuses in one line."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    # A package directory that shadows tmemfs._pagestore with a module that fails.
+    (shadow / "sitecustomize.py").write_text(
+        "import sys\nclass _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tmemfs._pagestore':\n"
+        "            raise ImportError('No module named tmemfs._pagestore')\n"
+        "sys.meta_path.insert(0, _Block())\n")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tmemfs", "mount", str(mountpoint)],
+        env={"PYTHONPATH": str(shadow), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "compiled page store is missing" in lines[0]

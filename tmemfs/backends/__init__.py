@@ -36,6 +36,11 @@ class BackendError(Exception):
 def check_backend(spec: str) -> None:
     """BackendError unless `spec` names a backend (for the command line, before forking)."""
     if spec in _LOCAL:
+        if spec == "lz4":
+            from tmemfs.backends.lz4 import MISSING
+
+            if MISSING:
+                raise BackendError(MISSING)
         return
     if is_redis_url(spec):
         try:
