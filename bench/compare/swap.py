@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench import plots, swap
 from bench.config import Context
 from bench.model import Section, Table, at_most, median, paired
@@ -10,6 +12,9 @@ from bench.progress import Progress
 NUMBER = 3
 TITLE = "Swap experiment"
 GOAL = at_most(1.0, "zram swap")
+PAGE_CLUSTER = Path("/proc/sys/vm/page-cluster")
+# The readahead sweep: small, so six settings on two stores fit in about a minute.
+SWEEP_LIMIT, SWEEP_SET = 48 << 20, 160 << 20
 
 
 def run(ctx: Context) -> Section:
@@ -50,9 +55,34 @@ def run(ctx: Context) -> Section:
           ", ".join(str(o.swapped_out) for o in outs),
           ", ".join(str(o.swapped_in) for o in outs)] for name, outs in outcomes.items()]))
     section.notes.append("pswpout and pswpin are /proc/vmstat deltas, system-wide.")
+    section.details.append(readahead_sweep(cfg.swap_timeout, quick=cfg.runs == 1))
     section.plots.append(plots.bars(
         ctx.plot_path("swap"), f"Swap: {ws >> 20} MiB working set in {limit >> 20} MiB",
         ["wall time (lower is better)"], "s",
         {name: [median(wall[name])] for name in names}, log=False))
     return section
 
+
+
+def readahead_sweep(timeout: int, *, quick: bool) -> Table:
+    """Wall time at each vm.page-cluster (swap readahead of 2^N pages), tmemfs and zram.
+
+    FUSE costs more per request than per byte, so larger clusters may pay for tmemfs,
+    where zram does not care. The setting is global: it is restored whatever happens.
+    """
+    limit, ws = (SWEEP_LIMIT, SWEEP_SET) if not quick else (32 << 20, 64 << 20)
+    settings = range(6) if not quick else (0, 3)
+    saved = PAGE_CLUSTER.read_text()
+    rows: list[list[str]] = []
+    try:
+        for cluster in settings:
+            PAGE_CLUSTER.write_text(str(cluster))
+            tmem = swap.on_tmemfs(limit, ws, timeout)
+            zram = swap.on_zram(limit, ws, timeout)
+            rows.append([str(cluster), f"{1 << cluster}", f"{tmem.wall:.1f}", f"{zram.wall:.1f}",
+                         f"{tmem.wall / zram.wall:.2f}x" if zram.wall else "-",
+                         "PASS" if tmem.passed and zram.passed else "FAIL"])
+    finally:
+        PAGE_CLUSTER.write_text(saved)
+    return Table([f"vm.page-cluster ({ws >> 20} MiB in {limit >> 20} MiB)", "pages per read",
+                  "tmemfs (s)", "zram (s)", "ratio", "workload"], rows)
