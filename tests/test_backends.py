@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import random
-import threading
 from collections.abc import Sequence
 
 import lz4.block
@@ -384,42 +383,6 @@ async def test_batch_of_256_pages_round_trips_in_order(name: str) -> None:
     assert got == [pages[i] for i in indexes]
     assert engine.stats()["loads"] == 256
     assert_budget_consistent(engine)
-
-
-async def test_run_batched_splits_over_threads_and_keeps_order() -> None:
-    backend = make_backend("lz4", tokens=4)
-    chunks: list[int] = []
-    threads: set[int] = set()
-
-    def double(items: Sequence[int]) -> list[int]:
-        chunks.append(len(items))
-        threads.add(threading.get_ident())
-        return [2 * x for x in items]
-
-    items = list(range(256))
-    assert await backend.run_batched(double, items) == [2 * x for x in items]
-    assert len(chunks) == 4
-    assert sum(chunks) == 256
-    assert threading.get_ident() not in threads
-
-
-async def test_run_batched_small_and_empty() -> None:
-    backend = make_backend("lz4", tokens=8)
-    calls: list[int] = []
-
-    def ident(items: Sequence[int]) -> list[int]:
-        calls.append(len(items))
-        return list(items)
-
-    assert await backend.run_batched(ident, []) == []
-    assert calls == []
-    # Too few pages to be worth splitting: one chunk.
-    assert await backend.run_batched(ident, list(range(10))) == list(range(10))
-    assert calls == [10]
-    # An uneven split still keeps every item, in order.
-    calls.clear()
-    assert await backend.run_batched(ident, list(range(37))) == list(range(37))
-    assert sum(calls) == 37 and len(calls) == 2
 
 
 async def test_lz4_backend_accounting_directly() -> None:

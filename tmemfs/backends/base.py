@@ -1,17 +1,17 @@
-"""The interface every backend implements, and the worker-thread helper they share.
+"""The interface every backend implements.
 
 A backend is an allocator for page contents, like a zpool under zswap: the engine
 keeps the index (which key holds which handle) and decides what is admitted; the
 backend decides how a page is represented and what it costs. Encoding and decoding
-are batched and run in worker threads, because pyfuse3 serves every request from
-one trio thread and a 1 MiB request is 256 pages of CPU work.
+are batched and compiled (tmemfs/_pagestore.pyx): pyfuse3 serves every request
+from one trio thread, and a 1 MiB request is 256 pages of CPU work, done in one call
+that releases the GIL and uses both cores.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Batches of at most this many pages are encoded right here: see run_batched.
-INLINE_MAX = 2
-# Below this many pages a batch is not worth splitting over several threads.
-_MIN_PAGES_PER_THREAD = 16
 
 
 @dataclass(slots=True)
@@ -171,29 +167,3 @@ class Backend(ABC):
     def describe(self) -> str:
         """A one-line description for logs and stats."""
         return self.name
-
-    async def run_batched(
-        self, func: Callable[[Sequence[T]], list[R]], items: Sequence[T]
-    ) -> list[R]:
-        """Run `func` over `items` in worker threads, one chunk per core, keeping order."""
-        if not items:
-            return []
-        if len(items) <= INLINE_MAX:
-            # A page or two takes microseconds; the hop to a worker thread and back takes
-            # a hundred (thread wake-ups), more than the work itself.
-            return func(items)
-        chunks = max(1, min(int(self.limiter.total_tokens), len(items) // _MIN_PAGES_PER_THREAD))
-        if chunks == 1:
-            return await trio.to_thread.run_sync(func, items, limiter=self.limiter)
-        size = math.ceil(len(items) / chunks)
-        parts: list[list[R]] = [[] for _ in range(chunks)]
-
-        async def run_part(i: int) -> None:
-            parts[i] = await trio.to_thread.run_sync(
-                func, items[i * size : (i + 1) * size], limiter=self.limiter
-            )
-
-        async with trio.open_nursery() as nursery:
-            for i in range(chunks):
-                nursery.start_soon(run_part, i)
-        return [r for part in parts for r in part]

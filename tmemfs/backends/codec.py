@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lz4.block
-
 from tmemfs.backends.base import Encoded
 
 WORD = 8
@@ -22,26 +20,21 @@ WORD = 8
 def encode_pages(
     pages: Sequence[bytes], page_size: int, reject_ratio: float, overhead: int
 ) -> list[Encoded]:
-    """Encode full pages (runs in a worker thread; python-lz4 releases the GIL).
+    """Encode full pages in one compiled call (the GIL released, both cores for many).
 
     A same-filled page's value is its word as an int; any other page's value is its
     payload. `overhead` is what keeping one payload costs beyond its bytes.
     """
-    limit = int(page_size * reject_ratio)
-    words = page_size // WORD
+    from tmemfs._pagestore import SlabStore
+
+    batch = SlabStore(page_size, int(page_size * reject_ratio)).encode(b"".join(pages))
     out: list[Encoded] = []
-    for page in pages:
-        head = bytes(page[:WORD])
-        # Most pages differ within their first two words; only then compare it all.
-        if page[WORD : 2 * WORD] == head and page == head * words:
-            out.append(Encoded(int.from_bytes(head, "little"), 0))
-            continue
-        payload = lz4.block.compress(page, store_size=False)
-        poor = len(payload) > limit or len(payload) >= page_size or len(payload) == WORD
-        if poor:
-            payload = bytes(page)
-        hash(payload)  # cached in the object, so a dedup lookup costs the trio thread nothing
-        out.append(Encoded(payload, len(payload) + overhead, poor))
+    for i in range(batch.count):
+        if batch.is_same_filled(i):
+            out.append(Encoded(batch.word(i), 0))
+        else:
+            payload = batch.payload(i)
+            out.append(Encoded(payload, len(payload) + overhead, batch.is_poor(i)))
     return out
 
 
@@ -51,14 +44,10 @@ def payload_of(value: int | bytes) -> bytes:
 
 
 def decode_payloads(payloads: Sequence[bytes], page_size: int) -> list[bytes]:
-    """Full pages from payloads (runs in a worker thread)."""
-    words = page_size // WORD
-    out: list[bytes] = []
-    for payload in payloads:
-        if len(payload) == WORD:
-            out.append(payload * words)
-        elif len(payload) == page_size:
-            out.append(payload)
-        else:
-            out.append(lz4.block.decompress(payload, uncompressed_size=page_size))
-    return out
+    """Full pages from payloads, decoded in one compiled call."""
+    from tmemfs._pagestore import decode_payloads as decode_into
+
+    out = bytearray(len(payloads) * page_size)
+    decode_into(list(payloads), page_size, out)
+    view = memoryview(out)
+    return [bytes(view[i * page_size : (i + 1) * page_size]) for i in range(len(payloads))]

@@ -283,6 +283,8 @@ class Engine:
     ) -> list[bool]:
         """Store full pages of one object; returns, per page, whether it was kept."""
         self.get_object(pool_id, obj)
+        if self.writeback is not None:
+            await self._reclaim(len(pages) * (self.page_size + ENTRY_OVERHEAD))
         encoded = await self.backend.encode_many([page for _, page in pages])
         async with self._mutating(pool_id):
             # The pool may have been flushed (or flushed and made anew) while we encoded.
@@ -640,8 +642,7 @@ class Engine:
                     self._locations(pool, tobj, [i for _, i, _ in below]))
                 present = [(n, p) for (n, _, _), p in zip(below, payloads, strict=True)
                            if p is not None]
-                pages = await self.backend.run_batched(
-                    lambda ps: decode_payloads(ps, self.page_size), [p for _, p in present])
+                pages = decode_payloads([p for _, p in present], self.page_size)
                 for (n, _), page in zip(present, pages, strict=True):
                     data[n] = page
         except StoreUnavailable as exc:
@@ -717,6 +718,20 @@ class Engine:
             return len(gone)
 
     # -- writeback ---------------------------------------------------------------------
+
+    async def _reclaim(self, room: int) -> None:
+        """Direct reclaim: before a store that may not fit, move the coldest persistent
+        pages down until it does (or nothing is left to move), as the background worker
+        would. Without it, requests that follow each other with no await between them
+        never let the worker run, and the index entries of pages stored straight to the
+        tier pushed pool_total_size past --max-pool."""
+        while self._cold and self.pool_total_size() + self._reserved + room > self.max_pool:
+            try:
+                if not await self._write_back(WRITEBACK_BATCH):
+                    return
+            except StoreUnavailable as exc:
+                log.debug("direct reclaim stopped: %s", exc)
+                return
 
     async def _write_back(self, limit: int) -> int:
         """Move up to `limit` of the coldest persistent pages held here to the tier."""
