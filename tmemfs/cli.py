@@ -19,6 +19,7 @@ from tmemfs import __version__
 from tmemfs.backends import BackendError, check_backend
 from tmemfs.backends.redis import is_redis_url
 from tmemfs.engine import stats as statsfmt
+from tmemfs.fs import discard_supported
 from tmemfs.mount import MountError, MountOptions, mount, umount
 from tmemfs.sizes import format_size, parse_size
 
@@ -35,7 +36,9 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     parser = Parser(prog="tmemfs", description="Transcendent memory as a FUSE filesystem.")
-    parser.add_argument("--version", action="version", version=f"tmemfs {__version__}")
+    discard = "on" if discard_supported() else "off"
+    parser.add_argument("--version", action="version",
+                        version=f"tmemfs {__version__} (discard: {discard})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     m = sub.add_parser("mount", help="mount a tmemfs")
