@@ -2,7 +2,7 @@
 # swap-on-loop.sh - swap on a tmemfs block image, under real memory pressure.
 #
 # Mounts tmemfs (or uses --mount DIR), creates MOUNT/frontswap/N.img, attaches
-# it with `losetup --direct-io=on`, runs mkswap and `swapon -p 32767`, then runs
+# it with `losetup --direct-io=on`, runs mkswap and `swapon --discard -p 32767`, then runs
 # swap_workload.py in a memory cgroup of its own whose limit is well below the
 # workload's working set, so the kernel really swaps through the loop device
 # into tmemfs. Prints a progress line per second and a summary, and always
@@ -38,6 +38,7 @@ Options:
   --backend B         backend for a new mount (tmemfs mount --backend)
   --max-pool SIZE     budget for a new mount (tmemfs mount --max-pool; e.g. 1G, 25%)
   --timeout SECS      stop the workload after SECS seconds, 0 = never (default 1800)
+  --no-discard        swapon without --discard: freed slots stay stored
   -h, --help          show this help
 
 SIZE takes K, M, G, T suffixes (powers of 1024).
@@ -53,7 +54,10 @@ memory.swappiness=100). Only the workload process is moved into it.
 
 Exit status: 0 PASS, 1 FAIL, 2 usage error, 77 cannot run here (not root,
 no loop device, no swap support, no memory cgroup), 124 timed out,
-130/143 interrupted. Swap is used without --discard (tmemfs SPEC section 4).
+130/143 interrupted. Swap is used with --discard, so slots that swap frees are
+invalidated in tmemfs (SPEC section 4; needs the patched pyfuse3 of setup.sh).
+Each second it samples the pool's stored_pages against the swap in use; the
+summary gives their ratio (average and peak) and what stays stored after exit.
 EOF
 }
 
@@ -83,6 +87,7 @@ POOL=0
 BACKEND=""
 MAX_POOL=""
 TIMEOUT=1800
+DISCARD=1
 
 need_arg() { [[ $# -ge 2 && -n $2 ]] || usage_error "option $1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -100,6 +105,7 @@ while [[ $# -gt 0 ]]; do
         --backend)      need_arg "$@"; BACKEND=$2; shift 2 ;;
         --max-pool)     need_arg "$@"; MAX_POOL=$2; shift 2 ;;
         --timeout)      need_arg "$@"; TIMEOUT=$2; shift 2 ;;
+        --no-discard)   DISCARD=0; shift ;;
         -h|--help)      usage; exit 0 ;;
         *)              usage_error "unknown argument: $opt" ;;
     esac
@@ -291,6 +297,10 @@ swap_used_kib() {  # KiB of swap in use on our device
 }
 vmstat_get() { awk -v k="$1" '$1 == k { print $2; f = 1 } END { if (!f) print 0 }' /proc/vmstat; }
 read_stats() { timeout 3 cat -- "$MNT/stats" 2>/dev/null || true; }
+pool_stored() {  # stored_pages of our pool
+    awk '$1 == "stored_pages" { print $2; f = 1 } END { if (!f) print 0 }' \
+        "$MNT/frontswap/$POOL/.stats" 2>/dev/null || echo 0
+}
 stat_get() {  # stat_get NAME STATS-TEXT -> value, or "" if absent or not a number
     awk -v k="$1" '$1 == k && $2 ~ /^[0-9]+$/ { print $2; exit }' <<<"$2"
 }
@@ -316,6 +326,7 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 progress_loop() {
     trap - EXIT INT TERM HUP PIPE
     local st used out in stores loads stored orig compr cgs line peak=0
+    : >"$TMPD/samples"
     while sleep 1; do
         used=$(swap_used_kib)
         (( used > peak )) && peak=$used && echo "$peak" >"$TMPD/peak_swap_kib"
@@ -324,12 +335,15 @@ progress_loop() {
         st=$(read_stats)
         stores=$(stat_get stores "$st")
         loads=$(stat_get loads "$st")
-        stored=$(stat_get stored_pages "$st")
+        stored=$(pool_stored)
         orig=$(stat_get orig_data_size "$st")
         compr=$(stat_get compr_data_size "$st")
-        printf -v line '[%6ss] swap used %s | pswpout +%d pswpin +%d | tmemfs stores +%s loads +%s stored_pages %s ratio %s | cgroup mem %s' \
-            "$(elapsed "$T0")" "$(mib $(( used * 1024 )))" "$out" "$in" \
-            "$(( ${stores:-0} - STORES0 ))" "$(( ${loads:-0} - LOADS0 ))" "${stored:-?}" \
+        # KiB of swap in use, pages stored in our pool, bytes the backend holds
+        echo "$used $stored $(stat_get pool_total_size "$st")" >>"$TMPD/samples"
+        printf -v line '[%6ss] swap used %s stored %s (%s pages, %sx) | pswpout +%d pswpin +%d | tmemfs stores +%s loads +%s compression %s | cgroup mem %s' \
+            "$(elapsed "$T0")" "$(mib $(( used * 1024 )))" "$(mib $(( stored * PAGE )))" \
+            "$stored" "$(ratio $(( stored * PAGE )) $(( used * 1024 )))" "$out" "$in" \
+            "$(( ${stores:-0} - STORES0 ))" "$(( ${loads:-0} - LOADS0 ))" \
             "$(ratio "$orig" "$compr")" "$(mib "$(cg_mem)")"
         cgs=$(cg_swap)
         [[ -n $cgs ]] && line+=" swap $(mib "$cgs")"
@@ -370,8 +384,23 @@ summary() {
         row "tmemfs stores/loads:" "+$(( ${stores:-0} - STORES0 )) / +$(( ${loads:-0} - LOADS0 )) pages since swapon"
         row "tmemfs stored_pages:" "${stored:-?} ($(mib "${orig:-0}") of page data, ${same:-?} same-filled), compressed to $(mib "${compr:-0}"), ratio $(ratio "$orig" "$compr")"
         row "tmemfs holds:" "$(mib "${total:-0}") (pool_total_size) for $(mib "${orig:-0}") of swapped pages = $(ratio $(( ${total:-0} * 100 )) "${orig:-0}")% of the swapped bytes"
-        if (( ${orig:-0} > peak * 1024 )); then
-            row "" "(includes slots that swap freed but could not discard: SPEC section 4)"
+        if [[ -s $TMPD/samples ]]; then
+            row "stored vs swap in use:" "$(awk -v page="$PAGE" '
+                $1 > 0 { n++; u += $1 * 1024; s += $2 * page
+                         if ($1 >= 4096 && $2 * page / ($1 * 1024) > r) r = $2 * page / ($1 * 1024) }
+                $2 > p { p = $2 }
+                END { printf "average %.2fx, peak %.2fx (%d samples, 1 s apart); peak %d pages stored",
+                             (u ? s / u : 0), r, n, p }' "$TMPD/samples")"
+            row "memory held:" "$(awk '
+                $1 >= u { u = $1; t = $3 }
+                END { printf "%.1f MiB (pool_total_size) at the peak swap in use, %.1f MiB = %.0f%%",
+                             t / 1048576, u / 1024, (u ? 100 * t / (u * 1024) : 0) }' "$TMPD/samples")"
+        fi
+        if [[ -n ${STORED_AFTER:-} ]]; then
+            row "stored after exit:" "$STORED_AFTER"
+        fi
+        if (( ! DISCARD && ${orig:-0} > peak * 1024 )); then
+            row "" "(includes slots that swap freed but did not discard: --no-discard)"
         fi
     fi
     if (( oom > 0 )); then
@@ -430,13 +459,15 @@ dio=$(cat "/sys/block/${LOOPDEV##*/}/loop/dio" 2>/dev/null || echo "?")
 say "attached $LOOPDEV (direct I/O: $([[ $dio == 1 ]] && echo on || echo "off; the page cache keeps a second copy"))"
 
 mkswap -L "tmemfs-$POOL" "$LOOPDEV" >/dev/null
-if ! err=$(swapon -p 32767 "$LOOPDEV" 2>&1); then
+swapon_opts=(-p 32767)
+(( DISCARD )) && swapon_opts+=(--discard)
+if ! err=$(swapon "${swapon_opts[@]}" "$LOOPDEV" 2>&1); then
     [[ $err == *"not permitted"* ]] && skip "swapon is not permitted here: $err"
     die "swapon $LOOPDEV failed: $err"
 fi
 SWAP_ON=1
 other_swap=$(awk -v d="$LOOPDEV" 'NR > 1 && $1 != d' /proc/swaps | wc -l)
-say "swapon $LOOPDEV, priority 32767$( (( other_swap )) && echo "; $other_swap other swap device(s) active, vmstat counts are system-wide")"
+say "swapon ${swapon_opts[*]} $LOOPDEV$( (( other_swap )) && echo "; $other_swap other swap device(s) active, vmstat counts are system-wide")"
 
 CG=$CG_PARENT/tmemfs-swap-$$
 mkdir -- "$CG" || { CG=""; die "could not create cgroup $CG_PARENT/tmemfs-swap-$$"; }
@@ -477,6 +508,22 @@ WL_PID=""
 kill "$PROGRESS_PID" 2>/dev/null || true
 wait "$PROGRESS_PID" 2>/dev/null || true
 PROGRESS_PID=""
+
+# Swap frees the workload's slots as it exits and discards whole free clusters,
+# asynchronously: give it a few seconds, then say what stays stored.
+peak_stored=$(awk '$2 > p { p = $2 } END { print p + 0 }' "$TMPD/samples" 2>/dev/null || echo 0)
+# Wait until stored_pages is below 10% of its peak and has stopped falling.
+waited=0
+stored_after=$(pool_stored)
+before=-1
+while (( DISCARD && waited < 30 && peak_stored > 0 )) &&
+        (( stored_after * 10 >= peak_stored || stored_after != before )); do
+    sleep 1
+    waited=$(( waited + 1 ))
+    before=$stored_after
+    stored_after=$(pool_stored)
+done
+STORED_AFTER="$stored_after pages ($(ratio $(( stored_after * 100 )) "$peak_stored")% of the peak $peak_stored), ${waited} s after the workload ended"
 
 case $wl_rc in
     0)   result=PASS; status=0 ;;
