@@ -385,11 +385,15 @@ summary() {
         row "tmemfs stored_pages:" "${stored:-?} ($(mib "${orig:-0}") of page data, ${same:-?} same-filled), compressed to $(mib "${compr:-0}"), ratio $(ratio "$orig" "$compr")"
         row "tmemfs holds:" "$(mib "${total:-0}") (pool_total_size) for $(mib "${orig:-0}") of swapped pages = $(ratio $(( ${total:-0} * 100 )) "${orig:-0}")% of the swapped bytes"
         if [[ -s $TMPD/samples ]]; then
+            # Over the samples with at least a tenth of the peak swap in use: while the
+            # workload starts and exits, a few MiB in use make any ratio meaningless.
             row "stored vs swap in use:" "$(awk -v page="$PAGE" '
-                $1 > 0 { n++; u += $1 * 1024; s += $2 * page
-                         if ($1 >= 4096 && $2 * page / ($1 * 1024) > r) r = $2 * page / ($1 * 1024) }
-                $2 > p { p = $2 }
-                END { printf "average %.2fx, peak %.2fx (%d samples, 1 s apart); peak %d pages stored",
+                { used[NR] = $1; stored[NR] = $2; if ($1 > top) top = $1; if ($2 > p) p = $2 }
+                END { for (i = 1; i <= NR; i++) {
+                          if (used[i] * 10 < top || used[i] == 0) continue
+                          n++; u += used[i] * 1024; s += stored[i] * page
+                          q = stored[i] * page / (used[i] * 1024); if (q > r) r = q }
+                      printf "average %.2fx, peak %.2fx (%d samples, 1 s apart); peak %d pages stored",
                              (u ? s / u : 0), r, n, p }' "$TMPD/samples")"
             row "memory held:" "$(awk '
                 $1 >= u { u = $1; t = $3 }

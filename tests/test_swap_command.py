@@ -1,0 +1,129 @@
+"""`tmemfs swap on|off` and `tmemfs swap`: swap on a tmemfs image in one command.
+
+Each test undoes what it made, whatever happens: swapoff, losetup -d, of devices
+whose backing file is under its own mount only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Mount
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
+
+TMEMFS = [sys.executable, "-m", "tmemfs"]
+
+
+def tmemfs(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*TMEMFS, *map(str, args)], capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def swaps() -> dict[str, list[str]]:
+    lines = Path("/proc/swaps").read_text().splitlines()[1:]
+    return {line.split()[0]: line.split() for line in lines}
+
+
+def backing_file(device: str) -> str | None:
+    path = Path("/sys/block") / Path(device).name / "loop" / "backing_file"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def ours(mount: Path) -> list[str]:
+    """Loop devices whose backing file is under this test's mount."""
+    found = []
+    for f in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if f.read_text().strip().startswith(f"{mount}/"):
+            found.append(f"/dev/{f.parent.parent.name}")
+    return found
+
+
+@pytest.fixture
+def swap_mount(tmem: Mount) -> Iterator[Mount]:
+    for cmd in ("losetup", "mkswap", "swapon", "swapoff"):
+        if shutil.which(cmd) is None:
+            pytest.skip(f"{cmd} is not installed")
+    if not Path("/dev/loop-control").exists() or not Path("/proc/swaps").exists():
+        pytest.skip("no loop devices or no swap on this machine")
+    try:
+        yield tmem
+    finally:
+        for device in ours(tmem.path):
+            if device in swaps():
+                subprocess.run(["swapoff", device], timeout=300, check=False)
+            subprocess.run(["losetup", "-d", device], timeout=60, check=False)
+
+
+def test_swap_on_list_and_off(swap_mount: Mount) -> None:
+    mnt = swap_mount.path
+    on = tmemfs("swap", "on", "--size", "64M", "--priority", "5", mnt, check=False)
+    if on.returncode != 0 and "not permitted" in on.stderr:
+        pytest.skip(f"swapon is not permitted here: {on.stderr.strip()}")
+    assert on.returncode == 0, on.stderr
+    first = on.stdout.strip()
+    assert first.startswith("/dev/loop")
+    assert backing_file(first) == f"{mnt}/frontswap/0.img"
+    assert (mnt / "frontswap" / "0.img").stat().st_size == 64 << 20
+    assert first in swaps()
+    assert swaps()[first][4] == "5"
+    # Attached with direct I/O, and swap discards: the loop device passes discard on.
+    queue = Path("/sys/block") / Path(first).name
+    assert (queue / "loop" / "dio").read_text().strip() == "1"
+    assert int((queue / "queue" / "discard_max_bytes").read_text()) > 0
+    # mkswap wrote its header into pool 0.
+    assert (mnt / "frontswap" / "0" / "0").exists()
+
+    second = tmemfs("swap", "on", "--size", "32M", mnt).stdout.strip()
+    assert backing_file(second) == f"{mnt}/frontswap/1.img"
+    assert second in swaps()
+
+    listing = tmemfs("swap").stdout.splitlines()
+    assert listing[0].split() == ["DEVICE", "IMAGE", "SIZE", "USED", "PRIO", "STORED", "HELD"]
+    rows = {line.split()[0]: line.split() for line in listing[1:]}
+    assert rows[first][1:3] == [f"{mnt}/frontswap/0.img", "64.0M"]
+    assert rows[first][4] == "5"
+    assert int(rows[first][5]) >= 1  # the swap header page, at least
+
+    off = tmemfs("swap", "off", first)
+    assert off.stdout.strip() == f"{first}: off"
+    assert first not in swaps()
+    assert backing_file(first) != f"{mnt}/frontswap/0.img"
+    assert sorted(os.listdir(mnt / "frontswap")) == ["1", "1.img"]
+
+    # The freed number is taken again; `swap off MOUNT` takes everything of the mount.
+    third = tmemfs("swap", "on", "--size", "32M", mnt).stdout.strip()
+    assert backing_file(third) == f"{mnt}/frontswap/0.img"
+    assert sorted(tmemfs("swap", "off", mnt).stdout.split()) == sorted(
+        [f"{second}:", f"{third}:", "off", "off"])
+    assert ours(mnt) == []
+    assert not {second, third} & set(swaps())
+    assert os.listdir(mnt / "frontswap") == []
+    assert swap_mount.stats()["stored_pages"] == 0
+
+
+def test_swap_on_refuses_what_is_not_a_tmemfs(tmp_path: Path) -> None:
+    result = tmemfs("swap", "on", tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"tmemfs: {tmp_path} is not a tmemfs mount"
+    result = tmemfs("swap", "off", "/dev/null", check=False)
+    assert result.returncode == 1
+    assert "not a loop device on a tmemfs image" in result.stderr
+    result = tmemfs("swap", "on", "--size", "lots", tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("tmemfs: --size:")
