@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # swap-on-loop.sh - swap on a tmemfs block image, under real memory pressure.
 #
-# Mounts tmemfs (or uses --mount DIR), creates MOUNT/frontswap/N.img, attaches
-# it with `losetup --direct-io=on`, runs mkswap and `swapon --discard -p 32767`, then runs
+# Mounts tmemfs (or uses --mount DIR), and `tmemfs swap on` makes the next free
+# MOUNT/frontswap/N.img, attaches it with `losetup --direct-io=on`, runs mkswap and
+# `swapon --discard -p 32767`; then it runs
 # swap_workload.py in a memory cgroup of its own whose limit is well below the
 # workload's working set, so the kernel really swaps through the loop device
 # into tmemfs. Prints a progress line per second and a summary, and always
-# undoes what it did (swapoff, losetup -d, image, cgroup, unmount), even when
+# undoes what it did (`tmemfs swap off`, cgroup, unmount), even when
 # interrupted. Needs root. See --help.
 #
 # Exit status: 0 PASS, 1 FAIL, 2 usage error, 77 cannot run here (not root, no
@@ -34,7 +35,6 @@ Options:
   --image-size SIZE   size of the swap image MOUNT/frontswap/N.img (default 1G)
   --limit SIZE        memory limit of the workload's cgroup (default 256M)
   --working-set SIZE  memory the workload fills and checks (default 768M)
-  --pool N            frontswap pool / image number N (default 0)
   --backend B         backend for a new mount (tmemfs mount --backend)
   --max-pool SIZE     budget for a new mount (tmemfs mount --max-pool; e.g. 1G, 25%)
   --timeout SECS      stop the workload after SECS seconds, 0 = never (default 1800)
@@ -83,7 +83,7 @@ MOUNT=""
 IMAGE_SIZE=1G
 LIMIT=256M
 WORKING_SET=768M
-POOL=0
+POOL=""            # the image number tmemfs swap on took
 BACKEND=""
 MAX_POOL=""
 TIMEOUT=1800
@@ -101,7 +101,6 @@ while [[ $# -gt 0 ]]; do
         --image-size)   need_arg "$@"; IMAGE_SIZE=$2; shift 2 ;;
         --limit)        need_arg "$@"; LIMIT=$2; shift 2 ;;
         --working-set)  need_arg "$@"; WORKING_SET=$2; shift 2 ;;
-        --pool)         need_arg "$@"; POOL=$2; shift 2 ;;
         --backend)      need_arg "$@"; BACKEND=$2; shift 2 ;;
         --max-pool)     need_arg "$@"; MAX_POOL=$2; shift 2 ;;
         --timeout)      need_arg "$@"; TIMEOUT=$2; shift 2 ;;
@@ -114,7 +113,6 @@ done
 IMAGE_BYTES=$(to_bytes "$IMAGE_SIZE") || usage_error "bad --image-size: $IMAGE_SIZE"
 LIMIT_BYTES=$(to_bytes "$LIMIT") || usage_error "bad --limit: $LIMIT"
 WS_BYTES=$(to_bytes "$WORKING_SET") || usage_error "bad --working-set: $WORKING_SET"
-[[ $POOL =~ ^(0|[1-9][0-9]*)$ ]] || usage_error "bad --pool: $POOL (a decimal number)"
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || usage_error "bad --timeout: $TIMEOUT (seconds)"
 PAGE=$(getconf PAGESIZE)
 (( IMAGE_BYTES >= 16 * PAGE )) || usage_error "--image-size is too small for mkswap"
@@ -192,10 +190,9 @@ fi
 MNT=""             # the tmemfs mount in use
 MOUNTED=0          # 1: we mounted it, so we unmount it
 MNT_DIR_MADE=0     # 1: we made the mount point directory
-IMG=""             # the image we created
-POOL_DIR=""        # the pool directory the image created (did not exist before)
-LOOPDEV=""         # the loop device we attached
-SWAP_ON=0          # 1: we did swapon
+IMG=""             # the image tmemfs swap on made
+LOOPDEV=""         # the loop device it attached (and swapped on)
+SWAP_ON=0          # 1: tmemfs swap on succeeded
 CG=""              # the cgroup we created
 WL_PID=""          # timeout(1) running the workload
 PROGRESS_PID=""    # the progress loop
@@ -245,25 +242,11 @@ cleanup() {
     if (( STARTED && ! SUMMARY_DONE )); then
         summary - "INTERRUPTED"
     fi
-    [[ -n $CG$LOOPDEV$IMG ]] || (( MOUNTED )) && say "cleaning up"
+    [[ -n $CG$LOOPDEV ]] || (( MOUNTED )) && say "cleaning up"
     if (( SWAP_ON )); then
-        step 600 "swapoff $LOOPDEV" swapoff "$LOOPDEV" && SWAP_ON=0
-    fi
-    if [[ -n $IMG && -z $LOOPDEV ]]; then  # attached but not recorded? only ours
-        LOOPDEV=$(timeout 10 losetup -j "$IMG" -O NAME -n 2>/dev/null | head -n1)
-    fi
-    if [[ -n $LOOPDEV ]]; then
-        if (( SWAP_ON )); then
-            warn "cleanup: $LOOPDEV is still swap; not detaching it"
-        else
-            step 60 "losetup -d $LOOPDEV" losetup -d "$LOOPDEV"
-        fi
-    fi
-    if [[ -n $IMG ]] && (( ! SWAP_ON )); then
-        step 60 "removing $IMG" rm -f -- "$IMG"
-    fi
-    if [[ -n $POOL_DIR ]] && (( ! SWAP_ON )); then  # flushes the pool's pages
-        step 60 "removing pool $POOL_DIR" rmdir -- "$POOL_DIR"
+        # swapoff, losetup -d, the image, and rmdir of the pool (its memory goes back).
+        step 600 "tmemfs swap off $LOOPDEV" "${TMEMFS_CMD[@]}" swap off "$LOOPDEV" >/dev/null &&
+            SWAP_ON=0
     fi
     if [[ -n $CG ]]; then
         for i in $(seq 50); do
@@ -442,36 +425,22 @@ fi
 [[ -d $MNT/frontswap ]] || die "$MNT is not a tmemfs mount (no frontswap/ directory)"
 [[ -r $MNT/stats ]] || warn "$MNT/stats is not readable; tmemfs figures will be missing"
 
-IMG_PATH=$MNT/frontswap/$POOL.img
-[[ -e $IMG_PATH ]] && die "$IMG_PATH already exists (in use by another experiment? pick another --pool)"
-shopt -s nullglob
-pages=("$MNT/frontswap/$POOL"/*)  # page files; dot-files are control files
-shopt -u nullglob
-(( ${#pages[@]} )) && die "frontswap pool $POOL already holds pages; pick another --pool"
-pool_existed=0
-[[ -d $MNT/frontswap/$POOL ]] && pool_existed=1
-
-say "creating $IMG_PATH ($(mib "$IMAGE_BYTES"))"
-IMG=$IMG_PATH
-truncate -s "$IMAGE_BYTES" -- "$IMG" ||
-    die "cannot create $IMG (does this tmemfs serve block images? SPEC section 4)"
-(( ! pool_existed )) && [[ -d $MNT/frontswap/$POOL ]] && POOL_DIR=$MNT/frontswap/$POOL
-
-LOOPDEV=$(losetup --direct-io=on -f --show -- "$IMG")
-[[ -n $LOOPDEV ]] || die "losetup did not name a device"
-dio=$(cat "/sys/block/${LOOPDEV##*/}/loop/dio" 2>/dev/null || echo "?")
-say "attached $LOOPDEV (direct I/O: $([[ $dio == 1 ]] && echo on || echo "off; the page cache keeps a second copy"))"
-
-mkswap -L "tmemfs-$POOL" "$LOOPDEV" >/dev/null
-swapon_opts=(-p 32767)
-(( DISCARD )) && swapon_opts+=(--discard)
-if ! err=$(swapon "${swapon_opts[@]}" "$LOOPDEV" 2>&1); then
+swap_opts=(--size "$IMAGE_BYTES" --priority 32767)
+(( DISCARD )) || swap_opts+=(--no-discard)
+say "${TMEMFS_CMD[*]} swap on ${swap_opts[*]} $MNT"
+# On failure tmemfs swap on undoes its own steps; on success it prints the device.
+if ! LOOPDEV=$(timeout 300 "${TMEMFS_CMD[@]}" swap on "${swap_opts[@]}" "$MNT" 2>"$TMPD/swap.err"); then
+    LOOPDEV=""
+    err=$(cat "$TMPD/swap.err")
     [[ $err == *"not permitted"* ]] && skip "swapon is not permitted here: $err"
-    die "swapon $LOOPDEV failed: $err"
+    die "tmemfs swap on $MNT failed: $err"
 fi
 SWAP_ON=1
+IMG=$(cat "/sys/block/${LOOPDEV##*/}/loop/backing_file")
+POOL=$(basename -- "$IMG" .img)
+dio=$(cat "/sys/block/${LOOPDEV##*/}/loop/dio" 2>/dev/null || echo "?")
 other_swap=$(awk -v d="$LOOPDEV" 'NR > 1 && $1 != d' /proc/swaps | wc -l)
-say "swapon ${swapon_opts[*]} $LOOPDEV$( (( other_swap )) && echo "; $other_swap other swap device(s) active, vmstat counts are system-wide")"
+say "swap on $LOOPDEV -> $IMG (direct I/O: $([[ $dio == 1 ]] && echo on || echo "off; the page cache keeps a second copy"); discard: $( (( DISCARD )) && echo on || echo off))$( (( other_swap )) && echo "; $other_swap other swap device(s) active, vmstat counts are system-wide")"
 
 CG=$CG_PARENT/tmemfs-swap-$$
 mkdir -- "$CG" || { CG=""; die "could not create cgroup $CG_PARENT/tmemfs-swap-$$"; }

@@ -90,6 +90,8 @@ def build_parser() -> Parser:
     on.add_argument("mountpoint", type=Path)
     on.add_argument("--size", help="image size with K/M/G (default: the size of RAM)")
     on.add_argument("--priority", type=int, help="swap priority (swapon -p)")
+    on.add_argument("--no-discard", action="store_true",
+                    help="swapon without --discard: freed slots stay stored (to compare)")
     off = ws.add_parser("off", help="swapoff, detach, remove the image and its pool")
     off.add_argument("target", type=Path, metavar="MOUNT|DEVICE")
     return parser
@@ -258,7 +260,7 @@ def swap(args: argparse.Namespace, parser: Parser) -> int:
                 size = parse_size(args.size)
             except ValueError as exc:
                 parser.error(f"--size: {exc}")
-        print(swap_on(args.mountpoint, size, args.priority))
+        print(swap_on(args.mountpoint, size, args.priority, discard=not args.no_discard))
     elif args.swap_command == "off":
         for device in swap_off(args.target):
             print(f"{device}: off")

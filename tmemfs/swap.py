@@ -111,7 +111,9 @@ def _next_image(mount: Path) -> Path:
     return frontswap / f"{n}.img"
 
 
-def swap_on(mount: Path, size: int | None = None, priority: int | None = None) -> str:
+def swap_on(
+    mount: Path, size: int | None = None, priority: int | None = None, *, discard: bool = True
+) -> str:
     """Make, attach, mkswap and swapon the next image of `mount`; return the device."""
     mount = _tmemfs_mount(mount)
     size = size if size is not None else default_size()
@@ -130,7 +132,7 @@ def swap_on(mount: Path, size: int | None = None, priority: int | None = None) -
         device = _run("losetup", "--direct-io=on", "--find", "--show", str(image))
         undo.append(("losetup", "-d", device))
         _run("mkswap", "-L", f"tmemfs-{image.stem}", device)
-        args = ["swapon", "--discard"]
+        args = ["swapon", "--discard"] if discard else ["swapon"]
         if priority is not None:
             args += ["-p", str(priority)]
         _run(*args, device)
