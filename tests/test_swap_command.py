@@ -127,3 +127,50 @@ def test_swap_on_refuses_what_is_not_a_tmemfs(tmp_path: Path) -> None:
     result = tmemfs("swap", "on", "--size", "lots", tmp_path, check=False)
     assert result.returncode == 1
     assert result.stderr.startswith("tmemfs: --size:")
+
+
+# -- the systemd unit --------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+SWAP_UNIT = REPO / "examples" / "tmemfs-swap@.service"
+
+
+def test_swap_unit_runs_valid_tmemfs_commands_after_the_mount() -> None:
+    import configparser
+
+    from tmemfs.cli import build_parser
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(SWAP_UNIT)
+    assert unit["Unit"]["Requires"] == unit["Unit"]["After"] == "tmemfs@%i.service"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    service = unit["Service"]
+    assert (service["Type"], service["RemainAfterExit"]) == ("oneshot", "yes")
+    options = service["Environment"].strip('"').partition("=")[2].split()
+    parser = build_parser()
+    start = service["ExecStart"].replace("$TMEMFS_SWAP_OPTIONS", " ".join(options))
+    args = parser.parse_args(start.replace("%f", "/mnt/tmem").split()[1:])
+    assert (args.command, args.swap_command, args.priority) == ("swap", "on", 100)
+    assert str(args.mountpoint) == "/mnt/tmem"
+    stop = parser.parse_args(service["ExecStop"].replace("%f", "/mnt/tmem").split()[1:])
+    assert (stop.command, stop.swap_command, str(stop.target)) == ("swap", "off", "/mnt/tmem")
+
+
+def test_systemd_analyze_verifies_the_swap_unit(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    tmemfs_cmd = Path(sys.executable).parent / "tmemfs"
+    if not tmemfs_cmd.exists():
+        pytest.skip(f"no tmemfs command next to {sys.executable}")
+    for name, instance in (("tmemfs@.service", "tmemfs@mnt-tmem.service"),
+                           ("tmemfs-swap@.service", "tmemfs-swap@mnt-tmem.service")):
+        text = (REPO / "examples" / name).read_text()
+        (tmp_path / instance).write_text(text.replace("/usr/local/bin/tmemfs", str(tmemfs_cmd)))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / "tmemfs-swap@mnt-tmem.service")],
+        capture_output=True, text=True, timeout=60, check=False,
+        env=dict(os.environ, SYSTEMD_UNIT_PATH=f"{tmp_path}:"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tmemfs" not in result.stderr, result.stderr
