@@ -379,12 +379,15 @@ summary() {
                       printf "average %.2fx, peak %.2fx (%d samples, 1 s apart); peak %d pages stored",
                              (u ? s / u : 0), r, n, p }' "$TMPD/samples")"
             row "memory held:" "$(awk '
-                $1 >= u { u = $1; t = $3 }
-                END { printf "%.1f MiB (pool_total_size) at the peak swap in use, %.1f MiB = %.0f%%",
-                             t / 1048576, u / 1024, (u ? 100 * t / (u * 1024) : 0) }' "$TMPD/samples")"
+                { used[NR] = $1; held[NR] = $3; if ($1 >= u) { u = $1; t = $3 } }
+                END { for (i = 1; i <= NR; i++)
+                          if (used[i] && used[i] * 10 >= u) { n++; h += held[i] }
+                      printf "%.1f MiB (pool_total_size) at the peak swap in use, %.1f MiB = %.0f%%; average %.1f MiB",
+                             t / 1048576, u / 1024, (u ? 100 * t / (u * 1024) : 0), (n ? h / n / 1048576 : 0) }' "$TMPD/samples")"
         fi
         if [[ -n ${STORED_AFTER:-} ]]; then
             row "stored after exit:" "$STORED_AFTER"
+            row "tmemfs holds after exit:" "$(mib "${total:-0}") (pool_total_size)"
         fi
         if (( ! DISCARD && ${orig:-0} > peak * 1024 )); then
             row "" "(includes slots that swap freed but did not discard: --no-discard)"
