@@ -831,7 +831,9 @@ class TmemOperations(pyfuse3.Operations):
 
     async def _fallocate_image(self, pool_id: PoolId, mode: int, off: int, end: int) -> None:
         pool = self.engine.pool(pool_id)
-        size = pool.image_size or 0
+        size = pool.image_size
+        if size is None:
+            return  # unlinked while open: its view is gone, and unlink keeps the pages
         if mode & FALLOC_FL_KEEP_SIZE:
             end = min(end, size)
         elif end > size:
