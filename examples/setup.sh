@@ -65,8 +65,8 @@ if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Oper
 fi
 
 # Installing tmemfs after pyfuse3 keeps the patched build: it satisfies pyfuse3>=3.3,<4.
-if ! .venv/bin/python -c 'import sys, tmemfs, pytest, matplotlib
-sys.exit(not tmemfs.__file__.startswith(sys.argv[1]))' "$here/tmemfs/" 2>/dev/null; then
-    .venv/bin/python -m pip install -q -e '.[test,bench]'
-fi
-echo "setup: ready ($(.venv/bin/tmemfs --version))"
+# (Run every time: an editable install also rebuilds what tmemfs itself compiles.)
+.venv/bin/python -m pip install -q -e '.[test,bench]'
+.venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "fallocate"))' ||
+    { echo "setup: pyfuse3 was replaced by an unpatched build; run setup.sh again" >&2; exit 1; }
+echo "setup: ready: $(.venv/bin/tmemfs --version)"
