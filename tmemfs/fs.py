@@ -856,6 +856,8 @@ class TmemOperations(pyfuse3.Operations):
         if whole:
             await self.engine.discard(pool_id, SWAP_OBJECT, whole)
         edges = sorted({i for i in (off // psize, (end - 1) // psize) if i not in whole})
+        if not edges:
+            return  # swap discards whole clusters: nothing to read back
         loaded = await self.engine.load_many(pool_id, SWAP_OBJECT, edges, exclusive=False)
         zeroed: list[tuple[int, bytes]] = []
         for index, page in zip(edges, loaded, strict=True):
