@@ -16,9 +16,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import devices
@@ -39,6 +40,65 @@ class Outcome:
     swapped_out: int  # pages, /proc/vmstat pswpout over the run (system-wide)
     swapped_in: int
     tail: str  # the last lines of output, to explain a failure
+    memory: Memory = field(default_factory=lambda: Memory())
+
+
+@dataclass
+class Memory:
+    """What the swap store held, sampled each second against the swap in use.
+
+    `held` is zram's mem_used_total or tmemfs' pool_total_size; the averages are over
+    the samples with at least a tenth of the peak swap in use (start and exit aside).
+    """
+
+    peak_used: float = float("nan")  # bytes of swap in use at the peak (/proc/swaps)
+    held_at_peak: float = float("nan")  # bytes held at that sample
+    held_average: float = float("nan")
+    stored_ratio: float = float("nan")  # stored pages / swap in use, average (tmemfs)
+    held_after: float = float("nan")  # bytes held once the workload has exited
+
+
+def summarize(samples: list[tuple[int, int]], after: float) -> Memory:
+    """Memory from (swap in use, held) samples, in bytes."""
+    if not samples:
+        return Memory(held_after=after)
+    top = max(used for used, _ in samples)
+    peak = max(samples, key=lambda s: s[0])
+    busy = [held for used, held in samples if used and used * 10 >= top]
+    return Memory(peak[0], peak[1], sum(busy) / len(busy) if busy else float("nan"),
+                  held_after=after)
+
+
+class Sampler:
+    """Each second, in a thread: bytes of swap in use on `device`, and `held()`."""
+
+    def __init__(self, device: Path, held: Callable[[], int]) -> None:
+        self.device, self.held = os.path.realpath(device), held
+        self.samples: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            with contextlib.suppress(OSError, ValueError):
+                self.samples.append((swap_used(self.device), self.held()))
+
+
+def swap_used(device: str) -> int:
+    """Bytes of swap in use on a device, from /proc/swaps."""
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields and os.path.realpath(fields[0]) == device:
+            return int(fields[3]) * 1024
+    return 0
 
 
 # -- memory cgroup -----------------------------------------------------------------------
@@ -183,8 +243,14 @@ def workload(limit: int, working_set: int, timeout: float) -> Outcome:
 
 def on_zram(limit: int, working_set: int, timeout: float) -> Outcome:
     # zram needs room for the whole overflow uncompressed: disksize counts pages, not bytes held.
-    with zram_swap(working_set + 64 * MiB):
-        return workload(limit, working_set, timeout)
+    with zram_swap(working_set + 64 * MiB) as device:
+        held = lambda: devices.Zram.mm_stat()["mem_used_total"]  # noqa: E731
+        with Sampler(device, held) as sampler:
+            outcome = workload(limit, working_set, timeout)
+        # zram frees a slot as swap frees it (swap_slot_free_notify); allow a moment.
+        time.sleep(2)
+        outcome.memory = summarize(sampler.samples, held())
+        return outcome
 
 
 def on_disk(directory: Path, limit: int, working_set: int, timeout: float) -> Outcome:
@@ -208,7 +274,24 @@ def on_tmemfs(limit: int, working_set: int, timeout: float) -> Outcome:
     return Outcome(proc.returncode == 0 and "workload: PASS" in output,
                    float(wall.group(1)) if wall else float("nan"),
                    int(out.group(1)) if out else 0, int(back.group(1)) if back else 0,
-                   _tail(output))
+                   _tail(output), script_memory(output))
+
+
+def script_memory(output: str) -> Memory:
+    """The figures swap-on-loop.sh's summary gives, which it samples as Sampler does."""
+    memory = Memory()
+    held = re.search(r"^memory held:\s+([\d.]+) MiB \(pool_total_size\) at the peak swap in "
+                     r"use, ([\d.]+) MiB = \d+%; average ([\d.]+) MiB", output, re.MULTILINE)
+    if held:
+        memory.held_at_peak, memory.peak_used, memory.held_average = (
+            float(g) * MiB for g in held.groups())
+    ratio = re.search(r"^stored vs swap in use:\s+average ([\d.]+)x", output, re.MULTILINE)
+    if ratio:
+        memory.stored_ratio = float(ratio.group(1))
+    after = re.search(r"^tmemfs holds after exit:\s+([\d.]+) MiB", output, re.MULTILINE)
+    if after:
+        memory.held_after = float(after.group(1)) * MiB
+    return memory
 
 
 def _tail(output: str, lines: int = 12) -> str:
@@ -233,6 +316,10 @@ def main() -> int:
     print(outcome.tail)
     print(f"{args.device}: {'PASS' if outcome.passed else 'FAIL'} in {outcome.wall:.1f} s, "
           f"pswpout {outcome.swapped_out} pswpin {outcome.swapped_in}")
+    m = outcome.memory
+    print(f"memory held: {m.held_at_peak / MiB:.1f} MiB at the peak swap in use "
+          f"({m.peak_used / MiB:.1f} MiB), {m.held_average / MiB:.1f} MiB on average, "
+          f"{m.held_after / MiB:.1f} MiB after exit; stored/in use {m.stored_ratio:.2f}x")
     return 0 if outcome.passed else 1
 
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # swap-on-loop.sh - swap on a tmemfs block image, under real memory pressure.
 #
-# Mounts tmemfs (or uses --mount DIR), creates MOUNT/frontswap/N.img, attaches
-# it with `losetup --direct-io=on`, runs mkswap and `swapon -p 32767`, then runs
+# Mounts tmemfs (or uses --mount DIR), and `tmemfs swap on` makes the next free
+# MOUNT/frontswap/N.img, attaches it with `losetup --direct-io=on`, runs mkswap and
+# `swapon --discard -p 32767`; then it runs
 # swap_workload.py in a memory cgroup of its own whose limit is well below the
 # workload's working set, so the kernel really swaps through the loop device
 # into tmemfs. Prints a progress line per second and a summary, and always
-# undoes what it did (swapoff, losetup -d, image, cgroup, unmount), even when
+# undoes what it did (`tmemfs swap off`, cgroup, unmount), even when
 # interrupted. Needs root. See --help.
 #
 # Exit status: 0 PASS, 1 FAIL, 2 usage error, 77 cannot run here (not root, no
@@ -34,10 +35,10 @@ Options:
   --image-size SIZE   size of the swap image MOUNT/frontswap/N.img (default 1G)
   --limit SIZE        memory limit of the workload's cgroup (default 256M)
   --working-set SIZE  memory the workload fills and checks (default 768M)
-  --pool N            frontswap pool / image number N (default 0)
   --backend B         backend for a new mount (tmemfs mount --backend)
   --max-pool SIZE     budget for a new mount (tmemfs mount --max-pool; e.g. 1G, 25%)
   --timeout SECS      stop the workload after SECS seconds, 0 = never (default 1800)
+  --no-discard        swapon without --discard: freed slots stay stored
   -h, --help          show this help
 
 SIZE takes K, M, G, T suffixes (powers of 1024).
@@ -53,7 +54,10 @@ memory.swappiness=100). Only the workload process is moved into it.
 
 Exit status: 0 PASS, 1 FAIL, 2 usage error, 77 cannot run here (not root,
 no loop device, no swap support, no memory cgroup), 124 timed out,
-130/143 interrupted. Swap is used without --discard (see tmemfs(5), Discard).
+130/143 interrupted. Swap is used with --discard, so slots that swap frees are
+invalidated in tmemfs (tmemfs(5), Discard; needs the patched pyfuse3 of setup.sh).
+Twice a second it samples the pool's stored_pages against the swap in use; the
+summary gives their ratio (average and peak) and what stays stored after exit.
 EOF
 }
 
@@ -79,10 +83,11 @@ MOUNT=""
 IMAGE_SIZE=1G
 LIMIT=256M
 WORKING_SET=768M
-POOL=0
+POOL=""            # the image number tmemfs swap on took
 BACKEND=""
 MAX_POOL=""
 TIMEOUT=1800
+DISCARD=1
 
 need_arg() { [[ $# -ge 2 && -n $2 ]] || usage_error "option $1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -96,10 +101,10 @@ while [[ $# -gt 0 ]]; do
         --image-size)   need_arg "$@"; IMAGE_SIZE=$2; shift 2 ;;
         --limit)        need_arg "$@"; LIMIT=$2; shift 2 ;;
         --working-set)  need_arg "$@"; WORKING_SET=$2; shift 2 ;;
-        --pool)         need_arg "$@"; POOL=$2; shift 2 ;;
         --backend)      need_arg "$@"; BACKEND=$2; shift 2 ;;
         --max-pool)     need_arg "$@"; MAX_POOL=$2; shift 2 ;;
         --timeout)      need_arg "$@"; TIMEOUT=$2; shift 2 ;;
+        --no-discard)   DISCARD=0; shift ;;
         -h|--help)      usage; exit 0 ;;
         *)              usage_error "unknown argument: $opt" ;;
     esac
@@ -108,7 +113,6 @@ done
 IMAGE_BYTES=$(to_bytes "$IMAGE_SIZE") || usage_error "bad --image-size: $IMAGE_SIZE"
 LIMIT_BYTES=$(to_bytes "$LIMIT") || usage_error "bad --limit: $LIMIT"
 WS_BYTES=$(to_bytes "$WORKING_SET") || usage_error "bad --working-set: $WORKING_SET"
-[[ $POOL =~ ^(0|[1-9][0-9]*)$ ]] || usage_error "bad --pool: $POOL (a decimal number)"
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || usage_error "bad --timeout: $TIMEOUT (seconds)"
 PAGE=$(getconf PAGESIZE)
 (( IMAGE_BYTES >= 16 * PAGE )) || usage_error "--image-size is too small for mkswap"
@@ -186,10 +190,9 @@ fi
 MNT=""             # the tmemfs mount in use
 MOUNTED=0          # 1: we mounted it, so we unmount it
 MNT_DIR_MADE=0     # 1: we made the mount point directory
-IMG=""             # the image we created
-POOL_DIR=""        # the pool directory the image created (did not exist before)
-LOOPDEV=""         # the loop device we attached
-SWAP_ON=0          # 1: we did swapon
+IMG=""             # the image tmemfs swap on made
+LOOPDEV=""         # the loop device it attached (and swapped on)
+SWAP_ON=0          # 1: tmemfs swap on succeeded
 CG=""              # the cgroup we created
 WL_PID=""          # timeout(1) running the workload
 PROGRESS_PID=""    # the progress loop
@@ -239,25 +242,11 @@ cleanup() {
     if (( STARTED && ! SUMMARY_DONE )); then
         summary - "INTERRUPTED"
     fi
-    [[ -n $CG$LOOPDEV$IMG ]] || (( MOUNTED )) && say "cleaning up"
+    [[ -n $CG$LOOPDEV ]] || (( MOUNTED )) && say "cleaning up"
     if (( SWAP_ON )); then
-        step 600 "swapoff $LOOPDEV" swapoff "$LOOPDEV" && SWAP_ON=0
-    fi
-    if [[ -n $IMG && -z $LOOPDEV ]]; then  # attached but not recorded? only ours
-        LOOPDEV=$(timeout 10 losetup -j "$IMG" -O NAME -n 2>/dev/null | head -n1)
-    fi
-    if [[ -n $LOOPDEV ]]; then
-        if (( SWAP_ON )); then
-            warn "cleanup: $LOOPDEV is still swap; not detaching it"
-        else
-            step 60 "losetup -d $LOOPDEV" losetup -d "$LOOPDEV"
-        fi
-    fi
-    if [[ -n $IMG ]] && (( ! SWAP_ON )); then
-        step 60 "removing $IMG" rm -f -- "$IMG"
-    fi
-    if [[ -n $POOL_DIR ]] && (( ! SWAP_ON )); then  # flushes the pool's pages
-        step 60 "removing pool $POOL_DIR" rmdir -- "$POOL_DIR"
+        # swapoff, losetup -d, the image, and rmdir of the pool (its memory goes back).
+        step 600 "tmemfs swap off $LOOPDEV" "${TMEMFS_CMD[@]}" swap off "$LOOPDEV" >/dev/null &&
+            SWAP_ON=0
     fi
     if [[ -n $CG ]]; then
         for i in $(seq 50); do
@@ -291,6 +280,10 @@ swap_used_kib() {  # KiB of swap in use on our device
 }
 vmstat_get() { awk -v k="$1" '$1 == k { print $2; f = 1 } END { if (!f) print 0 }' /proc/vmstat; }
 read_stats() { timeout 3 cat -- "$MNT/stats" 2>/dev/null || true; }
+pool_stored() {  # stored_pages of our pool
+    awk '$1 == "stored_pages" { print $2; f = 1 } END { if (!f) print 0 }' \
+        "$MNT/frontswap/$POOL/.stats" 2>/dev/null || echo 0
+}
 stat_get() {  # stat_get NAME STATS-TEXT -> value, or "" if absent or not a number
     awk -v k="$1" '$1 == k && $2 ~ /^[0-9]+$/ { print $2; exit }' <<<"$2"
 }
@@ -315,8 +308,11 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 progress_loop() {
     trap - EXIT INT TERM HUP PIPE
-    local st used out in stores loads stored orig compr cgs line peak=0
-    while sleep 1; do
+    local st used out in stores loads stored orig compr cgs line peak=0 tick=0
+    : >"$TMPD/samples"
+    # Samples twice a second, a progress line once a second: a small run lasts a few
+    # seconds, and its ratio needs more than two samples.
+    while sleep 0.5; do
         used=$(swap_used_kib)
         (( used > peak )) && peak=$used && echo "$peak" >"$TMPD/peak_swap_kib"
         out=$(( $(vmstat_get pswpout) - OUT0 ))
@@ -324,12 +320,16 @@ progress_loop() {
         st=$(read_stats)
         stores=$(stat_get stores "$st")
         loads=$(stat_get loads "$st")
-        stored=$(stat_get stored_pages "$st")
+        stored=$(pool_stored)
         orig=$(stat_get orig_data_size "$st")
         compr=$(stat_get compr_data_size "$st")
-        printf -v line '[%6ss] swap used %s | pswpout +%d pswpin +%d | tmemfs stores +%s loads +%s stored_pages %s ratio %s | cgroup mem %s' \
-            "$(elapsed "$T0")" "$(mib $(( used * 1024 )))" "$out" "$in" \
-            "$(( ${stores:-0} - STORES0 ))" "$(( ${loads:-0} - LOADS0 ))" "${stored:-?}" \
+        # KiB of swap in use, pages stored in our pool, bytes the backend holds
+        echo "$used $stored $(stat_get pool_total_size "$st")" >>"$TMPD/samples"
+        (( ++tick % 2 )) && continue
+        printf -v line '[%6ss] swap used %s stored %s (%s pages, %sx) | pswpout +%d pswpin +%d | tmemfs stores +%s loads +%s compression %s | cgroup mem %s' \
+            "$(elapsed "$T0")" "$(mib $(( used * 1024 )))" "$(mib $(( stored * PAGE )))" \
+            "$stored" "$(ratio $(( stored * PAGE )) $(( used * 1024 )))" "$out" "$in" \
+            "$(( ${stores:-0} - STORES0 ))" "$(( ${loads:-0} - LOADS0 ))" \
             "$(ratio "$orig" "$compr")" "$(mib "$(cg_mem)")"
         cgs=$(cg_swap)
         [[ -n $cgs ]] && line+=" swap $(mib "$cgs")"
@@ -370,8 +370,30 @@ summary() {
         row "tmemfs stores/loads:" "+$(( ${stores:-0} - STORES0 )) / +$(( ${loads:-0} - LOADS0 )) pages since swapon"
         row "tmemfs stored_pages:" "${stored:-?} ($(mib "${orig:-0}") of page data, ${same:-?} same-filled), compressed to $(mib "${compr:-0}"), ratio $(ratio "$orig" "$compr")"
         row "tmemfs holds:" "$(mib "${total:-0}") (pool_total_size) for $(mib "${orig:-0}") of swapped pages = $(ratio $(( ${total:-0} * 100 )) "${orig:-0}")% of the swapped bytes"
-        if (( ${orig:-0} > peak * 1024 )); then
-            row "" "(includes slots that swap freed but could not discard: see tmemfs(5))"
+        if [[ -s $TMPD/samples ]]; then
+            # Over the samples with at least a tenth of the peak swap in use: while the
+            # workload starts and exits, a few MiB in use make any ratio meaningless.
+            row "stored vs swap in use:" "$(awk -v page="$PAGE" '
+                { used[NR] = $1; stored[NR] = $2; if ($1 > top) top = $1; if ($2 > p) p = $2 }
+                END { for (i = 1; i <= NR; i++) {
+                          if (used[i] * 10 < top || used[i] == 0) continue
+                          n++; u += used[i] * 1024; s += stored[i] * page
+                          q = stored[i] * page / (used[i] * 1024); if (q > r) r = q }
+                      printf "average %.2fx, peak %.2fx (%d samples, 0.5 s apart); peak %d pages stored",
+                             (u ? s / u : 0), r, n, p }' "$TMPD/samples")"
+            row "memory held:" "$(awk '
+                { used[NR] = $1; held[NR] = $3; if ($1 >= u) { u = $1; t = $3 } }
+                END { for (i = 1; i <= NR; i++)
+                          if (used[i] && used[i] * 10 >= u) { n++; h += held[i] }
+                      printf "%.1f MiB (pool_total_size) at the peak swap in use, %.1f MiB = %.0f%%; average %.1f MiB",
+                             t / 1048576, u / 1024, (u ? 100 * t / (u * 1024) : 0), (n ? h / n / 1048576 : 0) }' "$TMPD/samples")"
+        fi
+        if [[ -n ${STORED_AFTER:-} ]]; then
+            row "stored after exit:" "$STORED_AFTER"
+            row "tmemfs holds after exit:" "$(mib "${total:-0}") (pool_total_size)"
+        fi
+        if (( ! DISCARD && ${orig:-0} > peak * 1024 )); then
+            row "" "(includes slots that swap freed but did not discard: --no-discard)"
         fi
     fi
     if (( oom > 0 )); then
@@ -409,34 +431,22 @@ fi
 [[ -d $MNT/frontswap ]] || die "$MNT is not a tmemfs mount (no frontswap/ directory)"
 [[ -r $MNT/stats ]] || warn "$MNT/stats is not readable; tmemfs figures will be missing"
 
-IMG_PATH=$MNT/frontswap/$POOL.img
-[[ -e $IMG_PATH ]] && die "$IMG_PATH already exists (in use by another experiment? pick another --pool)"
-shopt -s nullglob
-pages=("$MNT/frontswap/$POOL"/*)  # page files; dot-files are control files
-shopt -u nullglob
-(( ${#pages[@]} )) && die "frontswap pool $POOL already holds pages; pick another --pool"
-pool_existed=0
-[[ -d $MNT/frontswap/$POOL ]] && pool_existed=1
-
-say "creating $IMG_PATH ($(mib "$IMAGE_BYTES"))"
-IMG=$IMG_PATH
-truncate -s "$IMAGE_BYTES" -- "$IMG" ||
-    die "cannot create $IMG (does this tmemfs serve block images? see tmemfs(5))"
-(( ! pool_existed )) && [[ -d $MNT/frontswap/$POOL ]] && POOL_DIR=$MNT/frontswap/$POOL
-
-LOOPDEV=$(losetup --direct-io=on -f --show -- "$IMG")
-[[ -n $LOOPDEV ]] || die "losetup did not name a device"
-dio=$(cat "/sys/block/${LOOPDEV##*/}/loop/dio" 2>/dev/null || echo "?")
-say "attached $LOOPDEV (direct I/O: $([[ $dio == 1 ]] && echo on || echo "off; the page cache keeps a second copy"))"
-
-mkswap -L "tmemfs-$POOL" "$LOOPDEV" >/dev/null
-if ! err=$(swapon -p 32767 "$LOOPDEV" 2>&1); then
+swap_opts=(--size "$IMAGE_BYTES" --priority 32767)
+(( DISCARD )) || swap_opts+=(--no-discard)
+say "${TMEMFS_CMD[*]} swap on ${swap_opts[*]} $MNT"
+# On failure tmemfs swap on undoes its own steps; on success it prints the device.
+if ! LOOPDEV=$(timeout 300 "${TMEMFS_CMD[@]}" swap on "${swap_opts[@]}" "$MNT" 2>"$TMPD/swap.err"); then
+    LOOPDEV=""
+    err=$(cat "$TMPD/swap.err")
     [[ $err == *"not permitted"* ]] && skip "swapon is not permitted here: $err"
-    die "swapon $LOOPDEV failed: $err"
+    die "tmemfs swap on $MNT failed: $err"
 fi
 SWAP_ON=1
+IMG=$(cat "/sys/block/${LOOPDEV##*/}/loop/backing_file")
+POOL=$(basename -- "$IMG" .img)
+dio=$(cat "/sys/block/${LOOPDEV##*/}/loop/dio" 2>/dev/null || echo "?")
 other_swap=$(awk -v d="$LOOPDEV" 'NR > 1 && $1 != d' /proc/swaps | wc -l)
-say "swapon $LOOPDEV, priority 32767$( (( other_swap )) && echo "; $other_swap other swap device(s) active, vmstat counts are system-wide")"
+say "swap on $LOOPDEV -> $IMG (direct I/O: $([[ $dio == 1 ]] && echo on || echo "off; the page cache keeps a second copy"); discard: $( (( DISCARD )) && echo on || echo off))$( (( other_swap )) && echo "; $other_swap other swap device(s) active, vmstat counts are system-wide")"
 
 CG=$CG_PARENT/tmemfs-swap-$$
 mkdir -- "$CG" || { CG=""; die "could not create cgroup $CG_PARENT/tmemfs-swap-$$"; }
@@ -477,6 +487,22 @@ WL_PID=""
 kill "$PROGRESS_PID" 2>/dev/null || true
 wait "$PROGRESS_PID" 2>/dev/null || true
 PROGRESS_PID=""
+
+# Swap frees the workload's slots as it exits and discards whole free clusters,
+# asynchronously: give it a few seconds, then say what stays stored.
+peak_stored=$(awk '$2 > p { p = $2 } END { print p + 0 }' "$TMPD/samples" 2>/dev/null || echo 0)
+# Wait until stored_pages is below 10% of its peak and has stopped falling.
+waited=0
+stored_after=$(pool_stored)
+before=-1
+while (( DISCARD && waited < 30 && peak_stored > 0 )) &&
+        (( stored_after * 10 >= peak_stored || stored_after != before )); do
+    sleep 1
+    waited=$(( waited + 1 ))
+    before=$stored_after
+    stored_after=$(pool_stored)
+done
+STORED_AFTER="$stored_after pages ($(ratio $(( stored_after * 100 )) "$peak_stored")% of the peak $peak_stored), ${waited} s after the workload ended"
 
 case $wl_rc in
     0)   result=PASS; status=0 ;;

@@ -302,6 +302,21 @@ async def test_invalidate_range() -> None:
     check_invariants(engine)
 
 
+async def test_discard_invalidates_a_run_of_pages_as_one_batch() -> None:
+    """A discard of an image range: exactly the stored pages in it go, each an invalidate."""
+    engine = with_pools(make_engine())
+    await engine.store_many(SWAP0, SWAP_OBJECT, [(i, page(i)) for i in (1, 2, 5, 9, 100)])
+    before = engine.pool_stats(SWAP0)["invalidates"]
+    assert await engine.discard(SWAP0, SWAP_OBJECT, range(2, 10)) == 3
+    assert sorted(engine.get_object(SWAP0, SWAP_OBJECT).pages) == [1, 100]
+    assert engine.pool_stats(SWAP0)["invalidates"] == before + 3
+    # A range far larger than what is stored walks the stored pages, not the range.
+    assert await engine.discard(SWAP0, SWAP_OBJECT, range(0, 1 << 40)) == 2
+    assert await engine.discard(SWAP0, SWAP_OBJECT, range(0, 1 << 40)) == 0
+    assert engine.pool_total_size() == 0
+    check_invariants(engine)
+
+
 # -- the budget and eviction -------------------------------------------------------------
 
 

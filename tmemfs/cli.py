@@ -19,8 +19,10 @@ from tmemfs import __version__
 from tmemfs.backends import BackendError, check_backend
 from tmemfs.backends.redis import is_redis_url
 from tmemfs.engine import stats as statsfmt
+from tmemfs.fs import discard_supported
 from tmemfs.mount import MountError, MountOptions, mount, umount
 from tmemfs.sizes import format_size, parse_size
+from tmemfs.swap import swap_list, swap_off, swap_on
 
 DEFAULT_MAX_POOL = "20%"
 
@@ -35,7 +37,9 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     parser = Parser(prog="tmemfs", description="Transcendent memory as a FUSE filesystem.")
-    parser.add_argument("--version", action="version", version=f"tmemfs {__version__}")
+    discard = "on" if discard_supported() else "off"
+    parser.add_argument("--version", action="version",
+                        version=f"tmemfs {__version__} (discard: {discard})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     m = sub.add_parser("mount", help="mount a tmemfs")
@@ -78,6 +82,18 @@ def build_parser() -> Parser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--watch", type=float, metavar="N",
                    help="redraw every N seconds, with stores/s and loads/s")
+
+    w = sub.add_parser("swap", help="swap on a tmemfs image (without a subcommand: list it)")
+    ws = w.add_subparsers(dest="swap_command", parser_class=Parser)
+    on = ws.add_parser("on", help="make the next frontswap/N.img, attach, mkswap, "
+                                  "swapon --discard; print the device")
+    on.add_argument("mountpoint", type=Path)
+    on.add_argument("--size", help="image size with K/M/G (default: the size of RAM)")
+    on.add_argument("--priority", type=int, help="swap priority (swapon -p)")
+    on.add_argument("--no-discard", action="store_true",
+                    help="swapon without --discard: freed slots stay stored (to compare)")
+    off = ws.add_parser("off", help="swapoff, detach, remove the image and its pool")
+    off.add_argument("target", type=Path, metavar="MOUNT|DEVICE")
     return parser
 
 
@@ -235,6 +251,23 @@ def stat(mountpoint: Path, as_json: bool, watch: float | None = None) -> int:
         previous, then = stats, now
 
 
+def swap(args: argparse.Namespace, parser: Parser) -> int:
+    if args.swap_command == "on":
+        size = None
+        if args.size is not None:
+            try:
+                size = parse_size(args.size)
+            except ValueError as exc:
+                parser.error(f"--size: {exc}")
+        print(swap_on(args.mountpoint, size, args.priority, discard=not args.no_discard))
+    elif args.swap_command == "off":
+        for device in swap_off(args.target):
+            print(f"{device}: off")
+    else:
+        print(swap_list())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -243,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return mount(mount_options(args, parser))
         if args.command == "umount":
             return umount(args.mountpoint.absolute())
+        if args.command == "swap":
+            return swap(args, parser)
         return stat(args.mountpoint, args.json, args.watch)
     except MountError as exc:
         sys.stderr.write(f"tmemfs: {exc}\n")

@@ -72,6 +72,22 @@ _TOP = {
 _DIR_TIMEOUT = 1.0
 _PAGE_ENTRY_TIMEOUT = 0.0
 _PAGE_ATTR_TIMEOUT = 1.0
+# fallocate(2) modes (linux/falloc.h). The loop device sends PUNCH_HOLE|KEEP_SIZE for
+# a discard.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+# A zeroed image range is stored this many bytes per batch.
+_ZERO_BATCH = 1 << 20
+
+
+def discard_supported() -> bool:
+    """Whether pyfuse3 passes fallocate on: 3.5.0 does only with our patch (patches/).
+
+    Without it the kernel is answered ENOSYS, the loop device turns discard off, and a
+    swap image keeps every slot swap has ever used.
+    """
+    return hasattr(pyfuse3.Operations, "fallocate")
 
 
 def errno_for(exc: BaseException) -> int:
@@ -787,6 +803,90 @@ class TmemOperations(pyfuse3.Operations):
     @translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.flush(fh)
+
+    @translate_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2), SPEC section 4: a punched hole is a discard, frontswap's invalidate.
+
+        PUNCH_HOLE|KEEP_SIZE invalidates whole pages and zeroes the edges; ZERO_RANGE
+        stores zeros; mode 0 (or KEEP_SIZE alone) allocates, which stores nothing but may
+        grow an image; any other mode is EOPNOTSUPP.
+        """
+        handle = self._handles.get(fh)
+        what = mode & ~FALLOC_FL_KEEP_SIZE
+        if what not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) or (
+            what == FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE
+        ):
+            raise fail(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise fail(errno.EINVAL)
+        if isinstance(handle, OpenImage):
+            await self._fallocate_image(handle.pool, mode, offset, offset + length)
+        elif isinstance(handle, OpenPage):
+            await self._fallocate_page(handle, mode, offset, offset + length)
+        else:
+            raise fail(errno.EBADF)
+
+    async def _fallocate_image(self, pool_id: PoolId, mode: int, off: int, end: int) -> None:
+        pool = self.engine.pool(pool_id)
+        size = pool.image_size
+        if size is None:
+            return  # unlinked while open: its view is gone, and unlink keeps the pages
+        if mode & FALLOC_FL_KEEP_SIZE:
+            end = min(end, size)
+        elif end > size:
+            await self.engine.resize_image(pool_id, end)
+        if off >= end:
+            return
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            await self._punch_image(pool_id, off, end)
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            pos = off
+            while pos < end:
+                upto = min(end, (pos // _ZERO_BATCH + 1) * _ZERO_BATCH)
+                await self._write_image(pool_id, pos, bytes(upto - pos))
+                pos = upto
+
+    async def _punch_image(self, pool_id: PoolId, off: int, end: int) -> None:
+        """Invalidate the pages wholly inside [off, end) as one batch; zero the edges."""
+        psize = self.page_size
+        whole = range(-(-off // psize), end // psize)
+        if whole:
+            await self.engine.discard(pool_id, SWAP_OBJECT, whole)
+        edges = sorted({i for i in (off // psize, (end - 1) // psize) if i not in whole})
+        if not edges:
+            return  # swap discards whole clusters: nothing to read back
+        loaded = await self.engine.load_many(pool_id, SWAP_OBJECT, edges, exclusive=False)
+        zeroed: list[tuple[int, bytes]] = []
+        for index, page in zip(edges, loaded, strict=True):
+            if page is None:
+                continue  # never stored: it reads as zeros already
+            start = index * psize
+            lo, hi = max(off, start) - start, min(end, start + psize) - start
+            zeroed.append((index, page[:lo] + bytes(hi - lo) + page[hi:]))
+        if zeroed and not all(await self.engine.store_many(pool_id, SWAP_OBJECT, zeroed)):
+            raise StoreRejected(f"{pool_id}.img")
+
+    async def _fallocate_page(self, handle: OpenPage, mode: int, off: int, end: int) -> None:
+        """A page file is one page: a range past it is EFBIG, as a write past it is."""
+        psize = self.page_size
+        if end > psize:
+            raise fail(errno.EFBIG)
+        if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            return
+        # What this open file has assembled is stored first; the range applies to it.
+        await self._store_pending(handle)
+        handle.buffer = handle.loaded = None
+        key = handle.key
+        if mode & FALLOC_FL_PUNCH_HOLE and off == 0 and end == psize:
+            await self.engine.invalidate_page(key)
+            return
+        (page,) = await self.engine.load_many(key.pool, key.object, [key.index],
+                                              exclusive=False)
+        if page is None and mode & FALLOC_FL_PUNCH_HOLE:
+            return
+        page = page or bytes(psize)
+        await self._store(key, page[:off] + bytes(end - off) + page[end:])
 
     @translate_errors
     async def release(self, fh: int) -> None:

@@ -30,7 +30,7 @@ from tmemfs.backends import mask_url, open_backend, open_tier
 from tmemfs.backends.store import StoreUnavailable
 from tmemfs.engine import Engine
 from tmemfs.engine import stats as statsfmt
-from tmemfs.fs import TmemOperations
+from tmemfs.fs import TmemOperations, discard_supported
 from tmemfs.metrics import open_metrics_listeners, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class MountOptions:
             "reject_poor": str(int(self.reject_poor)),
             "exclusive_gets": str(int(self.exclusive_gets)),
             "allow_other": str(int(self.allow_other)),
+            "discard": "on" if discard_supported() else "off",
         }
 
 
@@ -263,6 +264,12 @@ async def _serve_mounted(
         raise MountError(f"cannot mount {opts.mountpoint}: {exc}") from None
     log.info("mounted %s: %s", opts.mountpoint,
              ", ".join(f"{k} {v}" for k, v in info.items() if k != "mountpoint"))
+    if discard_supported():
+        log.info("discard: on (fallocate on an image invalidates the pages in its range)")
+    else:
+        log.warning("discard: off: this pyfuse3 (%s) passes no fallocate on, so a swap image "
+                    "keeps every slot swap has used; examples/setup.sh builds it with "
+                    "patches/pyfuse3-3.5.0-fallocate.patch", pyfuse3.__version__)
     _tell(ready, "ok")
     if ready is not None:
         _detach_stdio()

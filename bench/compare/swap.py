@@ -12,6 +12,8 @@ from bench.progress import Progress
 NUMBER = 3
 TITLE = "Swap experiment"
 GOAL = at_most(1.0, "zram swap")
+MEMORY_GOAL = at_most(0.85, "zram swap")
+MiB = 1 << 20
 PAGE_CLUSTER = Path("/proc/sys/vm/page-cluster")
 # The readahead sweep: small, so six settings on two stores fit in about a minute.
 SWEEP_LIMIT, SWEEP_SET = 48 << 20, 160 << 20
@@ -28,7 +30,11 @@ def run(ctx: Context) -> Section:
         f"`examples/swap-on-loop.sh` for tmemfs (loop device with direct I/O on "
         f"`frontswap/0.img`, a fresh mount each run), zram0 (lz4), and a swap file on the "
         f"root file system. Wall time is the workload's, start to exit. Runs rotate the "
-        f"order of the three stores."
+        f"order of the three stores. Each second, swap in use (`/proc/swaps`) is sampled "
+        f"against the memory the store holds: zram's `mem_used_total`, tmemfs' "
+        f"`pool_total_size` (with `swapon --discard`, so freed slots are invalidated); "
+        f"memory held is compared at the peak of swap in use, and averaged over the samples "
+        f"with at least a tenth of that peak."
     )
     stores = {
         "tmemfs": lambda: swap.on_tmemfs(limit, ws, cfg.swap_timeout),
@@ -49,6 +55,22 @@ def run(ctx: Context) -> Section:
     wall = {name: [o.wall for o in outs] for name, outs in outcomes.items()}
     section.rows.append(paired("wall time vs zram swap", "s", wall["tmemfs"], wall["zram"], GOAL))
     section.rows.append(paired("wall time vs disk swap", "s", wall["tmemfs"], wall["disk"]))
+    memory = {name: [o.memory for o in outcomes[name]] for name in ("tmemfs", "zram")}
+    section.rows.append(paired(
+        "memory held at the peak swap in use vs zram swap", "MiB",
+        [m.held_at_peak / MiB for m in memory["tmemfs"]],
+        [m.held_at_peak / MiB for m in memory["zram"]], MEMORY_GOAL))
+    section.rows.append(paired(
+        "memory held, average over the run vs zram swap", "MiB",
+        [m.held_average / MiB for m in memory["tmemfs"]],
+        [m.held_average / MiB for m in memory["zram"]]))
+    section.details.append(Table(
+        ["swap on", "peak swap in use (MiB)", "held at that peak (MiB)", "held on average (MiB)",
+         "held after exit (MiB)", "stored pages / swap in use"],
+        [[name, *(", ".join(f"{getattr(m, a) / MiB:.1f}" for m in ms)
+                  for a in ("peak_used", "held_at_peak", "held_average", "held_after")),
+          ", ".join(f"{m.stored_ratio:.2f}x" for m in ms) if name == "tmemfs" else "-"]
+         for name, ms in memory.items()]))
     section.details.append(Table(
         ["swap on", "wall time per run (s)", "pswpout per run", "pswpin per run"],
         [[name, ", ".join(f"{o.wall:.1f}" for o in outs),

@@ -717,6 +717,24 @@ class Engine:
             self._count(pool, "invalidates", len(gone))
             return len(gone)
 
+    async def discard(self, pool_id: PoolId, obj: str, pages: range) -> int:
+        """Invalidate every page of an object whose index is in `pages`, as one batch.
+
+        A discard of an image range (swap freeing slots, blkdiscard) is frontswap's
+        invalidate for each page in it; each counts in `invalidates`.
+        """
+        async with self._mutating(pool_id):
+            pool = self.pool(pool_id)
+            tobj = self.get_object(pool_id, obj)
+            if len(pages) <= len(tobj.pages):
+                indexes = [i for i in pages if i in tobj.pages]
+            else:
+                indexes = [i for i in tobj.pages if i in pages]
+            gone = [(PageKey(pool_id, obj, i), tobj.pages.pop(i)) for i in indexes]
+            await self._release_many(pool, tobj, gone)
+            self._count(pool, "invalidates", len(gone))
+            return len(gone)
+
     # -- writeback ---------------------------------------------------------------------
 
     async def _reclaim(self, room: int) -> None:
