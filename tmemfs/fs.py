@@ -16,7 +16,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -42,6 +42,7 @@ from tmemfs.engine import (
     parse_name,
 )
 from tmemfs.engine import stats as statsfmt
+from tmemfs.engine.pool import Pool, TmemObject
 from tmemfs.nodes import CLEANCACHE, DAEMON, FRONTSWAP, STATS, InodeTable, Kind, Node
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,20 @@ _TOP = {
     b"cleancache": CLEANCACHE,
     b".daemon": DAEMON,
 }
-# How long the kernel may cache names and attributes. A page's name is never cached:
-# a page can vanish behind the kernel's back (eviction, exclusive gets, a refused
-# store after create), and open(O_CREAT) on a cached name sends OPEN, not CREATE.
+# How long the kernel may cache names and attributes. Whatever goes away behind the
+# kernel's back (eviction, exclusive gets, a refused store, a flush, a truncated
+# image) is invalidated in the kernel as it goes (`_forget_names`), so names may be
+# cached: a cached page name saves a LOOKUP on every open. That invalidation is
+# asynchronous, so a name whose going must be seen at once is never cached: an image
+# (`rmdir frontswap/0; truncate -s 1M frontswap/0.img` must make a new one, and
+# open(O_CREAT) on a cached name sends OPEN, not CREATE), and whatever lives in a
+# shared pool, where other mounts remove things without this kernel's knowledge.
 # A page's attributes may be cached: reads and writes always reach the daemon (direct
 # I/O), and without the cache every open costs 3 more GETATTR requests.
 _DIR_TIMEOUT = 1.0
-_PAGE_ENTRY_TIMEOUT = 0.0
+_PAGE_ENTRY_TIMEOUT = 10.0
 _PAGE_ATTR_TIMEOUT = 1.0
+_UNCACHED = 0.0
 
 
 def errno_for(exc: BaseException) -> int:
@@ -168,9 +175,16 @@ class TmemOperations(pyfuse3.Operations):
         engine: Engine,
         daemon_info: dict[str, str] | None = None,
         on_first_image: Callable[[], object] | None = None,
+        invalidate_entry: Callable[[int, bytes], None] | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
+        # Tells the kernel to drop a cached name (pyfuse3.invalidate_entry_async when
+        # mounted; None when the adapter is driven directly, as in tests).
+        self._invalidate_entry = invalidate_entry
+        engine.on_gone = self._forget_names
+        # The page an unlink is removing: the kernel drops that name itself.
+        self._unlinking: Node | None = None
         # Called once, when the first image is made (the daemon locks its memory then).
         self._on_first_image = on_first_image
         # What `.daemon` shows: pid, version, options; `tmemfs umount` reads the pid.
@@ -214,6 +228,52 @@ class TmemOperations(pyfuse3.Operations):
             return True
         key = node.page_key
         return self.engine.entry(key) is not None or key in self._creating
+
+    def _forget_names(
+        self, pool: Pool, tobj: TmemObject | None, indexes: Sequence[int] | None
+    ) -> None:
+        """The engine dropped pages, an object or a pool: the kernel forgets their names.
+
+        Only names the kernel holds are sent (a lookup count here), so a flush of pages
+        nobody looked at costs nothing but dictionary lookups.
+        """
+        if self._invalidate_entry is None:
+            return
+        pid = pool.id
+        pool_node = Node(Kind.POOL, pid, generation=pool.generation)
+        gone: list[tuple[Node, bytes, Node]] = []  # (directory, name, what it named)
+        if tobj is None:
+            top = FRONTSWAP if pool.persistent else CLEANCACHE
+            gone.append((top, pid.name.encode(), pool_node))
+            if pool.persistent:
+                gone.append((top, pid.name.encode() + _IMAGE_SUFFIX,
+                             Node(Kind.IMAGE, pid, generation=pool.generation)))
+        elif indexes is None:
+            if pool.persistent:
+                return  # a frontswap pool's one object goes only with the pool
+            gone.append((pool_node, tobj.name.encode(),
+                         Node(Kind.OBJECT, pid, tobj.name, None, tobj.generation)))
+        else:
+            directory = pool_node if pool.persistent else Node(
+                Kind.OBJECT, pid, tobj.name, None, tobj.generation)
+            if self.inodes.known(directory) is None:
+                return
+            gone += [(directory, str(index).encode(),
+                      Node(Kind.PAGE, pid, tobj.name, index, tobj.generation))
+                     for index in indexes]
+        for directory, name, node in gone:
+            if node == self._unlinking or self.inodes.known(node) is None:
+                continue
+            parent_inode = self.inodes.known(directory)
+            if parent_inode is not None:
+                self._invalidate_entry(parent_inode, name)
+
+    def _page_gone(self, key: PageKey) -> None:
+        """A page that was only being created will not be: the kernel forgets its name."""
+        pool = self.engine.pools.get(key.pool)
+        tobj = pool.objects.get(key.object) if pool is not None else None
+        if pool is not None and tobj is not None and key.index not in tobj.pages:
+            self._forget_names(pool, tobj, (key.index,))
 
     def _child(self, parent: Node, name: bytes) -> Node:
         """The node `name` in `parent` would be, whether or not it exists.
@@ -336,6 +396,8 @@ class TmemOperations(pyfuse3.Operations):
             attr.st_uid, attr.st_gid = owner.uid, owner.gid
             mtime = owner.ctime_ns
             attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
+            if kind is Kind.OBJECT and self._shared(node):
+                attr.entry_timeout = _UNCACHED
         elif kind is Kind.IMAGE:
             assert node.pool is not None
             pool = self.engine.pool(node.pool)
@@ -343,7 +405,8 @@ class TmemOperations(pyfuse3.Operations):
             attr.st_uid, attr.st_gid = pool.owner.uid, pool.owner.gid
             attr.st_size = pool.image_size or 0
             attr.st_blocks = -(-self.engine.pool_stats(node.pool)["compr_data_size"] // 512)
-            attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
+            attr.entry_timeout = _UNCACHED
+            attr.attr_timeout = _DIR_TIMEOUT
             mtime = pool.owner.ctime_ns
         else:
             owner = self._owner(node)
@@ -357,10 +420,15 @@ class TmemOperations(pyfuse3.Operations):
                 attr.st_blocks = -(-int(self.engine.page_cost(entry)) // 512)
             else:
                 mtime = time.time_ns()
-            attr.entry_timeout = _PAGE_ENTRY_TIMEOUT
+            attr.entry_timeout = _UNCACHED if self._shared(node) else _PAGE_ENTRY_TIMEOUT
             attr.attr_timeout = _PAGE_ATTR_TIMEOUT
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
         return attr
+
+    def _shared(self, node: Node) -> bool:
+        """Whether other mounts may change what is under this node (a shared pool)."""
+        pool = self.engine.pools.get(node.pool) if node.pool is not None else None
+        return pool is not None and pool.shared
 
     def _owner(self, node: Node) -> Owner:
         assert node.pool is not None
@@ -783,6 +851,7 @@ class TmemOperations(pyfuse3.Operations):
             # where a full budget says ENOSPC, as for any other store.
             if not self.engine.room_for_page():
                 self._forget_creating(handle.key)
+                self._page_gone(handle.key)
                 raise StoreRejected(str(handle.key))
             self._closed_creations.add(handle.key)
 
@@ -808,8 +877,12 @@ class TmemOperations(pyfuse3.Operations):
         if node.kind is Kind.PAGE:
             key = node.page_key
             created = self._forget_creating(key)
-            if not await self.engine.invalidate_page(key) and not created:
-                raise fail(errno.ENOENT)
+            self._unlinking = node
+            try:
+                if not await self.engine.invalidate_page(key) and not created:
+                    raise fail(errno.ENOENT)
+            finally:
+                self._unlinking = None
         elif not self._exists(node):
             raise fail(errno.ENOENT)
         elif node.kind is Kind.IMAGE:
@@ -846,7 +919,9 @@ class TmemOperations(pyfuse3.Operations):
 
     @translate_errors
     async def getxattr(self, *args: Any) -> bytes:
-        raise fail(errno.ENODATA)
+        # ENOSYS, once: the kernel then answers every getxattr itself (EOPNOTSUPP, as
+        # setxattr says), and stops asking for security.capability before each write.
+        raise fail(errno.ENOSYS)
 
     @translate_errors
     async def listxattr(self, *args: Any) -> list[bytes]:

@@ -248,7 +248,8 @@ async def _serve_mounted(
     ready: int | None,
 ) -> None:
     """Mount, tell the parent, serve until unmounted or signalled, unmount."""
-    operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory)
+    operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory,
+                                invalidate_entry=_invalidate_entry)
     listeners = []
     if opts.metrics:
         host, port = opts.metrics
@@ -280,6 +281,11 @@ async def _serve_mounted(
         # and close() takes it down (lazily: nothing is left to serve it).
         pyfuse3.close(unmount=mount_entry(opts.mountpoint) is not None)
         log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
+
+
+def _invalidate_entry(parent_inode: int, name: bytes) -> None:
+    """Drop a cached name in the kernel; from a handler, so never waiting for it."""
+    pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
 
 
 async def _unmount_on_signal(mountpoint: Path) -> None:

@@ -84,6 +84,13 @@ class InodeTable:
             self._next += 1
         return ino
 
+    def known(self, node: Node) -> int | None:
+        """The number of a node the kernel holds (so may have cached), else None."""
+        ino = self._inodes.get(node)
+        if ino is None or not (ino in _FIXED or ino in self._lookups):
+            return None
+        return ino
+
     def remember(self, inode: int) -> None:
         """The kernel was handed this inode (lookup, create, mkdir, readdirplus)."""
         if inode not in _FIXED:
