@@ -16,7 +16,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import Mount
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
 
 MIB = 1 << 20
 PAGE = 4096

@@ -25,6 +25,11 @@ from conftest import is_mounted
 from redis_servers import RedisFactory
 from tmemfs_testlib import load, page_names, try_store
 
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
+
 pytest_plugins = ["redis_servers"]  # the redis_factory fixture
 
 TMEMFS = [sys.executable, "-m", "tmemfs"]

@@ -349,6 +349,7 @@ def test_hung_redis_times_out_and_recovers(
     and the replies it sends late, once resumed, are never taken for newer ones."""
     server = redis_factory()
     mount = mount_factory("--backend", server.url)  # default --remote-timeout: 2 s
+    mount.expect_error(r"coredis: Connection attempt failed")  # the hang, as provoked
     fs = mount.path / "frontswap" / "0"
     fs.mkdir()
     for i in range(8):
@@ -385,6 +386,7 @@ def test_concurrent_io_across_a_hang(
     another's)."""
     server = redis_factory()
     mount = mount_factory("--backend", server.url, *FAST)
+    mount.expect_error(r"coredis: Connection attempt failed")  # the hang, as provoked
     threads, per_thread = 8, 40
     for t in range(threads):
         (mount.path / "frontswap" / str(t)).mkdir()
@@ -440,6 +442,7 @@ def test_redis_restarted_empty_loses_pages_loudly(
 ) -> None:
     server = redis_factory()  # no persistence: a restart comes back empty
     mount = mount_factory("--backend", server.url, *FAST)
+    mount.expect_error(r"page \d+ is lost: its store no longer has it")  # loudly, as asked
     fs = mount.path / "frontswap" / "0"
     fs.mkdir()
     obj = mount.path / "cleancache" / "cc" / "o"
