@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import stat
 import time
 from collections import Counter
@@ -61,6 +62,10 @@ _ERRNO: dict[type[TmemError], int] = {
 }
 _STATS_NAME = b".stats"
 _IMAGE_SUFFIX = b".img"
+# rsync writes page N as `.N.XXXXXX` and renames it onto N when it is complete.
+_STAGED_NAME = re.compile(rb"\.([0-9]+)\.[A-Za-z0-9]{6}")
+# How many such files may be coming in at once, per mount.
+_MAX_STAGED = 1024
 _TOP = {
     b"stats": STATS,
     b"frontswap": FRONTSWAP,
@@ -143,6 +148,23 @@ class OpenPage:
 
 
 @dataclass(slots=True)
+class Staged:
+    """`.N.XXXXXX` in a page directory: a copy of page N coming in, as rsync writes it.
+
+    It holds at most a page, outside the engine; rename onto N stores it as page N.
+    """
+
+    owner: Owner
+    data: bytearray = field(default_factory=bytearray)
+    mtime_ns: int = field(default_factory=time.time_ns)
+
+
+@dataclass(slots=True)
+class OpenStaged:
+    node: Node
+
+
+@dataclass(slots=True)
 class OpenImage:
     """frontswap/N.img opened: byte range [k*P, (k+1)*P) is page k of pool N."""
 
@@ -185,13 +207,15 @@ class TmemOperations(pyfuse3.Operations):
         engine.on_gone = self._forget_names
         # The page an unlink is removing: the kernel drops that name itself.
         self._unlinking: Node | None = None
+        # Files coming in under rsync's temporary names, until renamed onto a page.
+        self._staged: dict[Node, Staged] = {}
         # Called once, when the first image is made (the daemon locks its memory then).
         self._on_first_image = on_first_image
         # What `.daemon` shows: pid, version, options; `tmemfs umount` reads the pid.
         self.daemon_info = daemon_info or {}
         self.page_size = engine.page_size
         self.inodes = InodeTable()
-        self._handles: dict[int, OpenPage | OpenImage | OpenStats | Listing] = {}
+        self._handles: dict[int, OpenPage | OpenImage | OpenStats | OpenStaged | Listing] = {}
         self._next_fh = 1
         # Pages created by an open file that has not stored them yet: they exist for
         # stat and lookup, as a freshly created file does.
@@ -226,6 +250,8 @@ class TmemOperations(pyfuse3.Operations):
             return False
         if kind is Kind.OBJECT:
             return True
+        if kind is Kind.STAGED:
+            return node in self._staged
         key = node.page_key
         return self.engine.entry(key) is not None or key in self._creating
 
@@ -237,9 +263,13 @@ class TmemOperations(pyfuse3.Operations):
         Only names the kernel holds are sent (a lookup count here), so a flush of pages
         nobody looked at costs nothing but dictionary lookups.
         """
+        pid = pool.id
+        if indexes is None and self._staged:
+            for node in [n for n in self._staged if n.pool == pid
+                         and (tobj is None or n.object == tobj.name)]:
+                del self._staged[node]
         if self._invalidate_entry is None:
             return
-        pid = pool.id
         pool_node = Node(Kind.POOL, pid, generation=pool.generation)
         gone: list[tuple[Node, bytes, Node]] = []  # (directory, name, what it named)
         if tobj is None:
@@ -297,11 +327,16 @@ class TmemOperations(pyfuse3.Operations):
             if name == _STATS_NAME:
                 return Node(Kind.POOL_STATS, parent.pool, generation=parent.generation)
             if parent.pool.kind is PoolKind.PERSISTENT:
-                return self._object_node(parent.pool, SWAP_OBJECT, parse_decimal(name))
+                staged = _STAGED_NAME.fullmatch(name)
+                index = parse_decimal(staged.group(1) if staged else name)
+                page = self._object_node(parent.pool, SWAP_OBJECT, index)
+                return page._replace(kind=Kind.STAGED, name=name.decode()) if staged else page
             return self._object_node(parent.pool, parse_name(name))
         elif kind is Kind.OBJECT:
-            return Node(Kind.PAGE, parent.pool, parent.object, parse_decimal(name),
-                        parent.generation)
+            staged = _STAGED_NAME.fullmatch(name)
+            page = Node(Kind.PAGE, parent.pool, parent.object,
+                        parse_decimal(staged.group(1) if staged else name), parent.generation)
+            return page._replace(kind=Kind.STAGED, name=name.decode()) if staged else page
         raise BadName(name)
 
     def _pool_node(self, kind: Kind, pool_id: PoolId) -> Node:
@@ -342,10 +377,10 @@ class TmemOperations(pyfuse3.Operations):
             return entries
         assert node.pool is not None
         pool = engine.pool(node.pool)
-        entries = []
-        if node.kind is Kind.POOL:
-            entries.append((_STATS_NAME, Node(Kind.POOL_STATS, node.pool,
-                                              generation=pool.generation)))
+        # `.stats` is not listed, even by `ls -a`: archivers (tar, cp -a, rsync -a) must
+        # not copy a control file, whose text changes as they read it and which cannot
+        # be made in the copy. It is there for whoever names it: `cat POOL/.stats`.
+        entries: list[tuple[bytes, Node]] = []
         if node.kind is Kind.POOL and not pool.persistent:
             entries += [
                 (name.encode(), self._object_node(node.pool, name))
@@ -398,6 +433,14 @@ class TmemOperations(pyfuse3.Operations):
             attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
             if kind is Kind.OBJECT and self._shared(node):
                 attr.entry_timeout = _UNCACHED
+        elif kind is Kind.STAGED:
+            staged = self._staged[node]
+            attr.st_mode = stat.S_IFREG | staged.owner.mode
+            attr.st_uid, attr.st_gid = staged.owner.uid, staged.owner.gid
+            attr.st_size = len(staged.data)
+            attr.st_blocks = -(-len(staged.data) // 512)
+            attr.entry_timeout = attr.attr_timeout = _UNCACHED  # renamed away soon
+            mtime = staged.mtime_ns
         elif kind is Kind.IMAGE:
             assert node.pool is not None
             pool = self.engine.pool(node.pool)
@@ -431,9 +474,14 @@ class TmemOperations(pyfuse3.Operations):
         return pool is not None and pool.shared
 
     def _owner(self, node: Node) -> Owner:
+        if node.kind is Kind.STAGED:
+            return self._staged[node].owner
         assert node.pool is not None
         pool = self.engine.pool(node.pool)
-        if node.kind is Kind.POOL or pool.persistent:
+        # A page shows its pool's owner and mode (without x bits), in cleancache too:
+        # an object's own mode may be passing (tar and cp -a make directories 0700,
+        # fill them, and set their mode last), the pool's is the user's choice.
+        if node.kind in (Kind.POOL, Kind.PAGE) or pool.persistent:
             return pool.owner
         assert node.object is not None
         return self.engine.get_object(node.pool, node.object).owner
@@ -488,12 +536,24 @@ class TmemOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if node.kind in (Kind.POOL, Kind.OBJECT):
+        if node.kind in (Kind.POOL, Kind.OBJECT, Kind.STAGED):
             self._change_owner(node, attr, fields, ctx)
         elif fields.update_mode or fields.update_uid or fields.update_gid:
-            raise fail(errno.EPERM)
+            # A page's owner and mode are its directory's. Setting them to what they
+            # are is a no-op that succeeds, as tar, cp -a and rsync -a do on a restore.
+            now = self._attrs(node, inode)
+            if ((fields.update_mode and stat.S_IMODE(attr.st_mode) != stat.S_IMODE(now.st_mode))
+                    or (fields.update_uid and attr.st_uid != now.st_uid)
+                    or (fields.update_gid and attr.st_gid != now.st_gid)):
+                raise fail(errno.EPERM)
         if fields.update_size:
-            if node.kind is Kind.PAGE:
+            if node.kind is Kind.STAGED:
+                if attr.st_size > self.page_size:
+                    raise fail(errno.EFBIG)
+                data = self._staged[node].data
+                del data[attr.st_size:]
+                data.extend(bytes(attr.st_size - len(data)))
+            elif node.kind is Kind.PAGE:
                 await self._truncate_page(node, attr.st_size, fh)
             elif node.kind is Kind.IMAGE:
                 assert node.pool is not None
@@ -628,6 +688,8 @@ class TmemOperations(pyfuse3.Operations):
             if name == _STATS_NAME:
                 raise fail(errno.EEXIST)
             node = self._child(parent, name)
+            if node.kind is Kind.STAGED:
+                return self._create_staged(node, flags, mode, ctx)
         elif parent.kind is Kind.FRONTSWAP and name.endswith(_IMAGE_SUFFIX):
             return await self._create_image(self._child(parent, name), flags, mode, ctx)
         else:
@@ -636,6 +698,33 @@ class TmemOperations(pyfuse3.Operations):
         if self.engine.entry(key) is not None and flags & os.O_EXCL:
             raise fail(errno.EEXIST)
         return self._open_created(key), self._entry_reply(node)
+
+    def _create_staged(
+        self, node: Node, flags: int, mode: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if node in self._staged:
+            if flags & os.O_EXCL:
+                raise fail(errno.EEXIST)
+            if flags & os.O_TRUNC:
+                self._staged[node].data.clear()
+        else:
+            if len(self._staged) >= _MAX_STAGED:
+                raise fail(errno.ENOSPC)
+            self._staged[node] = Staged(Owner(ctx.uid, ctx.gid, mode & ~ctx.umask & 0o7777))
+        fh = self._new_handle(OpenStaged(node))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry_reply(node)
+
+    async def _rename_staged(self, node: Node, target: Node, flags: int) -> None:
+        """`.N.XXXXXX` renamed onto N (same directory): page N is stored from it."""
+        if (target.kind is not Kind.PAGE or target._replace(kind=Kind.STAGED, name=node.name)
+                != node or flags & ~pyfuse3.RENAME_NOREPLACE):
+            raise fail(errno.EPERM)
+        if flags & pyfuse3.RENAME_NOREPLACE and self._exists(target):
+            raise fail(errno.EEXIST)
+        staged = self._staged.pop(node)
+        page = bytes(staged.data).ljust(self.page_size, b"\0")
+        self._forget_creating(target.page_key)
+        await self._store(target.page_key, page)
 
     def _open_created(self, key: PageKey) -> pyfuse3.FileInfo:
         """An open file of a new page: zeros until written, stored at close."""
@@ -679,7 +768,7 @@ class TmemOperations(pyfuse3.Operations):
             # as its create would have: a store never fails with ENOENT.
             return self._open_created(vanished.page_key)
         node = self._node(inode)
-        handle: OpenPage | OpenStats
+        handle: OpenPage | OpenStats | OpenStaged
         if node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
             if writable or flags & os.O_TRUNC:
                 raise fail(errno.EACCES)
@@ -689,6 +778,10 @@ class TmemOperations(pyfuse3.Operations):
             if writable and flags & os.O_TRUNC:
                 await self.engine.resize_image(node.pool, 0)
             handle = OpenImage(node.pool)
+        elif node.kind is Kind.STAGED:
+            if writable and flags & os.O_TRUNC:
+                self._staged[node].data.clear()
+            handle = OpenStaged(node)
         elif node.kind is Kind.PAGE:
             handle = OpenPage(node.page_key, writable)
             if writable and flags & os.O_TRUNC:
@@ -706,6 +799,8 @@ class TmemOperations(pyfuse3.Operations):
             return handle.text[off : off + size]
         if isinstance(handle, OpenImage):
             return await self._read_image(handle.pool, off, size)
+        if isinstance(handle, OpenStaged):
+            return bytes(self._staged_of(handle)[off : off + size])
         assert isinstance(handle, OpenPage)
         if off >= self.page_size:
             return b""
@@ -729,6 +824,14 @@ class TmemOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         if isinstance(handle, OpenImage):
             return await self._write_image(handle.pool, off, buf)
+        if isinstance(handle, OpenStaged):
+            if off + len(buf) > self.page_size:
+                raise fail(errno.EFBIG)
+            data = self._staged_of(handle)
+            if off > len(data):
+                data.extend(bytes(off - len(data)))
+            data[off : off + len(buf)] = buf
+            return len(buf)
         if not isinstance(handle, OpenPage):
             raise fail(errno.EBADF)
         if off + len(buf) > self.page_size:
@@ -747,6 +850,12 @@ class TmemOperations(pyfuse3.Operations):
         buffer[off : off + len(buf)] = buf
         handle.dirty = True
         return len(buf)
+
+    def _staged_of(self, handle: OpenStaged) -> bytearray:
+        staged = self._staged.get(handle.node)
+        if staged is None:  # renamed or unlinked while open
+            raise fail(errno.ESTALE)
+        return staged.data
 
     async def _read_image(self, pool_id: PoolId, off: int, size: int) -> bytes:
         """One request, one batch: every page it covers is loaded together."""
@@ -885,6 +994,8 @@ class TmemOperations(pyfuse3.Operations):
                 self._unlinking = None
         elif not self._exists(node):
             raise fail(errno.ENOENT)
+        elif node.kind is Kind.STAGED:
+            del self._staged[node]
         elif node.kind is Kind.IMAGE:
             assert node.pool is not None
             self.engine.remove_image(node.pool)
@@ -898,8 +1009,27 @@ class TmemOperations(pyfuse3.Operations):
     # -- what the tree does not allow ----------------------------------------------------
 
     @translate_errors
-    async def rename(self, *args: Any) -> None:
-        raise fail(errno.EPERM)
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        """EPERM, but for rsync's `.N.XXXXXX` renamed onto N: that stores page N."""
+        old_parent = self._node(parent_inode_old)
+        node = self._named(old_parent, name_old)
+        if node.kind is not Kind.STAGED or parent_inode_new != parent_inode_old:
+            raise fail(errno.EPERM)
+        if not self._exists(node):
+            raise fail(errno.ENOENT)
+        try:
+            target = self._child(old_parent, name_new)
+        except BadName:
+            raise fail(errno.EPERM) from None
+        await self._rename_staged(node, target, flags)
 
     @translate_errors
     async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
@@ -947,7 +1077,9 @@ class TmemOperations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    def _new_handle(self, handle: OpenPage | OpenImage | OpenStats | Listing) -> int:
+    def _new_handle(
+        self, handle: OpenPage | OpenImage | OpenStats | OpenStaged | Listing
+    ) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle

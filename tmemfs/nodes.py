@@ -27,6 +27,7 @@ class Kind(enum.Enum):
     OBJECT = "object"
     PAGE = "page"
     IMAGE = "image"
+    STAGED = "staged"  # `.N.XXXXXX`: a copy of page N coming in (rsync's temporary file)
 
 
 class Node(NamedTuple):
@@ -42,6 +43,7 @@ class Node(NamedTuple):
     object: str | None = None
     index: int | None = None
     generation: int = 0
+    name: str | None = None  # a staged file's own name
 
     @property
     def page_key(self) -> PageKey:
