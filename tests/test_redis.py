@@ -587,6 +587,31 @@ def test_shared_pool_across_two_mounts(
     assert outcome(b.path / "cleancache" / "private" / "obj" / "1") == errno.ENOENT
 
 
+def test_shared_pool_removal_elsewhere_is_seen_at_once(
+    redis_factory: RedisFactory, mount_factory: MountFactory
+) -> None:
+    """What another mount removes from a shared pool is gone here at once, with no
+    sleep: this kernel holds no name of it (issue 12, item 1)."""
+    server = redis_factory()
+    a = mount_factory("--backend", server.url)
+    b = mount_factory("--backend", server.url)
+    shared = str(uuid.uuid4())
+    on_a, on_b = (m.path / "cleancache" / shared for m in (a, b))
+    on_a.mkdir()
+    on_b.mkdir()
+    for round_ in range(10):
+        (on_a / "obj").mkdir()
+        store(on_a / "obj" / "1", random_page(round_))
+        assert load(on_b / "obj" / "1") == random_page(round_)  # B looks them up
+        assert os.stat(on_b / "obj").st_mode & 0o40000
+        os.rmdir(on_a / "obj")
+        assert errno_of(os.stat, on_b / "obj" / "1") == errno.ENOENT, round_
+        assert not (on_b / "obj").exists(), round_
+        (on_b / "obj").mkdir()  # not EEXIST from a name B's kernel kept
+        assert outcome(on_b / "obj" / "1") == errno.ENOENT
+        os.rmdir(on_b / "obj")
+
+
 # -- cluster --------------------------------------------------------------------------------------
 
 
