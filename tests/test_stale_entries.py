@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 import pytest
 from conftest import Mount
@@ -94,3 +95,39 @@ def test_truncated_image_pages_gone(tmem: Mount) -> None:
         os.truncate(fs / "5.img", 2 * PAGE)
         assert errno_of(lambda: load(fs / "5" / "6")) == errno.ENOENT
         assert "6" not in os.listdir(fs / "5")
+
+
+def test_evicted_page_gone_at_once(mount_factory: Callable[..., Mount]) -> None:
+    """A cleancache page the kernel looked up, evicted by a store elsewhere, is gone
+    for stat and O_EXCL the moment that store returns."""
+    mount = mount_factory("--max-pool", "24K")
+    obj = mount.path / "cleancache" / "p" / "o"
+    obj.mkdir(parents=True)
+    pool = mount.path / "frontswap" / "0"
+    pool.mkdir()
+    page = obj / "1"
+    for round_ in range(ROUNDS):
+        store(page, random_page(round_))
+        assert os.stat(page).st_size == PAGE
+        for index in range(5):  # more than the budget: the cleancache page goes
+            store(pool / str(index), random_page(1000 + index))
+        assert not page.exists(), f"round {round_}: an evicted page still exists"
+        os.close(os.open(page, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        for index in range(5):
+            os.unlink(pool / str(index))
+        os.unlink(page)
+    assert mount.stats()["evicted_pages"] >= ROUNDS
+
+
+def test_exclusively_got_page_gone_at_once(mount_factory: Callable[..., Mount]) -> None:
+    """--exclusive-gets: a page read is gone at once, for stat and for ls."""
+    mount = mount_factory("--exclusive-gets")
+    pool = mount.path / "frontswap" / "0"
+    pool.mkdir()
+    for round_ in range(ROUNDS):
+        page = pool / str(round_ % 3)
+        store(page, random_page(round_))
+        assert os.stat(page).st_size == PAGE
+        assert load(page) == random_page(round_)
+        assert not page.exists(), f"round {round_}: a page got exclusively still exists"
+        assert errno_of(lambda p=page: load(p)) == errno.ENOENT

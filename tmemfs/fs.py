@@ -9,6 +9,7 @@ otherwise end the mount.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import functools
 import logging
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from tmemfs.engine import (
@@ -122,6 +124,39 @@ def translate_errors(
     return wrapper
 
 
+# Names a request made go, held back to be dropped from the kernel before it is answered.
+_HELD_BACK: contextvars.ContextVar[list[tuple[int, bytes]] | None] = contextvars.ContextVar(
+    "held_back", default=None)
+# How long a reply may wait for the kernel to drop names (it never should for long).
+_INVALIDATE_TIMEOUT = 2.0
+
+
+def invalidates_before_reply(
+    handler: Callable[P, Awaitable[R]],
+) -> Callable[P, Awaitable[R]]:
+    """Names this request made go (eviction, an exclusive get, a refused store) leave
+    the kernel's cache before the request is answered, so its caller's next step
+    cannot find them. Only for read, write, flush and release: their callers hold no
+    directory lock, which dropping a name takes; elsewhere it would deadlock, so
+    there names are dropped asynchronously, a moment after the reply.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        token = _HELD_BACK.set([])
+        try:
+            return await handler(*args, **kwargs)
+        finally:
+            held = _HELD_BACK.get()
+            _HELD_BACK.reset(token)
+            if held:
+                ops = args[0]
+                assert isinstance(ops, TmemOperations)
+                await ops._drop_names_now(held)
+
+    return wrapper
+
+
 def _describe(arg: object) -> str:
     """A request argument, short: who asked, and sizes rather than page contents."""
     if isinstance(arg, pyfuse3.RequestContext):
@@ -198,12 +233,15 @@ class TmemOperations(pyfuse3.Operations):
         daemon_info: dict[str, str] | None = None,
         on_first_image: Callable[[], object] | None = None,
         invalidate_entry: Callable[[int, bytes], None] | None = None,
+        invalidate_entry_now: Callable[[int, bytes], None] | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
         # Tells the kernel to drop a cached name (pyfuse3.invalidate_entry_async when
         # mounted; None when the adapter is driven directly, as in tests).
         self._invalidate_entry = invalidate_entry
+        # The same, blocking until the kernel has dropped it (from a worker thread).
+        self._invalidate_entry_now = invalidate_entry_now
         engine.on_gone = self._forget_names
         # The page an unlink is removing: the kernel drops that name itself.
         self._unlinking: Node | None = None
@@ -291,12 +329,32 @@ class TmemOperations(pyfuse3.Operations):
             gone += [(directory, str(index).encode(),
                       Node(Kind.PAGE, pid, tobj.name, index, tobj.generation))
                      for index in indexes]
+        held = _HELD_BACK.get() if self._invalidate_entry_now is not None else None
         for directory, name, node in gone:
             if node == self._unlinking or self.inodes.known(node) is None:
                 continue
             parent_inode = self.inodes.known(directory)
-            if parent_inode is not None:
+            if parent_inode is None:
+                continue
+            if held is not None:
+                held.append((parent_inode, name))
+            else:
                 self._invalidate_entry(parent_inode, name)
+
+    async def _drop_names_now(self, names: list[tuple[int, bytes]]) -> None:
+        """Drop names from the kernel's cache and wait for it (see invalidates_before_reply)."""
+        invalidate = self._invalidate_entry_now
+        assert invalidate is not None
+
+        def drop_all() -> None:
+            for parent_inode, name in names:
+                invalidate(parent_inode, name)
+
+        with trio.move_on_after(_INVALIDATE_TIMEOUT) as scope:
+            await trio.to_thread.run_sync(drop_all, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.warning("the kernel took over %s s to drop %d names", _INVALIDATE_TIMEOUT,
+                        len(names))
 
     def _page_gone(self, key: PageKey) -> None:
         """A page that was only being created will not be: the kernel forgets its name."""
@@ -793,6 +851,7 @@ class TmemOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
 
     @translate_errors
+    @invalidates_before_reply
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
         if isinstance(handle, OpenStats):
@@ -820,6 +879,7 @@ class TmemOperations(pyfuse3.Operations):
         return handle.loaded[off : off + size]
 
     @translate_errors
+    @invalidates_before_reply
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         if isinstance(handle, OpenImage):
@@ -946,6 +1006,7 @@ class TmemOperations(pyfuse3.Operations):
                 self._closed_creations.discard(handle.key)
 
     @translate_errors
+    @invalidates_before_reply
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
         if not isinstance(handle, OpenPage):
@@ -965,10 +1026,12 @@ class TmemOperations(pyfuse3.Operations):
             self._closed_creations.add(handle.key)
 
     @translate_errors
+    @invalidates_before_reply
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.flush(fh)
 
     @translate_errors
+    @invalidates_before_reply
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if isinstance(handle, OpenPage):

@@ -252,7 +252,8 @@ async def _serve_mounted(
 ) -> None:
     """Mount, tell the parent, serve until unmounted or signalled, unmount."""
     operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory,
-                                invalidate_entry=_invalidate_entry)
+                                invalidate_entry=_invalidate_entry,
+                                invalidate_entry_now=_invalidate_entry_now)
     listeners = []
     if opts.metrics:
         host, port = opts.metrics
@@ -316,6 +317,15 @@ async def _notify_systemd(notifier: Notifier, engine: Engine, mountpoint: Path) 
 def _invalidate_entry(parent_inode: int, name: bytes) -> None:
     """Drop a cached name in the kernel; from a handler, so never waiting for it."""
     pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
+
+
+def _invalidate_entry_now(parent_inode: int, name: bytes) -> None:
+    """Drop a cached name in the kernel and wait for it; in a worker thread."""
+    try:
+        pyfuse3.invalidate_entry(parent_inode, name)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: the kernel had already let it go
+            log.debug("could not drop %r from the kernel's cache: %s", name, exc)
 
 
 async def _unmount_on_signal(mountpoint: Path) -> None:
