@@ -35,13 +35,15 @@ def is_mounted(path: Path) -> bool:
 class Mount:
     """A running tmemfs daemon and its mount point."""
 
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(
+        self, path: Path, proc: subprocess.Popen[bytes], log: Path, log_start: int = 0
+    ) -> None:
         self.path = path
         self.proc = proc
         self.log = log
         # Log lines a test provokes on purpose (a lost page, a dead Redis).
         self.expected_errors: list[re.Pattern[str]] = []
-        self._log_start = log.stat().st_size if log.exists() else 0
+        self._log_start = log_start  # where this daemon's lines begin in a shared log
 
     def expect_error(self, pattern: str) -> None:
         """Declare that the daemon may log an error matching `pattern` (a regex)."""
@@ -54,7 +56,7 @@ class Mount:
         belongs to the line that logged it); it is an error at ERROR or CRITICAL, or
         when it holds a traceback.
         """
-        text = self.log.read_text(errors="replace")[self._log_start:]
+        text = self.log.read_bytes()[self._log_start:].decode(errors="replace")
         records: list[list[str]] = []
         for line in text.splitlines():
             if LOG_RECORD.match(line) or not records:
@@ -119,12 +121,13 @@ def start_mount(path: Path, *args: str, log: Path) -> Mount:
     """Start `tmemfs mount --foreground ARGS PATH` and wait until the mount is there."""
     path.mkdir(parents=True, exist_ok=True)
     logf = open(log, "ab")  # noqa: SIM115 - the daemon keeps it open
+    log_start = logf.tell()
     proc = subprocess.Popen(
         [*TMEMFS, "mount", "--foreground", *args, str(path)],
         stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     logf.close()
-    mount = Mount(path, proc, log)
+    mount = Mount(path, proc, log, log_start)
     deadline = time.monotonic() + MOUNT_TIMEOUT
     while not is_mounted(path):
         if proc.poll() is not None:
