@@ -138,6 +138,12 @@ losetup -f >/dev/null 2>&1 || skip "no free loop device (is the loop module load
 [[ -f $WORKLOAD ]] || die "workload not found: $WORKLOAD"
 read -ra PY <<<"${PYTHON:-python3}"
 command -v "${PY[0]}" >/dev/null 2>&1 || skip "python not found: ${PY[0]} (set PYTHON=...)"
+# May this process swapon at all? Asked before anything is mounted, so that a refusal
+# later is tmemfs's doing (a FAIL), never a SKIP: swapon(2) of /dev/null is EPERM
+# where it is not permitted (no CAP_SYS_ADMIN, a seccomp filter), else EINVAL.
+swapon_errno=$("${PY[@]}" -c 'import ctypes; c = ctypes.CDLL(None, use_errno=True)
+c.swapon(b"/dev/null", 0); print(ctypes.get_errno())')
+[[ $swapon_errno == 1 ]] && skip "swapon is not permitted here (EPERM)"
 
 # Which memory cgroup: v2 if its hierarchy has the memory controller, else v1.
 CG_VERSION=""
@@ -438,7 +444,6 @@ say "${TMEMFS_CMD[*]} swap on ${swap_opts[*]} $MNT"
 if ! LOOPDEV=$(timeout 300 "${TMEMFS_CMD[@]}" swap on "${swap_opts[@]}" "$MNT" 2>"$TMPD/swap.err"); then
     LOOPDEV=""
     err=$(cat "$TMPD/swap.err")
-    [[ $err == *"not permitted"* ]] && skip "swapon is not permitted here: $err"
     die "tmemfs swap on $MNT failed: $err"
 fi
 SWAP_ON=1

@@ -2,12 +2,15 @@
 
 Cleanup follows pyfuse3's own test util: a normal unmount, then a lazy one, then a
 kill of the daemon we started (and only that one), always, even when a test fails.
+And as there, a test fails when its daemon died, exited non-zero, or logged an error
+(ERROR, CRITICAL, a traceback) the test did not declare with `Mount.expect_error`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +24,8 @@ from tmemfs.engine import stats as statsfmt
 
 TMEMFS = [sys.executable, "-m", "tmemfs"]
 MOUNT_TIMEOUT = 20.0
+# The start of a daemon log record: "2026-12-02 10:36:44,831 LEVEL logger: message".
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+) ")
 
 
 def is_mounted(path: Path) -> bool:
@@ -32,10 +37,45 @@ def is_mounted(path: Path) -> bool:
 class Mount:
     """A running tmemfs daemon and its mount point."""
 
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(
+        self, path: Path, proc: subprocess.Popen[bytes], log: Path, log_start: int = 0
+    ) -> None:
         self.path = path
         self.proc = proc
         self.log = log
+        # Log lines a test provokes on purpose (a lost page, a dead Redis).
+        self.expected_errors: list[re.Pattern[str]] = []
+        self._log_start = log_start  # where this daemon's lines begin in a shared log
+
+    def expect_error(self, pattern: str) -> None:
+        """Declare that the daemon may log an error matching `pattern` (a regex)."""
+        self.expected_errors.append(re.compile(pattern))
+
+    def unexpected_errors(self) -> list[str]:
+        """Error records this daemon logged that no test declared (first line of each).
+
+        A record is a timestamped log line with the lines that follow it (a traceback
+        belongs to the line that logged it); it is an error at ERROR or CRITICAL, or
+        when it holds a traceback.
+        """
+        text = self.log.read_bytes()[self._log_start:].decode(errors="replace")
+        records: list[list[str]] = []
+        for line in text.splitlines():
+            if LOG_RECORD.match(line) or not records:
+                records.append([line])
+            else:
+                records[-1].append(line)
+        found = []
+        for record in records:
+            match = LOG_RECORD.match(record[0])
+            level = match.group(1) if match else ""
+            if level not in ("ERROR", "CRITICAL") and not any(
+                    line.startswith("Traceback ") for line in record):
+                continue
+            whole = "\n".join(record)
+            if not any(p.search(whole) for p in self.expected_errors):
+                found.append(record[0])
+        return found
 
     def stats(self, pool: str | None = None) -> dict[str, int]:
         """The global stats file, or a pool's .stats ("frontswap/0", "cleancache/x")."""
@@ -48,8 +88,12 @@ class Mount:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def unmount(self) -> None:
-        """Unmount as a user would, then make sure the daemon we started is gone."""
+    def unmount(self) -> bool:
+        """Unmount as a user would, then make sure the daemon we started is gone.
+
+        True when it went by itself, False when it had to be killed.
+        """
+        killed = False
         try:
             if is_mounted(self.path):
                 subprocess.run(["fusermount3", "-u", str(self.path)], timeout=15,
@@ -60,23 +104,27 @@ class Mount:
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
+                killed = True
                 self.proc.kill()
                 self.proc.wait(timeout=15)
         finally:
             if self.proc.poll() is None:
+                killed = True
                 self.proc.kill()
+        return not killed
 
 
 def start_mount(path: Path, *args: str, log: Path) -> Mount:
     """Start `tmemfs mount --foreground ARGS PATH` and wait until the mount is there."""
     path.mkdir(parents=True, exist_ok=True)
     logf = open(log, "ab")  # noqa: SIM115 - the daemon keeps it open
+    log_start = logf.tell()
     proc = subprocess.Popen(
         [*TMEMFS, "mount", "--foreground", *args, str(path)],
         stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     logf.close()
-    mount = Mount(path, proc, log)
+    mount = Mount(path, proc, log, log_start)
     deadline = time.monotonic() + MOUNT_TIMEOUT
     while not is_mounted(path):
         if proc.poll() is not None:
@@ -96,9 +144,14 @@ def mounted(path: Path, *args: str) -> Iterator[Mount]:
         yield mount
     finally:
         died = not mount.alive()
-        mount.unmount()
+        by_itself = mount.unmount()
         if died:
             pytest.fail(f"tmemfs died during the test:\n{mount.log_text()}")
+        if by_itself and mount.proc.returncode != 0:
+            pytest.fail(f"tmemfs exited with {mount.proc.returncode}:\n{mount.log_text()}")
+        errors = mount.unexpected_errors()
+        if errors:
+            pytest.fail("tmemfs logged errors:\n" + "\n".join(errors[:20]))
 
 
 @pytest.fixture

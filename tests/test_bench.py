@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
+
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = 77
 COMPARISONS = ("1. Image vs zram", "2. Memory held", "3. Swap experiment", "4. Page files",

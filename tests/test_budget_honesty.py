@@ -16,9 +16,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import Mount
 
 from bench.pagefiles import usr_lib_pages
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
 
 MIB = 1 << 20
 PAGE = 4096

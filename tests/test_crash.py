@@ -27,6 +27,11 @@ from tmemfs_testlib import load, page_names, try_store
 
 from tmemfs import mount as tmemfs_mount
 
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
+
 pytest_plugins = ["redis_servers"]  # the redis_factory fixture
 
 TMEMFS = [sys.executable, "-m", "tmemfs"]

@@ -240,11 +240,11 @@ CASES: list[tuple[str, Case, int]] = [
     ("setxattr-root", lambda t: os.setxattr(t.mnt, "user.x", b"1"), errno.EOPNOTSUPP),
     ("setxattr-stats", lambda t: os.setxattr(t.mnt / "stats", "user.x", b"1"),
      errno.EOPNOTSUPP),
-    ("getxattr-page", lambda t: os.getxattr(t.page, "user.x"), errno.ENODATA),
-    ("getxattr-cc-page", lambda t: os.getxattr(t.cpage, "user.x"), errno.ENODATA),
-    ("getxattr-pool", lambda t: os.getxattr(t.fs, "user.x"), errno.ENODATA),
-    ("getxattr-root", lambda t: os.getxattr(t.mnt, "user.x"), errno.ENODATA),
-    ("getxattr-stats", lambda t: os.getxattr(t.mnt / "stats", "user.x"), errno.ENODATA),
+    ("getxattr-page", lambda t: os.getxattr(t.page, "user.x"), errno.EOPNOTSUPP),
+    ("getxattr-cc-page", lambda t: os.getxattr(t.cpage, "user.x"), errno.EOPNOTSUPP),
+    ("getxattr-pool", lambda t: os.getxattr(t.fs, "user.x"), errno.EOPNOTSUPP),
+    ("getxattr-root", lambda t: os.getxattr(t.mnt, "user.x"), errno.EOPNOTSUPP),
+    ("getxattr-stats", lambda t: os.getxattr(t.mnt / "stats", "user.x"), errno.EOPNOTSUPP),
 ]
 
 

@@ -225,7 +225,9 @@ def test_unit_parses_with_the_expected_keys() -> None:
     assert "%f" in service["Unit"]["Description"]
     assert service["Unit"]["Documentation"] == "man:tmemfs(8)"
     assert service["Unit"]["RequiresMountsFor"] == "%f"
-    assert service["Service"]["Type"] == "simple"
+    # systemd hears READY=1 once the mount answers (tests/test_systemd.py).
+    assert service["Service"]["Type"] == "notify"
+    assert service["Service"]["NotifyAccess"] == "main"
     assert service["Service"]["ExecStart"].split()[1:3] == ["mount", "--foreground"]
     assert service["Service"]["ExecStop"].split()[1:] == ["umount", "%f"]
     assert service["Service"]["ExecStart"].split()[0] == service["Service"]["ExecStop"].split()[0]

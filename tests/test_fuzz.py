@@ -14,10 +14,16 @@ import os
 import time
 from collections.abc import Callable
 
+import pytest
 from conftest import Mount
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tmemfs_testlib import load, random_page, store, text_page
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
 
 EXAMPLES = 5000
 TIME_BUDGET = 45.0  # seconds of fuzzing; later examples return at once

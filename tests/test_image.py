@@ -17,6 +17,11 @@ import pytest
 from conftest import Mount
 from tmemfs_testlib import PAGE, random_page, text_page
 
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
+
 MiB = 1 << 20
 
 
@@ -155,17 +160,31 @@ def test_image_names_are_checked(tmem: Mount) -> None:
     assert exc.value.errno == errno.EINVAL
 
 
-def test_loop_device_round_trip(tmem: Mount) -> None:
-    """The kernel's own block layer, through losetup --direct-io=on."""
+@pytest.fixture
+def loop_devices(tmp_path: Path) -> None:
+    """Skip, before anything is mounted, when this machine cannot make loop devices:
+    after that, a losetup that fails on a tmemfs image is a tmemfs failure."""
     if shutil.which("losetup") is None or not Path("/dev/loop-control").exists():
         pytest.skip("no loop devices on this machine")
+    probe = tmp_path / "probe.img"
+    probe.write_bytes(bytes(MiB))
+    dev = subprocess.run(["losetup", "-f", "--show", str(probe)],
+                         capture_output=True, text=True, timeout=30)
+    if dev.returncode != 0:
+        pytest.skip(f"cannot make a loop device here: {dev.stderr.strip()}")
+    subprocess.run(["losetup", "-d", dev.stdout.strip()], timeout=30, check=False)
+
+
+def test_loop_device_round_trip(loop_devices: None, tmem: Mount) -> None:
+    """The kernel's own block layer, through losetup --direct-io=on."""
     img = image(tmem, size=8 * MiB)
     dev = subprocess.run(["losetup", "--direct-io=on", "-f", "--show", str(img)],
                          capture_output=True, text=True, timeout=30)
-    if dev.returncode != 0:
-        pytest.skip(f"losetup failed: {dev.stderr.strip()}")
+    assert dev.returncode == 0, f"losetup of a tmemfs image failed: {dev.stderr.strip()}"
     device = dev.stdout.strip()
     try:
+        assert Path(f"/sys/block/{Path(device).name}/loop/dio").read_text().strip() == "1", (
+            "the loop device does not do direct I/O on the image")
         data = b"".join(text_page(i) for i in range(512))
         with open(device, "r+b", buffering=0) as f:
             f.write(data)

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 from conftest import Mount
 from tmemfs_testlib import PAGE, load, page_names
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
+
 
 PROCESSES = 8
 SECONDS = 12.0
@@ -28,6 +36,7 @@ OWN = 64             # indexes 1000 + 100*w + 0..63, one worker each
 
 _WORKER = r"""
 import errno, hashlib, json, os, random, sys, time
+import pytest
 
 PAGE = 4096
 pool, worker, seconds, shared, own = sys.argv[1], *map(float, sys.argv[2:6])

@@ -7,6 +7,11 @@ The model is what SPEC section 2 promises:
   not hold, and after a miss it keeps missing until the next put;
 - a refused store (ENOSPC) of a page that exists invalidates the old copy.
 
+- a frontswap pool's image (N.img) is a view of the same pages: page k at byte k*P,
+  zeros where nothing is stored; a shrinking truncate invalidates the pages past the
+  end; unlink removes the view only; rmdir of the pool removes both, and a truncate
+  right after makes a new pool and image (no sleeps: names must not linger).
+
 Two mounts: the default budget, and a tiny one where eviction and refusals happen.
 """
 
@@ -52,6 +57,8 @@ PERSISTENT = ("frontswap/0", "frontswap/1")
 EPHEMERAL = ("cleancache/m/a", "cleancache/m/b", "cleancache/n/a")
 POOLS = ("frontswap/0", "frontswap/1", "cleancache/m", "cleancache/n")
 INDEXES = (0, 1, 2, 3, 4711, 2**40)
+# Image sizes, in pages: some cut off pages of INDEXES, one holds 4711.
+IMAGE_PAGES = (0, 1, 3, 4712)
 
 # About 5 incompressible pages: small enough that 30 steps evict and refuse.
 TINY_BUDGET = "24K"
@@ -94,13 +101,16 @@ class TmemModel(RuleBasedStateMachine):
         self.persistent: dict[str, dict[int, bytes]] = {d: {} for d in PERSISTENT}
         # Ephemeral pages: the contents a load may return; empty = must miss.
         self.ephemeral: dict[str, dict[int, set[bytes]]] = {d: {} for d in EPHEMERAL}
+        # Each frontswap pool's image size in bytes, or None when it has no image.
+        self.images: dict[str, int | None] = {d: None for d in PERSISTENT}
         self.reset_pools()
 
     def reset_pools(self) -> None:
         """Flush every pool left by the previous example and make the layout anew."""
         for kind in ("frontswap", "cleancache"):
             for name in os.listdir(self.mnt / kind):
-                os.rmdir(self.mnt / kind / name)
+                if not name.endswith(".img"):  # an image goes with its pool
+                    os.rmdir(self.mnt / kind / name)
         for pool in POOLS:
             os.mkdir(self.mnt / pool)
         for obj in EPHEMERAL:
@@ -227,9 +237,12 @@ class TmemModel(RuleBasedStateMachine):
     def flush_pool(self, pool: str) -> None:
         os.rmdir(self.mnt / pool)
         assert not (self.mnt / pool).exists()
+        if pool in self.persistent:
+            assert not self.image_path(pool).exists(), f"{pool}.img outlived its pool"
         os.mkdir(self.mnt / pool)
         if pool in self.persistent:
             self.persistent[pool] = {}
+            self.images[pool] = None
         for obj in EPHEMERAL:
             if obj.startswith(pool + "/"):
                 os.mkdir(self.mnt / obj)
@@ -241,6 +254,86 @@ class TmemModel(RuleBasedStateMachine):
         assert not (self.mnt / obj).exists()
         os.mkdir(self.mnt / obj)
         self.ephemeral[obj] = {}
+
+    # -- the block image -----------------------------------------------------------------
+
+    def image_path(self, directory: str) -> Path:
+        return self.mnt / f"{directory}.img"
+
+    def resize_image(self, directory: str, pages: int) -> None:
+        """`truncate -s`: O_CREAT then ftruncate; the model drops what is cut off."""
+        fd = os.open(self.image_path(directory), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, pages * PAGE)
+        finally:
+            os.close(fd)
+        old = self.images[directory]
+        if old is not None and pages * PAGE < old:
+            model = self.persistent[directory]
+            for index in [i for i in model if i >= pages]:
+                del model[index]
+        self.images[directory] = pages * PAGE
+
+    @rule(directory=st.sampled_from(PERSISTENT), pages=st.sampled_from(IMAGE_PAGES))
+    def truncate_image(self, directory: str, pages: int) -> None:
+        self.resize_image(directory, pages)
+
+    @rule(directory=st.sampled_from(PERSISTENT), pages=st.sampled_from(IMAGE_PAGES))
+    def flush_pool_then_image(self, directory: str, pages: int) -> None:
+        """rmdir the pool, then at once make its image, which makes the pool anew."""
+        os.rmdir(self.mnt / directory)
+        self.persistent[directory] = {}
+        self.images[directory] = None
+        self.resize_image(directory, pages)
+        assert os.path.isdir(self.mnt / directory)
+
+    @rule(directory=st.sampled_from(PERSISTENT))
+    def unlink_image(self, directory: str) -> None:
+        try:
+            os.unlink(self.image_path(directory))
+            removed = True
+        except OSError as exc:
+            assert exc.errno == errno.ENOENT, f"unlink {directory}.img: {exc}"
+            removed = False
+        assert removed == (self.images[directory] is not None)
+        self.images[directory] = None
+
+    @precondition(lambda self: any(size for size in self.images.values()))
+    @rule(directory=st.sampled_from(PERSISTENT), index=st.sampled_from(INDEXES), page=pages)
+    def write_image(self, directory: str, index: int, page: tuple[str, int]) -> None:
+        size = self.images[directory]
+        if not size or index * PAGE >= size:
+            return
+        data = make_page(*page)
+        fd = os.open(self.image_path(directory), os.O_WRONLY)
+        err = 0
+        try:
+            assert os.pwrite(fd, data, index * PAGE) == PAGE
+        except OSError as exc:
+            err = exc.errno or -1
+        finally:
+            os.close(fd)
+        model = self.persistent[directory]
+        if err:
+            self.check_refusal(err, f"image write {directory}/{index}", persistent=True)
+            model.pop(index, None)
+            self.after_persistent_refusal()
+        else:
+            model[index] = data
+
+    @precondition(lambda self: any(size for size in self.images.values()))
+    @rule(directory=st.sampled_from(PERSISTENT), index=st.sampled_from(INDEXES))
+    def read_image(self, directory: str, index: int) -> None:
+        size = self.images[directory]
+        if not size or index * PAGE >= size:
+            return
+        fd = os.open(self.image_path(directory), os.O_RDONLY)
+        try:
+            data = os.pread(fd, PAGE, index * PAGE)
+        finally:
+            os.close(fd)
+        assert data == self.persistent[directory].get(index, ZERO_PAGE), (
+            f"{directory}.img page {index} is not page file {directory}/{index}")
 
     @precondition(lambda self: self.tiny)
     @rule()
@@ -260,6 +353,12 @@ class TmemModel(RuleBasedStateMachine):
             listed = page_names(self.mnt / directory)
             assert listed <= possible, f"{directory} lists pages it cannot hold"
         assert page_names(self.mnt / "cleancache/m") == {"a", "b"}
+        for directory, size in self.images.items():
+            image = self.image_path(directory)
+            if size is None:
+                assert not image.exists(), f"{image.name} exists after it went"
+            else:
+                assert image.stat().st_size == size, image.name
         assert page_names(self.mnt / "cleancache/n") == {"a"}
 
 

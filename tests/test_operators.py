@@ -6,6 +6,7 @@ Each through the real thing: a mount, an HTTP scrape over TCP, the CLI as a proc
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -13,9 +14,16 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import Mount
 from redis_servers import RedisFactory
 from tmemfs_testlib import random_page, store, text_page
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
+
 
 TMEMFS = [sys.executable, "-m", "tmemfs"]
 pytest_plugins = ["redis_servers"]  # the redis_factory fixture

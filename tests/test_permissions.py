@@ -28,6 +28,11 @@ import pytest
 from conftest import Mount, is_mounted, mounted
 from tmemfs_testlib import PAGE, load, page_names, store, text_page
 
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
+
 TMEMFS = [sys.executable, "-m", "tmemfs"]
 NOBODY = 65534
 OTHER = 1  # "daemon": a second unprivileged user, neither root nor nobody

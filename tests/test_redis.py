@@ -341,6 +341,7 @@ def test_hung_redis_times_out_and_recovers(
     and the replies it sends late, once resumed, are never taken for newer ones."""
     server = redis_factory()
     mount = mount_factory("--backend", server.url)  # default --remote-timeout: 2 s
+    mount.expect_error(r"coredis: Connection attempt failed")  # the hang, as provoked
     fs = mount.path / "frontswap" / "0"
     fs.mkdir()
     for i in range(8):
@@ -377,6 +378,7 @@ def test_concurrent_io_across_a_hang(
     another's)."""
     server = redis_factory()
     mount = mount_factory("--backend", server.url, *FAST)
+    mount.expect_error(r"coredis: Connection attempt failed")  # the hang, as provoked
     threads, per_thread = 8, 40
     for t in range(threads):
         (mount.path / "frontswap" / str(t)).mkdir()
@@ -432,6 +434,7 @@ def test_redis_restarted_empty_loses_pages_loudly(
 ) -> None:
     server = redis_factory()  # no persistence: a restart comes back empty
     mount = mount_factory("--backend", server.url, *FAST)
+    mount.expect_error(r"page \d+ is lost: its store no longer has it")  # loudly, as asked
     fs = mount.path / "frontswap" / "0"
     fs.mkdir()
     obj = mount.path / "cleancache" / "cc" / "o"
@@ -642,6 +645,31 @@ def test_shared_pool_across_two_mounts(
         (m.path / "cleancache" / "private" / "obj").mkdir(parents=True)
     store(a.path / "cleancache" / "private" / "obj" / "1", random_page(1))
     assert outcome(b.path / "cleancache" / "private" / "obj" / "1") == errno.ENOENT
+
+
+def test_shared_pool_removal_elsewhere_is_seen_at_once(
+    redis_factory: RedisFactory, mount_factory: MountFactory
+) -> None:
+    """What another mount removes from a shared pool is gone here at once, with no
+    sleep: this kernel holds no name of it (issue 12, item 1)."""
+    server = redis_factory()
+    a = mount_factory("--backend", server.url)
+    b = mount_factory("--backend", server.url)
+    shared = str(uuid.uuid4())
+    on_a, on_b = (m.path / "cleancache" / shared for m in (a, b))
+    on_a.mkdir()
+    on_b.mkdir()
+    for round_ in range(10):
+        (on_a / "obj").mkdir()
+        store(on_a / "obj" / "1", random_page(round_))
+        assert load(on_b / "obj" / "1") == random_page(round_)  # B looks them up
+        assert os.stat(on_b / "obj").st_mode & 0o40000
+        os.rmdir(on_a / "obj")
+        assert errno_of(os.stat, on_b / "obj" / "1") == errno.ENOENT, round_
+        assert not (on_b / "obj").exists(), round_
+        (on_b / "obj").mkdir()  # not EEXIST from a name B's kernel kept
+        assert outcome(on_b / "obj" / "1") == errno.ENOENT
+        os.rmdir(on_b / "obj")
 
 
 # -- cluster --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from conftest import mounted
 from hypothesis import HealthCheck, settings
 from redis_servers import RedisFactory
 from test_model import TINY_BUDGET, run_model
+from tmemfs_testlib import load, random_page, store
 
 pytest_plugins = ["redis_servers"]
 pytestmark = [
@@ -51,6 +52,12 @@ def test_model_redis_writeback_tier(redis_factory: RedisFactory, tmp_path: Path)
     with mounted(tmp_path / "mnt", "--max-pool", TINY_BUDGET, "--writeback", server.url) as mount:
         run_model(mount, tiny=True, writeback=True, config=REDIS_SETTINGS)
         assert mount.alive()
+        # Whatever the examples drew, twice the budget of frontswap pages must go down.
+        pool = mount.path / "frontswap" / "0"
+        for i in range(12):
+            store(pool / str(100 + i), random_page(i))
+        for i in range(12):
+            assert load(pool / str(100 + i)) == random_page(i)
         stats = mount.stats()
         assert stats["written_back_pages"] > 0, f"nothing moved down to Redis: {stats}"
         assert stats["lost_pages"] == 0

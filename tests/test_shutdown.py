@@ -13,8 +13,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import Mount, is_mounted, start_mount
 from tmemfs_testlib import load, store, text_page
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
 
 TMEMFS = [sys.executable, "-m", "tmemfs"]
 IMAGE_MIB = 16

@@ -180,6 +180,7 @@ def test_redis_tier_restarted_empty_loses_pages_loudly(
     the pages still in the local pool are untouched."""
     server = redis_factory()  # no persistence
     mount = mount_factory("--max-pool", BUDGET, "--writeback", server.url)
+    mount.expect_error(r"page \d+ is lost: its store no longer has it")  # loudly, as asked
     fs = mount.path / "frontswap" / "0"
     fs.mkdir()
     count = PAGES // 2

@@ -9,18 +9,21 @@ otherwise end the mount.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import functools
 import logging
 import os
+import re
 import stat
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from tmemfs.engine import (
@@ -41,6 +44,7 @@ from tmemfs.engine import (
     parse_name,
 )
 from tmemfs.engine import stats as statsfmt
+from tmemfs.engine.pool import Pool, TmemObject
 from tmemfs.nodes import CLEANCACHE, DAEMON, FRONTSWAP, STATS, InodeTable, Kind, Node
 
 log = logging.getLogger(__name__)
@@ -58,20 +62,30 @@ _ERRNO: dict[type[TmemError], int] = {
 }
 _STATS_NAME = b".stats"
 _IMAGE_SUFFIX = b".img"
+# rsync writes page N as `.N.XXXXXX` and renames it onto N when it is complete.
+_STAGED_NAME = re.compile(rb"\.([0-9]+)\.[A-Za-z0-9]{6}")
+# How many such files may be coming in at once, per mount.
+_MAX_STAGED = 1024
 _TOP = {
     b"stats": STATS,
     b"frontswap": FRONTSWAP,
     b"cleancache": CLEANCACHE,
     b".daemon": DAEMON,
 }
-# How long the kernel may cache names and attributes. A page's name is never cached:
-# a page can vanish behind the kernel's back (eviction, exclusive gets, a refused
-# store after create), and open(O_CREAT) on a cached name sends OPEN, not CREATE.
+# How long the kernel may cache names and attributes. Whatever goes away behind the
+# kernel's back (eviction, exclusive gets, a refused store, a flush, a truncated
+# image) is invalidated in the kernel as it goes (`_forget_names`), so names may be
+# cached: a cached page name saves a LOOKUP on every open. That invalidation is
+# asynchronous, so a name whose going must be seen at once is never cached: an image
+# (`rmdir frontswap/0; truncate -s 1M frontswap/0.img` must make a new one, and
+# open(O_CREAT) on a cached name sends OPEN, not CREATE), and whatever lives in a
+# shared pool, where other mounts remove things without this kernel's knowledge.
 # A page's attributes may be cached: reads and writes always reach the daemon (direct
 # I/O), and without the cache every open costs 3 more GETATTR requests.
 _DIR_TIMEOUT = 1.0
-_PAGE_ENTRY_TIMEOUT = 0.0
+_PAGE_ENTRY_TIMEOUT = 10.0
 _PAGE_ATTR_TIMEOUT = 1.0
+_UNCACHED = 0.0
 # fallocate(2) modes (linux/falloc.h). The loop device sends PUNCH_HOLE|KEEP_SIZE for
 # a discard.
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -124,6 +138,39 @@ def translate_errors(
     return wrapper
 
 
+# Names a request made go, held back to be dropped from the kernel before it is answered.
+_HELD_BACK: contextvars.ContextVar[list[tuple[int, bytes]] | None] = contextvars.ContextVar(
+    "held_back", default=None)
+# How long a reply may wait for the kernel to drop names (it never should for long).
+_INVALIDATE_TIMEOUT = 2.0
+
+
+def invalidates_before_reply(
+    handler: Callable[P, Awaitable[R]],
+) -> Callable[P, Awaitable[R]]:
+    """Names this request made go (eviction, an exclusive get, a refused store) leave
+    the kernel's cache before the request is answered, so its caller's next step
+    cannot find them. Only for read, write, flush and release: their callers hold no
+    directory lock, which dropping a name takes; elsewhere it would deadlock, so
+    there names are dropped asynchronously, a moment after the reply.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        token = _HELD_BACK.set([])
+        try:
+            return await handler(*args, **kwargs)
+        finally:
+            held = _HELD_BACK.get()
+            _HELD_BACK.reset(token)
+            if held:
+                ops = args[0]
+                assert isinstance(ops, TmemOperations)
+                await ops._drop_names_now(held)
+
+    return wrapper
+
+
 def _describe(arg: object) -> str:
     """A request argument, short: who asked, and sizes rather than page contents."""
     if isinstance(arg, pyfuse3.RequestContext):
@@ -147,6 +194,23 @@ class OpenPage:
     dirty: bool = False
     created: bool = False
     loaded: bytes | None = None
+
+
+@dataclass(slots=True)
+class Staged:
+    """`.N.XXXXXX` in a page directory: a copy of page N coming in, as rsync writes it.
+
+    It holds at most a page, outside the engine; rename onto N stores it as page N.
+    """
+
+    owner: Owner
+    data: bytearray = field(default_factory=bytearray)
+    mtime_ns: int = field(default_factory=time.time_ns)
+
+
+@dataclass(slots=True)
+class OpenStaged:
+    node: Node
 
 
 @dataclass(slots=True)
@@ -182,16 +246,28 @@ class TmemOperations(pyfuse3.Operations):
         engine: Engine,
         daemon_info: dict[str, str] | None = None,
         on_first_image: Callable[[], object] | None = None,
+        invalidate_entry: Callable[[int, bytes], None] | None = None,
+        invalidate_entry_now: Callable[[int, bytes], None] | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
+        # Tells the kernel to drop a cached name (pyfuse3.invalidate_entry_async when
+        # mounted; None when the adapter is driven directly, as in tests).
+        self._invalidate_entry = invalidate_entry
+        # The same, blocking until the kernel has dropped it (from a worker thread).
+        self._invalidate_entry_now = invalidate_entry_now
+        engine.on_gone = self._forget_names
+        # The page an unlink is removing: the kernel drops that name itself.
+        self._unlinking: Node | None = None
+        # Files coming in under rsync's temporary names, until renamed onto a page.
+        self._staged: dict[Node, Staged] = {}
         # Called once, when the first image is made (the daemon locks its memory then).
         self._on_first_image = on_first_image
         # What `.daemon` shows: pid, version, options; `tmemfs umount` reads the pid.
         self.daemon_info = daemon_info or {}
         self.page_size = engine.page_size
         self.inodes = InodeTable()
-        self._handles: dict[int, OpenPage | OpenImage | OpenStats | Listing] = {}
+        self._handles: dict[int, OpenPage | OpenImage | OpenStats | OpenStaged | Listing] = {}
         self._next_fh = 1
         # Pages created by an open file that has not stored them yet: they exist for
         # stat and lookup, as a freshly created file does.
@@ -226,8 +302,80 @@ class TmemOperations(pyfuse3.Operations):
             return False
         if kind is Kind.OBJECT:
             return True
+        if kind is Kind.STAGED:
+            return node in self._staged
         key = node.page_key
         return self.engine.entry(key) is not None or key in self._creating
+
+    def _forget_names(
+        self, pool: Pool, tobj: TmemObject | None, indexes: Sequence[int] | None
+    ) -> None:
+        """The engine dropped pages, an object or a pool: the kernel forgets their names.
+
+        Only names the kernel holds are sent (a lookup count here), so a flush of pages
+        nobody looked at costs nothing but dictionary lookups.
+        """
+        pid = pool.id
+        if indexes is None and self._staged:
+            for node in [n for n in self._staged if n.pool == pid
+                         and (tobj is None or n.object == tobj.name)]:
+                del self._staged[node]
+        if self._invalidate_entry is None:
+            return
+        pool_node = Node(Kind.POOL, pid, generation=pool.generation)
+        gone: list[tuple[Node, bytes, Node]] = []  # (directory, name, what it named)
+        if tobj is None:
+            top = FRONTSWAP if pool.persistent else CLEANCACHE
+            gone.append((top, pid.name.encode(), pool_node))
+            if pool.persistent:
+                gone.append((top, pid.name.encode() + _IMAGE_SUFFIX,
+                             Node(Kind.IMAGE, pid, generation=pool.generation)))
+        elif indexes is None:
+            if pool.persistent:
+                return  # a frontswap pool's one object goes only with the pool
+            gone.append((pool_node, tobj.name.encode(),
+                         Node(Kind.OBJECT, pid, tobj.name, None, tobj.generation)))
+        else:
+            directory = pool_node if pool.persistent else Node(
+                Kind.OBJECT, pid, tobj.name, None, tobj.generation)
+            if self.inodes.known(directory) is None:
+                return
+            gone += [(directory, str(index).encode(),
+                      Node(Kind.PAGE, pid, tobj.name, index, tobj.generation))
+                     for index in indexes]
+        held = _HELD_BACK.get() if self._invalidate_entry_now is not None else None
+        for directory, name, node in gone:
+            if node == self._unlinking or self.inodes.known(node) is None:
+                continue
+            parent_inode = self.inodes.known(directory)
+            if parent_inode is None:
+                continue
+            if held is not None:
+                held.append((parent_inode, name))
+            else:
+                self._invalidate_entry(parent_inode, name)
+
+    async def _drop_names_now(self, names: list[tuple[int, bytes]]) -> None:
+        """Drop names from the kernel's cache and wait for it (see invalidates_before_reply)."""
+        invalidate = self._invalidate_entry_now
+        assert invalidate is not None
+
+        def drop_all() -> None:
+            for parent_inode, name in names:
+                invalidate(parent_inode, name)
+
+        with trio.move_on_after(_INVALIDATE_TIMEOUT) as scope:
+            await trio.to_thread.run_sync(drop_all, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.warning("the kernel took over %s s to drop %d names", _INVALIDATE_TIMEOUT,
+                        len(names))
+
+    def _page_gone(self, key: PageKey) -> None:
+        """A page that was only being created will not be: the kernel forgets its name."""
+        pool = self.engine.pools.get(key.pool)
+        tobj = pool.objects.get(key.object) if pool is not None else None
+        if pool is not None and tobj is not None and key.index not in tobj.pages:
+            self._forget_names(pool, tobj, (key.index,))
 
     def _child(self, parent: Node, name: bytes) -> Node:
         """The node `name` in `parent` would be, whether or not it exists.
@@ -251,11 +399,16 @@ class TmemOperations(pyfuse3.Operations):
             if name == _STATS_NAME:
                 return Node(Kind.POOL_STATS, parent.pool, generation=parent.generation)
             if parent.pool.kind is PoolKind.PERSISTENT:
-                return self._object_node(parent.pool, SWAP_OBJECT, parse_decimal(name))
+                staged = _STAGED_NAME.fullmatch(name)
+                index = parse_decimal(staged.group(1) if staged else name)
+                page = self._object_node(parent.pool, SWAP_OBJECT, index)
+                return page._replace(kind=Kind.STAGED, name=name.decode()) if staged else page
             return self._object_node(parent.pool, parse_name(name))
         elif kind is Kind.OBJECT:
-            return Node(Kind.PAGE, parent.pool, parent.object, parse_decimal(name),
-                        parent.generation)
+            staged = _STAGED_NAME.fullmatch(name)
+            page = Node(Kind.PAGE, parent.pool, parent.object,
+                        parse_decimal(staged.group(1) if staged else name), parent.generation)
+            return page._replace(kind=Kind.STAGED, name=name.decode()) if staged else page
         raise BadName(name)
 
     def _pool_node(self, kind: Kind, pool_id: PoolId) -> Node:
@@ -296,10 +449,10 @@ class TmemOperations(pyfuse3.Operations):
             return entries
         assert node.pool is not None
         pool = engine.pool(node.pool)
-        entries = []
-        if node.kind is Kind.POOL:
-            entries.append((_STATS_NAME, Node(Kind.POOL_STATS, node.pool,
-                                              generation=pool.generation)))
+        # `.stats` is not listed, even by `ls -a`: archivers (tar, cp -a, rsync -a) must
+        # not copy a control file, whose text changes as they read it and which cannot
+        # be made in the copy. It is there for whoever names it: `cat POOL/.stats`.
+        entries: list[tuple[bytes, Node]] = []
         if node.kind is Kind.POOL and not pool.persistent:
             entries += [
                 (name.encode(), self._object_node(node.pool, name))
@@ -350,6 +503,16 @@ class TmemOperations(pyfuse3.Operations):
             attr.st_uid, attr.st_gid = owner.uid, owner.gid
             mtime = owner.ctime_ns
             attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
+            if kind is Kind.OBJECT and self._shared(node):
+                attr.entry_timeout = _UNCACHED
+        elif kind is Kind.STAGED:
+            staged = self._staged[node]
+            attr.st_mode = stat.S_IFREG | staged.owner.mode
+            attr.st_uid, attr.st_gid = staged.owner.uid, staged.owner.gid
+            attr.st_size = len(staged.data)
+            attr.st_blocks = -(-len(staged.data) // 512)
+            attr.entry_timeout = attr.attr_timeout = _UNCACHED  # renamed away soon
+            mtime = staged.mtime_ns
         elif kind is Kind.IMAGE:
             assert node.pool is not None
             pool = self.engine.pool(node.pool)
@@ -357,7 +520,8 @@ class TmemOperations(pyfuse3.Operations):
             attr.st_uid, attr.st_gid = pool.owner.uid, pool.owner.gid
             attr.st_size = pool.image_size or 0
             attr.st_blocks = -(-self.engine.pool_stats(node.pool)["compr_data_size"] // 512)
-            attr.entry_timeout = attr.attr_timeout = _DIR_TIMEOUT
+            attr.entry_timeout = _UNCACHED
+            attr.attr_timeout = _DIR_TIMEOUT
             mtime = pool.owner.ctime_ns
         else:
             owner = self._owner(node)
@@ -371,15 +535,25 @@ class TmemOperations(pyfuse3.Operations):
                 attr.st_blocks = -(-int(self.engine.page_cost(entry)) // 512)
             else:
                 mtime = time.time_ns()
-            attr.entry_timeout = _PAGE_ENTRY_TIMEOUT
+            attr.entry_timeout = _UNCACHED if self._shared(node) else _PAGE_ENTRY_TIMEOUT
             attr.attr_timeout = _PAGE_ATTR_TIMEOUT
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
         return attr
 
+    def _shared(self, node: Node) -> bool:
+        """Whether other mounts may change what is under this node (a shared pool)."""
+        pool = self.engine.pools.get(node.pool) if node.pool is not None else None
+        return pool is not None and pool.shared
+
     def _owner(self, node: Node) -> Owner:
+        if node.kind is Kind.STAGED:
+            return self._staged[node].owner
         assert node.pool is not None
         pool = self.engine.pool(node.pool)
-        if node.kind is Kind.POOL or pool.persistent:
+        # A page shows its pool's owner and mode (without x bits), in cleancache too:
+        # an object's own mode may be passing (tar and cp -a make directories 0700,
+        # fill them, and set their mode last), the pool's is the user's choice.
+        if node.kind in (Kind.POOL, Kind.PAGE) or pool.persistent:
             return pool.owner
         assert node.object is not None
         return self.engine.get_object(node.pool, node.object).owner
@@ -434,12 +608,24 @@ class TmemOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if node.kind in (Kind.POOL, Kind.OBJECT):
+        if node.kind in (Kind.POOL, Kind.OBJECT, Kind.STAGED):
             self._change_owner(node, attr, fields, ctx)
         elif fields.update_mode or fields.update_uid or fields.update_gid:
-            raise fail(errno.EPERM)
+            # A page's owner and mode are its directory's. Setting them to what they
+            # are is a no-op that succeeds, as tar, cp -a and rsync -a do on a restore.
+            now = self._attrs(node, inode)
+            if ((fields.update_mode and stat.S_IMODE(attr.st_mode) != stat.S_IMODE(now.st_mode))
+                    or (fields.update_uid and attr.st_uid != now.st_uid)
+                    or (fields.update_gid and attr.st_gid != now.st_gid)):
+                raise fail(errno.EPERM)
         if fields.update_size:
-            if node.kind is Kind.PAGE:
+            if node.kind is Kind.STAGED:
+                if attr.st_size > self.page_size:
+                    raise fail(errno.EFBIG)
+                data = self._staged[node].data
+                del data[attr.st_size:]
+                data.extend(bytes(attr.st_size - len(data)))
+            elif node.kind is Kind.PAGE:
                 await self._truncate_page(node, attr.st_size, fh)
             elif node.kind is Kind.IMAGE:
                 assert node.pool is not None
@@ -574,6 +760,8 @@ class TmemOperations(pyfuse3.Operations):
             if name == _STATS_NAME:
                 raise fail(errno.EEXIST)
             node = self._child(parent, name)
+            if node.kind is Kind.STAGED:
+                return self._create_staged(node, flags, mode, ctx)
         elif parent.kind is Kind.FRONTSWAP and name.endswith(_IMAGE_SUFFIX):
             return await self._create_image(self._child(parent, name), flags, mode, ctx)
         else:
@@ -582,6 +770,33 @@ class TmemOperations(pyfuse3.Operations):
         if self.engine.entry(key) is not None and flags & os.O_EXCL:
             raise fail(errno.EEXIST)
         return self._open_created(key), self._entry_reply(node)
+
+    def _create_staged(
+        self, node: Node, flags: int, mode: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if node in self._staged:
+            if flags & os.O_EXCL:
+                raise fail(errno.EEXIST)
+            if flags & os.O_TRUNC:
+                self._staged[node].data.clear()
+        else:
+            if len(self._staged) >= _MAX_STAGED:
+                raise fail(errno.ENOSPC)
+            self._staged[node] = Staged(Owner(ctx.uid, ctx.gid, mode & ~ctx.umask & 0o7777))
+        fh = self._new_handle(OpenStaged(node))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry_reply(node)
+
+    async def _rename_staged(self, node: Node, target: Node, flags: int) -> None:
+        """`.N.XXXXXX` renamed onto N (same directory): page N is stored from it."""
+        if (target.kind is not Kind.PAGE or target._replace(kind=Kind.STAGED, name=node.name)
+                != node or flags & ~pyfuse3.RENAME_NOREPLACE):
+            raise fail(errno.EPERM)
+        if flags & pyfuse3.RENAME_NOREPLACE and self._exists(target):
+            raise fail(errno.EEXIST)
+        staged = self._staged.pop(node)
+        page = bytes(staged.data).ljust(self.page_size, b"\0")
+        self._forget_creating(target.page_key)
+        await self._store(target.page_key, page)
 
     def _open_created(self, key: PageKey) -> pyfuse3.FileInfo:
         """An open file of a new page: zeros until written, stored at close."""
@@ -625,7 +840,7 @@ class TmemOperations(pyfuse3.Operations):
             # as its create would have: a store never fails with ENOENT.
             return self._open_created(vanished.page_key)
         node = self._node(inode)
-        handle: OpenPage | OpenStats
+        handle: OpenPage | OpenStats | OpenStaged
         if node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
             if writable or flags & os.O_TRUNC:
                 raise fail(errno.EACCES)
@@ -635,6 +850,10 @@ class TmemOperations(pyfuse3.Operations):
             if writable and flags & os.O_TRUNC:
                 await self.engine.resize_image(node.pool, 0)
             handle = OpenImage(node.pool)
+        elif node.kind is Kind.STAGED:
+            if writable and flags & os.O_TRUNC:
+                self._staged[node].data.clear()
+            handle = OpenStaged(node)
         elif node.kind is Kind.PAGE:
             handle = OpenPage(node.page_key, writable)
             if writable and flags & os.O_TRUNC:
@@ -646,12 +865,15 @@ class TmemOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True, keep_cache=False)
 
     @translate_errors
+    @invalidates_before_reply
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         handle = self._handles[fh]
         if isinstance(handle, OpenStats):
             return handle.text[off : off + size]
         if isinstance(handle, OpenImage):
             return await self._read_image(handle.pool, off, size)
+        if isinstance(handle, OpenStaged):
+            return bytes(self._staged_of(handle)[off : off + size])
         assert isinstance(handle, OpenPage)
         if off >= self.page_size:
             return b""
@@ -671,10 +893,19 @@ class TmemOperations(pyfuse3.Operations):
         return handle.loaded[off : off + size]
 
     @translate_errors
+    @invalidates_before_reply
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         if isinstance(handle, OpenImage):
             return await self._write_image(handle.pool, off, buf)
+        if isinstance(handle, OpenStaged):
+            if off + len(buf) > self.page_size:
+                raise fail(errno.EFBIG)
+            data = self._staged_of(handle)
+            if off > len(data):
+                data.extend(bytes(off - len(data)))
+            data[off : off + len(buf)] = buf
+            return len(buf)
         if not isinstance(handle, OpenPage):
             raise fail(errno.EBADF)
         if off + len(buf) > self.page_size:
@@ -693,6 +924,12 @@ class TmemOperations(pyfuse3.Operations):
         buffer[off : off + len(buf)] = buf
         handle.dirty = True
         return len(buf)
+
+    def _staged_of(self, handle: OpenStaged) -> bytearray:
+        staged = self._staged.get(handle.node)
+        if staged is None:  # renamed or unlinked while open
+            raise fail(errno.ESTALE)
+        return staged.data
 
     async def _read_image(self, pool_id: PoolId, off: int, size: int) -> bytes | memoryview:
         """One request, one batch: every page it covers is loaded together."""
@@ -783,6 +1020,7 @@ class TmemOperations(pyfuse3.Operations):
                 self._closed_creations.discard(handle.key)
 
     @translate_errors
+    @invalidates_before_reply
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
         if not isinstance(handle, OpenPage):
@@ -797,10 +1035,12 @@ class TmemOperations(pyfuse3.Operations):
             # where a full budget says ENOSPC, as for any other store.
             if not self.engine.room_for_page():
                 self._forget_creating(handle.key)
+                self._page_gone(handle.key)
                 raise StoreRejected(str(handle.key))
             self._closed_creations.add(handle.key)
 
     @translate_errors
+    @invalidates_before_reply
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.flush(fh)
 
@@ -889,6 +1129,7 @@ class TmemOperations(pyfuse3.Operations):
         await self._store(key, page[:off] + bytes(end - off) + page[end:])
 
     @translate_errors
+    @invalidates_before_reply
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if isinstance(handle, OpenPage):
@@ -906,10 +1147,16 @@ class TmemOperations(pyfuse3.Operations):
         if node.kind is Kind.PAGE:
             key = node.page_key
             created = self._forget_creating(key)
-            if not await self.engine.invalidate_page(key) and not created:
-                raise fail(errno.ENOENT)
+            self._unlinking = node
+            try:
+                if not await self.engine.invalidate_page(key) and not created:
+                    raise fail(errno.ENOENT)
+            finally:
+                self._unlinking = None
         elif not self._exists(node):
             raise fail(errno.ENOENT)
+        elif node.kind is Kind.STAGED:
+            del self._staged[node]
         elif node.kind is Kind.IMAGE:
             assert node.pool is not None
             await self.engine.remove_image(node.pool)
@@ -921,8 +1168,27 @@ class TmemOperations(pyfuse3.Operations):
     # -- what the tree does not allow ----------------------------------------------------
 
     @translate_errors
-    async def rename(self, *args: Any) -> None:
-        raise fail(errno.EPERM)
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        """EPERM, but for rsync's `.N.XXXXXX` renamed onto N: that stores page N."""
+        old_parent = self._node(parent_inode_old)
+        node = self._named(old_parent, name_old)
+        if node.kind is not Kind.STAGED or parent_inode_new != parent_inode_old:
+            raise fail(errno.EPERM)
+        if not self._exists(node):
+            raise fail(errno.ENOENT)
+        try:
+            target = self._child(old_parent, name_new)
+        except BadName:
+            raise fail(errno.EPERM) from None
+        await self._rename_staged(node, target, flags)
 
     @translate_errors
     async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
@@ -942,7 +1208,9 @@ class TmemOperations(pyfuse3.Operations):
 
     @translate_errors
     async def getxattr(self, *args: Any) -> bytes:
-        raise fail(errno.ENODATA)
+        # ENOSYS, once: the kernel then answers every getxattr itself (EOPNOTSUPP, as
+        # setxattr says), and stops asking for security.capability before each write.
+        raise fail(errno.ENOSYS)
 
     @translate_errors
     async def listxattr(self, *args: Any) -> list[bytes]:
@@ -968,7 +1236,9 @@ class TmemOperations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    def _new_handle(self, handle: OpenPage | OpenImage | OpenStats | Listing) -> int:
+    def _new_handle(
+        self, handle: OpenPage | OpenImage | OpenStats | OpenStaged | Listing
+    ) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle

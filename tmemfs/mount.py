@@ -32,11 +32,14 @@ from tmemfs.engine import Engine
 from tmemfs.engine import stats as statsfmt
 from tmemfs.fs import TmemOperations, discard_supported
 from tmemfs.metrics import open_metrics_listeners, serve_metrics
+from tmemfs.systemd import Notifier, status_line
 
 log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.tmemfs"
 WORKER_STACK = 512 * 1024
+# How often systemd's STATUS= line is refreshed (when it changed).
+STATUS_INTERVAL = 2.0
 
 
 class MountError(Exception):
@@ -250,7 +253,9 @@ async def _serve_mounted(
     ready: int | None,
 ) -> None:
     """Mount, tell the parent, serve until unmounted or signalled, unmount."""
-    operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory)
+    operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory,
+                                invalidate_entry=_invalidate_entry,
+                                invalidate_entry_now=_invalidate_entry_now)
     listeners = []
     if opts.metrics:
         host, port = opts.metrics
@@ -274,20 +279,61 @@ async def _serve_mounted(
     if ready is not None:
         _detach_stdio()
     clean = False
+    notifier = Notifier()  # systemd's Type=notify; does nothing elsewhere
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_unmount_on_signal, opts.mountpoint)
             nursery.start_soon(engine.run_writeback)
             if listeners:
                 nursery.start_soon(serve_metrics, engine, listeners)
+            if notifier.enabled:
+                nursery.start_soon(_notify_systemd, notifier, engine, opts.mountpoint)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         clean = True
     finally:
+        notifier.stopping()
         # After an unmount the mount is gone already; after a crash it is still there
         # and close() takes it down (lazily: nothing is left to serve it).
         pyfuse3.close(unmount=mount_entry(opts.mountpoint) is not None)
         log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
+        notifier.close()
+
+
+async def _notify_systemd(notifier: Notifier, engine: Engine, mountpoint: Path) -> None:
+    """READY=1 once the mount answers, then a STATUS= line whenever it changes.
+
+    Mounted is not yet ready: until pyfuse3.main() reads requests, anything that
+    touches the mount waits. So a worker thread asks the mount itself (this thread
+    must be free to answer), and only its answer makes the service ready.
+    """
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint / ".daemon", abandon_on_cancel=True)
+    except OSError as exc:
+        log.warning("the mount did not answer (%s); not telling systemd it is ready", exc)
+        return
+    status = status_line(engine.stats())
+    notifier.ready(status)
+    while True:
+        await trio.sleep(STATUS_INTERVAL)
+        now = status_line(engine.stats())
+        if now != status:
+            notifier.status(now)
+            status = now
+
+
+def _invalidate_entry(parent_inode: int, name: bytes) -> None:
+    """Drop a cached name in the kernel; from a handler, so never waiting for it."""
+    pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
+
+
+def _invalidate_entry_now(parent_inode: int, name: bytes) -> None:
+    """Drop a cached name in the kernel and wait for it; in a worker thread."""
+    try:
+        pyfuse3.invalidate_entry(parent_inode, name)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: the kernel had already let it go
+            log.debug("could not drop %r from the kernel's cache: %s", name, exc)
 
 
 async def _unmount_on_signal(mountpoint: Path) -> None:

@@ -27,6 +27,7 @@ class Kind(enum.Enum):
     OBJECT = "object"
     PAGE = "page"
     IMAGE = "image"
+    STAGED = "staged"  # `.N.XXXXXX`: a copy of page N coming in (rsync's temporary file)
 
 
 class Node(NamedTuple):
@@ -42,6 +43,7 @@ class Node(NamedTuple):
     object: str | None = None
     index: int | None = None
     generation: int = 0
+    name: str | None = None  # a staged file's own name
 
     @property
     def page_key(self) -> PageKey:
@@ -82,6 +84,13 @@ class InodeTable:
             ino = self._inodes[node] = self._next
             self._nodes[ino] = node
             self._next += 1
+        return ino
+
+    def known(self, node: Node) -> int | None:
+        """The number of a node the kernel holds (so may have cached), else None."""
+        ino = self._inodes.get(node)
+        if ino is None or not (ino in _FIXED or ino in self._lookups):
+            return None
         return ino
 
     def remember(self, inode: int) -> None:

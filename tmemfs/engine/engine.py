@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import trio
@@ -104,6 +104,12 @@ class Engine:
         self._pending_deletes: list[Location] = []
         self._pending_lower_deletes: list[Location] = []
         self._serialize = backend.remote or writeback is not None
+        # Told of every page, object and pool that goes away, whatever the reason, so
+        # that whoever shows them (the FUSE adapter: the kernel's name cache) forgets
+        # them too. Called as on_gone(pool, tobj, indexes): the pages `indexes` of
+        # `tobj`; indexes None is the whole object; tobj None is the whole pool.
+        self.on_gone: Callable[[Pool, TmemObject | None, Sequence[int] | None], None] | None
+        self.on_gone = None
 
     # -- life --------------------------------------------------------------------------
 
@@ -220,9 +226,11 @@ class Engine:
             tobj.pages[index] = Entry(0, now)  # stored by another mount; cost unknown here
             self._entries += 1
             self._lru[PageKey(pool_id, obj, index)] = None
-        for index in set(tobj.pages).difference(remote):
+        removed = set(tobj.pages).difference(remote)
+        for index in removed:
             entry = tobj.pages.pop(index)
             self._release_here(pool, PageKey(pool_id, obj, index), entry)
+        self._gone(pool, tobj, sorted(removed))
 
     async def flush_pool(self, pool_id: PoolId) -> int:
         """frontswap invalidate_area / cleancache invalidate_fs: drop the pool and its pages.
@@ -243,6 +251,7 @@ class Engine:
                     log.warning("could not unregister %s remotely: %s", pool.id, exc)
             del self.pools[pool_id]
             self._locks.pop(pool_id, None)
+            self._gone(pool, None)
         log.debug("flushed pool %s (%d pages)", pool_id, dropped)
         return dropped
 
@@ -266,9 +275,16 @@ class Engine:
         tobj = pool.objects[name]
         gone = [(PageKey(pool.id, name, i), e) for i, e in tobj.pages.items()]
         tobj.pages.clear()
+        self._gone(pool, tobj)
         await self._release_many(pool, tobj, gone, remote=remote)
         self._count(pool, "invalidates", len(gone))
         return len(gone)
+
+    def _gone(
+        self, pool: Pool, tobj: TmemObject | None, indexes: Sequence[int] | None = None
+    ) -> None:
+        if self.on_gone is not None and (indexes is None or indexes):
+            self.on_gone(pool, tobj, indexes)
 
     # -- store -------------------------------------------------------------------------
 
@@ -306,6 +322,10 @@ class Engine:
                     kept += await self._keep(pool, tobj, run_pages, run_encoded, decisions, now)
                 finally:
                     self._reserved -= reserved
+            if not all(kept):
+                # A refused store leaves no page, not even the old one.
+                self._gone(pool, tobj, [index for (index, _), k in zip(pages, kept, strict=True)
+                                        if not k and index not in tobj.pages])
             return kept
 
     async def store_run(self, pool_id: PoolId, obj: str, first: int, data: bytes) -> bool:
@@ -481,6 +501,7 @@ class Engine:
         entry = tobj.pages.pop(key.index)
         self._release_here(pool, key, entry)
         self._count(pool, "evicted_pages")
+        self._gone(pool, tobj, (key.index,))
         if self.backend.remote:
             # Evicted from the local index; the remote copy goes in the background.
             self._schedule_remote_delete([self._location(pool, tobj, key.index)])
@@ -610,6 +631,7 @@ class Engine:
                 # Already out of the index and its counts (_take); release the rest.
                 if not isinstance(entry.handle, Lowered | Lost):
                     self.backend.invalidate(entry.handle)
+            self._gone(pool, tobj, [key.index for key, _ in gone])
             await self._delete_copies(pool, tobj, gone)
             self._count(pool, "invalidates", len(gone))
         found = iter(data)
@@ -668,6 +690,7 @@ class Engine:
             del tobj.pages[index]
             self._release_here(pool, PageKey(pool.id, tobj.name, index),
                                Entry(LOST, 0))
+            self._gone(pool, tobj, (index,))
 
     def _take(self, pool: Pool, tobj: TmemObject, key: PageKey) -> Entry | None:
         """Remove an entry for an exclusive get; its handle is released after loading."""
@@ -702,6 +725,7 @@ class Engine:
             entry = tobj.pages.pop(key.index, None)
             if entry is None:
                 return False
+            self._gone(pool, tobj, (key.index,))
             await self._release_many(pool, tobj, [(key, entry)])
             self._count(pool, "invalidates")
             return True
@@ -713,6 +737,7 @@ class Engine:
             tobj = self.get_object(pool_id, obj)
             gone = [(PageKey(pool_id, obj, i), tobj.pages.pop(i))
                     for i in [i for i in tobj.pages if i >= start]]
+            self._gone(pool, tobj, [key.index for key, _ in gone])
             await self._release_many(pool, tobj, gone)
             self._count(pool, "invalidates", len(gone))
             return len(gone)
@@ -733,6 +758,7 @@ class Engine:
             gone = [(PageKey(pool_id, obj, i), tobj.pages.pop(i)) for i in indexes]
             await self._release_many(pool, tobj, gone)
             self._count(pool, "invalidates", len(gone))
+            self._gone(pool, tobj, indexes)
             return len(gone)
 
     # -- writeback ---------------------------------------------------------------------
