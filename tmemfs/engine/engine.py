@@ -99,6 +99,7 @@ class Engine:
         # Persistent pages held here, coldest first: the writeback order.
         self._cold: OrderedDict[PageKey, None] = OrderedDict()
         self._writeback_wanted = trio.Event()
+        self._writeback_lock = trio.Lock()
         self._locks: dict[PoolId, trio.Lock] = {}
         # Remote copies to delete once the pool's current mutation is done.
         self._pending_deletes: list[Location] = []
@@ -778,7 +779,14 @@ class Engine:
                 return
 
     async def _write_back(self, limit: int) -> int:
-        """Move up to `limit` of the coldest persistent pages held here to the tier."""
+        """Move up to `limit` of the coldest persistent pages held here to the tier.
+
+        One at a time (the background worker and a store's direct reclaim would
+        otherwise pick the same coldest pages and move them twice)."""
+        async with self._writeback_lock:
+            return await self._write_back_locked(limit)
+
+    async def _write_back_locked(self, limit: int) -> int:
         assert self.writeback is not None
         batch: list[tuple[PageKey, Entry, Location, bytes]] = []
         for key in list(self._cold)[:limit]:
