@@ -290,6 +290,25 @@ async def test_writeback_moves_the_pool_over_its_share_down_first(tmp_path: Path
         await engine.close()
 
 
+async def test_with_writeback_a_frontswap_page_over_its_max_goes_down(tmp_path: Path) -> None:
+    tier = open_tier(str(tmp_path / "tier"), page_size=PAGE,
+                     limiter=trio.CapacityLimiter(2))
+    engine = engine_with(100, writeback=tier)
+    await engine.open()
+    try:
+        engine.create_pool(SWAP0, Owner(ALICE, ALICE))
+        engine.set_max_size(SWAP0, 2 * RAW_COST)
+        for i in range(5):
+            await engine.store(swap(SWAP0, i), noise(i))
+        assert engine.pool(SWAP0).charged <= 2 * RAW_COST
+        assert engine.pool_stats(SWAP0)["written_back_pages"] == 3
+        assert engine.pool_stats(SWAP0)["pool_limit_hit"] == 0
+        for i in range(5):
+            assert await engine.load(swap(SWAP0, i)) == noise(i)
+    finally:
+        await engine.close()
+
+
 # -- the model ------------------------------------------------------------------------------
 
 POOLS = {
