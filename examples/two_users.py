@@ -152,15 +152,19 @@ def write_as(uid: int, path: Path, value: str) -> None:
 
 
 def two_users(
-    mount: Path, *, user_weight: int = 100, flood_weight: int = 100, user_pages: int = 64,
+    mount: Path, *, user_weight: int | None = 100, flood_weight: int | None = 100,
+    user_pages: int = 64,
     working_set: int = 256, reads: int = 1500, timeout: float = 600,
 ) -> dict[str, dict[str, float]]:
-    """Both phases on a mounted tmemfs; per user and phase, what it saw."""
+    """Both phases on a mounted tmemfs; per user and phase, what it saw. Weights of None
+    are left alone (a tmemfs without .weight files can be compared)."""
     mine, theirs = mount / "frontswap" / "2", mount / "frontswap" / "1"
     as_owner(FLOODER, theirs, mount / "cleancache" / "flood", mount / "cleancache/flood/o")
     as_owner(USER, mine, mount / "cleancache" / "mine", mount / "cleancache/mine/o")
-    write_as(FLOODER, mount / "cleancache/flood/.weight", str(flood_weight))
-    write_as(USER, mount / "cleancache/mine/.weight", str(user_weight))
+    if flood_weight is not None:
+        write_as(FLOODER, mount / "cleancache/flood/.weight", str(flood_weight))
+    if user_weight is not None:
+        write_as(USER, mount / "cleancache/mine/.weight", str(user_weight))
     result: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tmemfs-two-users-") as tmp:
         os.chmod(tmp, 0o755)
@@ -210,14 +214,18 @@ def main() -> int:
         return child_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mount", type=Path)
-    parser.add_argument("--weights", default="100:100", help="USER:FLOODER (default 100:100)")
+    parser.add_argument("--weights", default="100:100",
+                        help="USER:FLOODER (default 100:100); 'none' leaves them alone")
     parser.add_argument("--user-pages", type=int, default=64)
     parser.add_argument("--working-set", type=int, default=256)
     parser.add_argument("--reads", type=int, default=1500)
     args = parser.parse_args()
-    user_weight, _, flood_weight = args.weights.partition(":")
-    result = two_users(args.mount, user_weight=int(user_weight),
-                       flood_weight=int(flood_weight), user_pages=args.user_pages,
+    weights = (None, None)
+    if args.weights != "none":
+        user, _, flood = args.weights.partition(":")
+        weights = (int(user), int(flood))
+    result = two_users(args.mount, user_weight=weights[0],
+                       flood_weight=weights[1], user_pages=args.user_pages,
                        working_set=args.working_set, reads=args.reads)
     print(json.dumps(result, indent=2))
     return 0

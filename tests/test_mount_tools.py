@@ -132,9 +132,9 @@ def test_ls_lists_pages_and_hides_dot_files(tmem: Mount) -> None:
 
     assert sh(f"ls {q(pool)} | wc -l").stdout.strip() == b"3"
     assert set(run("ls", pool).stdout.decode().split()) == {"0", "5", "4711"}
-    # "." and ".." are optional in readdir (POSIX); .stats must be there.
+    # "." and ".." are optional in readdir (POSIX); the control files must be there.
     assert set(run("ls", "-a", pool).stdout.decode().split()) - {".", ".."} == {
-        ".stats", "0", "5", "4711"
+        ".stats", ".max", ".weight", "0", "5", "4711"
     }
     assert set(run("ls", tmem.path / "frontswap").stdout.decode().split()) == {"0"}
     assert set(run("ls", tmem.path).stdout.decode().split()) == {

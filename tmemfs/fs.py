@@ -851,7 +851,7 @@ class TmemOperations(pyfuse3.Operations):
             # that close must not store a zero page first. Meanwhile the page exists and
             # reads as zeros. Whether it will fit is answered now, so that close() is
             # where a full budget says ENOSPC, as for any other store.
-            if not self.engine.room_for_page():
+            if not self.engine.room_for_page(handle.key.pool):
                 self._forget_creating(handle.key)
                 raise StoreRejected(str(handle.key))
             self._closed_creations.add(handle.key)

@@ -535,8 +535,12 @@ class Engine:
                     cold[PageKey(pool.id, tobj.name, index)] = tick
         self._count(pool, "stores", len(indexes))
 
-    def room_for_page(self) -> bool:
-        """Whether one more same-filled page fits (evicting ephemeral pages if need be)."""
+    def room_for_page(self, pool_id: PoolId | None = None) -> bool:
+        """Whether one more same-filled page fits (evicting ephemeral pages if need be),
+        in the budget and, given a pool, under its limits and its owner's."""
+        pool = self.pools.get(pool_id) if pool_id is not None else None
+        if pool is not None and self._make_room_within_limits(pool, ENTRY_OVERHEAD):
+            return False
         return self._make_room(ENTRY_OVERHEAD)
 
     def _make_room(self, cost: int) -> bool:
