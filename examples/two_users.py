@@ -199,14 +199,13 @@ def two_users(
 
 
 def _stat(pool: Path, name: str) -> int:
+    """One counter of a pool's .stats; 0 while the pool is not there yet."""
+    from tmemfs.engine.stats import counters
+
     try:
-        for line in (pool / ".stats").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == name:
-                return int(value)
+        return counters((pool / ".stats").read_text()).get(name, 0)
     except FileNotFoundError:
-        pass
-    return 0
+        return 0
 
 
 def main() -> int:

@@ -24,6 +24,8 @@ from conftest import Mount, is_mounted, mounted
 from test_operators import free_port
 from test_permissions import NOBODY, OTHER, as_user, as_user_values
 
+from tmemfs.engine import stats as statsfmt
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import two_users
 
@@ -50,7 +52,7 @@ def shared_dir() -> Iterator[Path]:
 
 
 def pool_stats(path: Path) -> dict[str, str]:
-    return dict(line.split(" ", 1) for line in (path / ".stats").read_text().splitlines())
+    return statsfmt.parse((path / ".stats").read_text())
 
 
 # -- two users ------------------------------------------------------------------------------
