@@ -132,8 +132,8 @@ def test_ls_lists_pages_and_hides_dot_files(tmem: Mount) -> None:
 
     assert sh(f"ls {q(pool)} | wc -l").stdout.strip() == b"3"
     assert set(run("ls", pool).stdout.decode().split()) == {"0", "5", "4711"}
-    # "." and ".." are optional in readdir (POSIX). .stats is not listed even by -a
-    # (archivers must not copy it), yet it is there for whoever names it.
+    # "." and ".." are optional in readdir (POSIX). .stats, .max and .weight are not listed
+    # even by -a (archivers must not copy them), yet it is there for whoever names it.
     assert set(run("ls", "-a", pool).stdout.decode().split()) - {".", ".."} == {
         "0", "5", "4711"
     }

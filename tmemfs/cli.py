@@ -21,10 +21,13 @@ from tmemfs.backends.redis import is_redis_url
 from tmemfs.engine import stats as statsfmt
 from tmemfs.fs import discard_supported
 from tmemfs.mount import MountError, MountOptions, mount, umount
-from tmemfs.sizes import format_size, parse_size
+from tmemfs.sizes import format_size, parse_limit, parse_size
 from tmemfs.swap import swap_list, swap_off, swap_on
 
 DEFAULT_MAX_POOL = "20%"
+# With --allow-other, what one user's pools may hold together unless told otherwise: no
+# user can take the whole budget, so no user can starve everyone else.
+DEFAULT_MAX_POOL_PER_USER = "50%"
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,6 +60,11 @@ def build_parser() -> Parser:
                    help="deadline of each Redis call (default 2)")
     m.add_argument("--max-pool", default=DEFAULT_MAX_POOL,
                    help="memory budget: bytes with K/M/G, or N%% of RAM (default 20%%)")
+    m.add_argument("--max-pool-per-user", metavar="SIZE|N%|max",
+                   help="what the pools of one user (root excepted) may hold together: bytes "
+                        "with K/M/G, N%% of --max-pool, or max (default: "
+                        f"{DEFAULT_MAX_POOL_PER_USER.replace('%', '%%')} with --allow-other, "
+                        "else max)")
     m.add_argument("--page-size", type=int, default=4096,
                    help="page size in bytes, a power of two from 512 to 65536 (default 4096)")
     m.add_argument("--reject-ratio", type=float, default=0.875,
@@ -125,10 +133,17 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
         parser.error("--max-pool must hold at least one page")
     if not 0 < args.reject_ratio <= 1:
         parser.error("--reject-ratio must be in (0, 1]")
+    per_user_text = args.max_pool_per_user or (
+        DEFAULT_MAX_POOL_PER_USER if args.allow_other else "max")
+    try:
+        max_pool_per_user = parse_limit(per_user_text, max_pool)
+    except ValueError as exc:
+        parser.error(f"--max-pool-per-user: {exc}")
     return MountOptions(
         mountpoint=args.mountpoint.absolute(),
         backend=args.backend,
         max_pool=max_pool,
+        max_pool_per_user=max_pool_per_user,
         page_size=size,
         reject_ratio=args.reject_ratio,
         reject_poor=args.reject_poor,
@@ -161,14 +176,25 @@ _COLUMNS = (
     ("REJECTED", None),
     ("LOADS", "loads"),
     ("MISSES", "load_misses"),
+    ("MAX", None),
+    ("WEIGHT", None),
 )
 _SIZES = {"orig_data_size", "compr_data_size", "pool_total_size"}
+# Limits in a pool's .stats: bytes, or `max` for none.
+_LIMITS = ("max_size", "user_max_size")
 
 
-def read_stats(mountpoint: Path) -> dict[str, dict[str, int]]:
-    """Every stats file of a mount: {"total": {...}, "frontswap/0": {...}, ...}."""
-    def load(path: Path) -> dict[str, int]:
-        return statsfmt.counters(path.read_text())
+def read_stats(mountpoint: Path) -> dict[str, dict[str, int | None]]:
+    """Every stats file of a mount: {"total": {...}, "frontswap/0": {...}, ...}.
+
+    A limit that is `max` (none) in a pool's .stats is None here (null in --json)."""
+    def load(path: Path) -> dict[str, int | None]:
+        text = path.read_text()
+        values: dict[str, int | None] = dict(statsfmt.counters(text))
+        for name, value in statsfmt.parse(text).items():
+            if name in _LIMITS and value == "max":
+                values[name] = None
+        return values
 
     result = {"total": load(mountpoint / "stats")}
     for kind in ("frontswap", "cleancache"):
@@ -182,7 +208,8 @@ def read_stats(mountpoint: Path) -> dict[str, dict[str, int]]:
 
 
 def format_table(
-    stats: dict[str, dict[str, int]], rates: dict[str, tuple[float, float]] | None = None
+    stats: dict[str, dict[str, int | None]],
+    rates: dict[str, tuple[float, float]] | None = None,
 ) -> str:
     columns = [title for title, _ in _COLUMNS]
     if rates is not None:
@@ -199,12 +226,16 @@ def format_table(
                 orig = values.get("orig_data_size", 0)
                 row.append(f"{orig / compr:.2f}" if compr else "-")
             elif title == "REJECTED":
-                row.append(str(values.get("reject_compress_poor", 0)
-                               + values.get("pool_limit_hit", 0)
-                               + values.get("reject_alloc_fail", 0)))
+                row.append(str((values.get("reject_compress_poor") or 0)
+                               + (values.get("pool_limit_hit") or 0)
+                               + (values.get("reject_alloc_fail") or 0)))
+            elif title == "MAX":
+                row.append(_limit_cell(values))
+            elif title == "WEIGHT":
+                row.append(str(values["weight"]) if "weight" in values else "-")
             else:
                 assert key is not None
-                value = values.get(key, 0)
+                value = values.get(key) or 0
                 row.append(format_size(value) if key in _SIZES else str(value))
         if rates is not None:
             stores, loads = rates.get(name, (0.0, 0.0))
@@ -216,6 +247,16 @@ def format_table(
                   for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
         for row in rows
     )
+
+
+def _limit_cell(values: dict[str, int | None]) -> str:
+    """A pool's limit: the tighter of its .max and its owner's (`max`: none); the total
+    row shows --max-pool."""
+    if "max_size" not in values:
+        budget = values.get("max_pool_size")
+        return format_size(budget) if budget is not None else "-"
+    limits = [v for v in (values.get("max_size"), values.get("user_max_size")) if v is not None]
+    return format_size(min(limits)) if limits else "max"
 
 
 def _read(mountpoint: Path) -> dict[str, dict[str, int]]:

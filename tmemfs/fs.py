@@ -29,6 +29,7 @@ from pyfuse3 import FUSEError
 from tmemfs.engine import (
     SWAP_OBJECT,
     BadName,
+    BadValue,
     Engine,
     NoSuchObject,
     NoSuchPool,
@@ -46,6 +47,7 @@ from tmemfs.engine import (
 from tmemfs.engine import stats as statsfmt
 from tmemfs.engine.pool import Pool, TmemObject
 from tmemfs.nodes import CLEANCACHE, DAEMON, FRONTSWAP, STATS, InodeTable, Kind, Node
+from tmemfs.sizes import format_limit, parse_limit
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ R = TypeVar("R")
 
 _ERRNO: dict[type[TmemError], int] = {
     BadName: errno.EINVAL,
+    BadValue: errno.EINVAL,
     NoSuchPool: errno.ENOENT,
     NoSuchObject: errno.ENOENT,
     PoolExists: errno.EEXIST,
@@ -61,6 +64,11 @@ _ERRNO: dict[type[TmemError], int] = {
     PageLost: errno.EIO,
 }
 _STATS_NAME = b".stats"
+# A pool's writable control files: its own limit and its weight (fair shares).
+_CONTROLS = {b".max": Kind.POOL_MAX, b".weight": Kind.POOL_WEIGHT}
+_CONTROL_KINDS = frozenset(_CONTROLS.values())
+# Files whose text is rendered when they are opened: stats and control files.
+_TEXT_KINDS = frozenset({Kind.STATS, Kind.POOL_STATS, Kind.DAEMON, *_CONTROL_KINDS})
 _IMAGE_SUFFIX = b".img"
 # rsync writes page N as `.N.XXXXXX` and renames it onto N when it is complete.
 _STAGED_NAME = re.compile(rb"\.([0-9]+)\.[A-Za-z0-9]{6}")
@@ -222,9 +230,11 @@ class OpenImage:
 
 @dataclass(slots=True)
 class OpenStats:
-    """A stats file: its text is taken once at open, so a reader sees one snapshot."""
+    """A stats or control file: its text is taken once at open, so a reader sees one
+    snapshot. `control` is the control file (.max, .weight) it was opened to write."""
 
     text: bytes
+    control: Node | None = None
 
 
 @dataclass(slots=True)
@@ -293,7 +303,7 @@ class TmemOperations(pyfuse3.Operations):
         pool = self.engine.pools.get(node.pool)
         if pool is None:
             return False
-        if kind in (Kind.POOL, Kind.POOL_STATS, Kind.IMAGE):
+        if kind in (Kind.POOL, Kind.POOL_STATS, Kind.IMAGE) or kind in _CONTROL_KINDS:
             return pool.generation == node.generation and (
                 kind is not Kind.IMAGE or pool.image_size is not None
             )
@@ -398,6 +408,8 @@ class TmemOperations(pyfuse3.Operations):
             assert parent.pool is not None
             if name == _STATS_NAME:
                 return Node(Kind.POOL_STATS, parent.pool, generation=parent.generation)
+            if name in _CONTROLS:
+                return Node(_CONTROLS[name], parent.pool, generation=parent.generation)
             if parent.pool.kind is PoolKind.PERSISTENT:
                 staged = _STAGED_NAME.fullmatch(name)
                 index = parse_decimal(staged.group(1) if staged else name)
@@ -449,9 +461,10 @@ class TmemOperations(pyfuse3.Operations):
             return entries
         assert node.pool is not None
         pool = engine.pool(node.pool)
-        # `.stats` is not listed, even by `ls -a`: archivers (tar, cp -a, rsync -a) must
-        # not copy a control file, whose text changes as they read it and which cannot
-        # be made in the copy. It is there for whoever names it: `cat POOL/.stats`.
+        # The control files (.stats, .max, .weight) are not listed, even by `ls -a`:
+        # archivers (tar, cp -a, rsync -a) must not copy one, whose text changes as
+        # they read it and which cannot be made in the copy. Each is there for whoever
+        # names it: `cat POOL/.stats`, `echo 64M > POOL/.max`.
         entries: list[tuple[bytes, Node]] = []
         if node.kind is Kind.POOL and not pool.persistent:
             entries += [
@@ -496,6 +509,16 @@ class TmemOperations(pyfuse3.Operations):
             attr.entry_timeout = _DIR_TIMEOUT
             attr.attr_timeout = 0
             mtime = time.time_ns()
+        elif kind in _CONTROL_KINDS:
+            # Like a cgroup file: the pool's owner (and root) may write it, all may read.
+            assert node.pool is not None
+            owner = self.engine.pool(node.pool).owner
+            attr.st_mode = stat.S_IFREG | 0o644
+            attr.st_uid, attr.st_gid = owner.uid, owner.gid
+            attr.st_size = len(self._stats_text(node))
+            attr.entry_timeout = _DIR_TIMEOUT
+            attr.attr_timeout = 0
+            mtime = owner.ctime_ns
         elif kind in (Kind.POOL, Kind.OBJECT):
             owner = self._owner(node)
             attr.st_mode = stat.S_IFDIR | owner.mode
@@ -564,7 +587,13 @@ class TmemOperations(pyfuse3.Operations):
         if node.kind is Kind.DAEMON:
             return statsfmt.render(dict(self.daemon_info))
         assert node.pool is not None
-        return statsfmt.render(dict(self.engine.pool_stats(node.pool)))
+        shares = self.engine.pool_shares(node.pool)
+        if node.kind is Kind.POOL_MAX:
+            return f"{format_limit(shares['max_size'])}\n".encode()
+        if node.kind is Kind.POOL_WEIGHT:
+            return f"{shares['weight']}\n".encode()
+        return statsfmt.render(dict(self.engine.pool_stats(node.pool))
+                               | {k: format_limit(v) for k, v in shares.items()})
 
     def _entry_reply(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = self._attrs(node)
@@ -630,6 +659,9 @@ class TmemOperations(pyfuse3.Operations):
             elif node.kind is Kind.IMAGE:
                 assert node.pool is not None
                 await self.engine.resize_image(node.pool, attr.st_size)
+            elif node.kind in _CONTROL_KINDS:
+                # `echo 64M > .max` truncates first; the value is set by the write.
+                self._check_control_writer(node, ctx)
             elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
                 raise fail(errno.EACCES)
             else:
@@ -673,6 +705,39 @@ class TmemOperations(pyfuse3.Operations):
             raise fail(errno.ENOENT)
         await self.engine.store(node.page_key, page[:size].ljust(self.page_size, b"\0"))
 
+    # -- control files: .max and .weight ---------------------------------------------------
+
+    def _check_control_writer(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
+        """Only the pool's owner and root may change its limit or weight."""
+        assert node.pool is not None
+        if ctx.uid not in (0, self.engine.pool(node.pool).owner.uid):
+            raise fail(errno.EACCES)
+
+    def _write_control(self, node: Node, buf: bytes) -> int:
+        """One write() is one value, as in a cgroup file: `64M`, `max` or `300`, with an
+        optional newline. Anything else is EINVAL, and the old value stays."""
+        assert node.pool is not None
+        try:
+            text = buf.decode("ascii")
+        except UnicodeDecodeError:
+            raise BadValue(repr(buf)) from None
+        if text.endswith("\n"):
+            text = text[:-1]
+        if not text or text != text.strip() or "\n" in text:
+            raise BadValue(repr(buf))
+        try:
+            if node.kind is Kind.POOL_MAX:
+                self.engine.set_max_size(node.pool, parse_limit(text, self.engine.max_pool))
+            elif not text.isdigit():
+                raise BadValue(text)
+            else:
+                self.engine.set_weight(node.pool, int(text))
+        except ValueError:
+            raise BadValue(text) from None
+        log.info("%s/%s set to %s", node.pool, ".max" if node.kind is Kind.POOL_MAX
+                 else ".weight", text)
+        return len(buf)
+
     # -- directories -------------------------------------------------------------------
 
     @translate_errors
@@ -684,7 +749,7 @@ class TmemOperations(pyfuse3.Operations):
             parent.kind is Kind.POOL and parent.pool and parent.pool.kind is PoolKind.EPHEMERAL
         ):
             raise fail(errno.EEXIST if parent.kind is Kind.ROOT and name in _TOP else errno.EPERM)
-        if name == _STATS_NAME:
+        if name == _STATS_NAME or name in _CONTROLS:
             raise fail(errno.EEXIST)
         node = self._child(parent, name)
         if node.kind not in (Kind.POOL, Kind.OBJECT):
@@ -757,7 +822,7 @@ class TmemOperations(pyfuse3.Operations):
         if parent.kind is Kind.OBJECT or (
             parent.kind is Kind.POOL and parent.pool and parent.pool.kind is PoolKind.PERSISTENT
         ):
-            if name == _STATS_NAME:
+            if name == _STATS_NAME or name in _CONTROLS:
                 raise fail(errno.EEXIST)
             node = self._child(parent, name)
             if node.kind is Kind.STAGED:
@@ -841,7 +906,11 @@ class TmemOperations(pyfuse3.Operations):
             return self._open_created(vanished.page_key)
         node = self._node(inode)
         handle: OpenPage | OpenStats | OpenStaged
-        if node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
+        if node.kind in _CONTROL_KINDS:
+            if writable or flags & os.O_TRUNC:
+                self._check_control_writer(node, ctx)
+            handle = OpenStats(self._stats_text(node), node if writable else None)
+        elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
             if writable or flags & os.O_TRUNC:
                 raise fail(errno.EACCES)
             handle = OpenStats(self._stats_text(node))
@@ -898,6 +967,8 @@ class TmemOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         if isinstance(handle, OpenImage):
             return await self._write_image(handle.pool, off, buf)
+        if isinstance(handle, OpenStats) and handle.control is not None:
+            return self._write_control(handle.control, buf)
         if isinstance(handle, OpenStaged):
             if off + len(buf) > self.page_size:
                 raise fail(errno.EFBIG)
@@ -1033,7 +1104,7 @@ class TmemOperations(pyfuse3.Operations):
             # that close must not store a zero page first. Meanwhile the page exists and
             # reads as zeros. Whether it will fit is answered now, so that close() is
             # where a full budget says ENOSPC, as for any other store.
-            if not self.engine.room_for_page():
+            if not self.engine.room_for_page(handle.key.pool):
                 self._forget_creating(handle.key)
                 self._page_gone(handle.key)
                 raise StoreRejected(str(handle.key))
@@ -1160,7 +1231,7 @@ class TmemOperations(pyfuse3.Operations):
         elif node.kind is Kind.IMAGE:
             assert node.pool is not None
             await self.engine.remove_image(node.pool)
-        elif node.kind in (Kind.STATS, Kind.POOL_STATS, Kind.DAEMON):
+        elif node.kind in _TEXT_KINDS:
             raise fail(errno.EPERM)
         else:
             raise fail(errno.EISDIR)

@@ -36,7 +36,8 @@ _HELP = {
     "duplicate_entry": "Stores that replaced a stored page",
     "reject_compress_poor": "Stores refused for compressing poorly (--reject-poor)",
     "reject_alloc_fail": "Stores refused by the backend or tier (remote down or full)",
-    "pool_limit_hit": "Stores refused because the budget was full",
+    "pool_limit_hit": "Stores refused because the budget, the pool's .max or its "
+                      "owner's --max-pool-per-user was full",
     "written_back_pages": "Pages moved down to the writeback tier",
     "evicted_pages": "Cleancache pages evicted to make room",
     "lost_pages": "Frontswap pages a remote backend no longer had",
@@ -69,6 +70,21 @@ class EngineCollector(Collector):
             for pool, values in per_pool.items():
                 family.add_metric([pool], values.get(name, 0))
             yield family
+        shares = {str(pid): engine.pool_shares(pid) for pid in engine.pools}
+        limit = GaugeMetricFamily("tmemfs_pool_max_size_bytes",
+                                  "A pool's own limit (.max); +Inf when it has none",
+                                  labels=["pool"])
+        weight = GaugeMetricFamily("tmemfs_pool_weight", "A pool's weight (.weight)",
+                                   labels=["pool"])
+        charged = GaugeMetricFamily("tmemfs_pool_charged_size_bytes",
+                                    "Bytes a pool holds as its limits count them",
+                                    labels=["pool"])
+        for pool, values in shares.items():
+            max_size = values["max_size"]
+            limit.add_metric([pool], float("inf") if max_size is None else max_size)
+            weight.add_metric([pool], values["weight"] or 0)
+            charged.add_metric([pool], values["charged_size"] or 0)
+        yield from (limit, weight, charged)
         totals = engine.stats()
         yield GaugeMetricFamily("tmemfs_max_pool_size_bytes", "The memory budget (--max-pool)",
                                 value=totals["max_pool_size"])
@@ -76,6 +92,11 @@ class EngineCollector(Collector):
                                 "Bytes of memory this daemon holds for pages, all pools",
                                 value=totals["pool_total_size"])
         yield GaugeMetricFamily("tmemfs_pools", "Pools that exist now", value=totals["pools"])
+        per_user = engine.max_pool_per_user
+        yield GaugeMetricFamily("tmemfs_max_pool_per_user_bytes",
+                                "What one user's pools may hold (--max-pool-per-user); +Inf: "
+                                "no such limit",
+                                value=float("inf") if per_user is None else per_user)
 
 
 def render(engine: Engine) -> bytes:

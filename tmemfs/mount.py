@@ -32,6 +32,7 @@ from tmemfs.engine import Engine
 from tmemfs.engine import stats as statsfmt
 from tmemfs.fs import TmemOperations, discard_supported
 from tmemfs.metrics import open_metrics_listeners, serve_metrics
+from tmemfs.sizes import format_limit
 from tmemfs.systemd import Notifier, status_line
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class MountOptions:
     mountpoint: Path
     backend: str = "lz4"
     max_pool: int = 0
+    max_pool_per_user: int | None = None
     page_size: int = 4096
     reject_ratio: float = 0.875
     reject_poor: bool = False
@@ -76,6 +78,7 @@ class MountOptions:
             "namespace": self.namespace,
             "metrics": f"{self.metrics[0]}:{self.metrics[1]}" if self.metrics else "none",
             "max_pool": str(self.max_pool),
+            "max_pool_per_user": format_limit(self.max_pool_per_user),
             "page_size": str(self.page_size),
             "reject_ratio": str(self.reject_ratio),
             "reject_poor": str(int(self.reject_poor)),
@@ -230,6 +233,7 @@ def serve(opts: MountOptions, ready: int | None) -> int:
             exclusive_gets=opts.exclusive_gets,
             reject_poor=opts.reject_poor,
             writeback=tier,
+            max_pool_per_user=opts.max_pool_per_user,
         )
         try:
             await engine.open()

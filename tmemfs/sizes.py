@@ -37,3 +37,25 @@ def format_size(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return f"{n:.1f}T"
+
+
+def parse_limit(text: str, whole: int) -> int | None:
+    """A limit as `.max` and --max-pool-per-user take it: 'max' (no limit, None), bytes
+    with K/M/G/T, or 'N%' of `whole` (the budget, --max-pool). ValueError otherwise."""
+    text = text.strip()
+    if text == "max":
+        return None
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"bad size {text!r}") from None
+        if not 0 <= percent <= 100:
+            raise ValueError(f"bad size {text!r}: a percentage must be in [0, 100]")
+        return int(whole * percent / 100)
+    return parse_size(text)
+
+
+def format_limit(limit: int | None) -> str:
+    """What `cat .max` shows: bytes, or 'max' for no limit (as cgroup files show it)."""
+    return "max" if limit is None else str(limit)

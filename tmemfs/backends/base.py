@@ -138,6 +138,12 @@ class Backend(ABC):
     def payload_share(self, handle: Any) -> float:
         """Payload bytes charged to one page; a shared (deduplicated) payload is split."""
 
+    def page_charge(self, handle: Any) -> int:
+        """What a page costs its pool's limits (.max, --max-pool-per-user): its payload at
+        its own size, the same for the handle's whole life (dedup does not split it).
+        Limits count memory held here, as --max-pool does: a remote page costs none."""
+        return 0 if self.remote else round(self.payload_share(handle))
+
     @abstractmethod
     def is_same_filled(self, handle: Any) -> bool:
         """Whether the page is kept as a repeated 8-byte word with no payload."""

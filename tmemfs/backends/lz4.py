@@ -131,6 +131,10 @@ class Lz4Backend(Backend):
     def payload_share(self, handle: int) -> float:
         return self.slabs.length(handle) / self.slabs.refs(handle)
 
+    def page_charge(self, handle: int) -> int:
+        """As `run_cost` and `encode_many` priced it: its slot, whatever shares it."""
+        return self.slabs.cost_of(self.slabs.length(handle))
+
     def is_same_filled(self, handle: int) -> bool:
         return self.slabs.is_same_filled(handle)
 

@@ -42,6 +42,9 @@ class RawBackend(Backend):
     def payload_share(self, handle: bytes) -> float:
         return len(handle)
 
+    def page_charge(self, handle: bytes) -> int:
+        return len(handle) + _HANDLE_OVERHEAD
+
     def is_same_filled(self, handle: bytes) -> bool:
         return False
 

@@ -3,6 +3,7 @@
 from tmemfs.engine.engine import ENTRY_OVERHEAD, Engine
 from tmemfs.engine.errors import (
     BadName,
+    BadValue,
     NoSuchObject,
     NoSuchPool,
     PageLost,
@@ -25,6 +26,7 @@ __all__ = [
     "ENTRY_OVERHEAD",
     "SWAP_OBJECT",
     "BadName",
+    "BadValue",
     "Engine",
     "Entry",
     "NoSuchObject",

@@ -14,9 +14,9 @@ the truth for what a mount has stored; a remote backend is asked only for data.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,6 +26,7 @@ from tmemfs.backends.base import Backend, Encoded
 from tmemfs.backends.codec import decode_payloads, payload_of
 from tmemfs.backends.store import Location, PageStore, StoreUnavailable
 from tmemfs.engine.errors import (
+    BadValue,
     NoSuchObject,
     NoSuchPool,
     PageLost,
@@ -35,6 +36,7 @@ from tmemfs.engine.errors import (
 from tmemfs.engine.keys import SWAP_OBJECT, PageKey, PoolId, PoolKind
 from tmemfs.engine.pool import Entry, Owner, Pool, TmemObject
 from tmemfs.engine.stats import new_counters
+from tmemfs.sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ ENTRY_OVERHEAD = 160
 REFUSAL_LOG_INTERVAL = 10.0
 # How many pages the writeback worker moves down at a time.
 WRITEBACK_BATCH = 256
+# The range of `.weight`, and its default, as cgroup v2's cpu.weight.
+MIN_WEIGHT, DEFAULT_WEIGHT, MAX_WEIGHT = 1, 100, 10000
 
 
 class Lowered:
@@ -77,6 +81,7 @@ class Engine:
         reject_poor: bool = False,
         writeback: PageStore | None = None,
         accept_threshold: float = 0.9,
+        max_pool_per_user: int | None = None,
     ) -> None:
         self.backend = backend
         self.page_size = backend.page_size
@@ -86,6 +91,8 @@ class Engine:
         self.writeback = writeback
         # Like zswap's accept_threshold_percent: once full, write back down to this.
         self.accept_threshold = accept_threshold
+        # What the pools of one non-root owner may hold together (None: no such limit).
+        self.max_pool_per_user = max_pool_per_user
         self.pools: dict[PoolId, Pool] = {}
         self.counters = new_counters()
         self.counters["lost_pages"] = 0
@@ -94,10 +101,9 @@ class Engine:
         self._refusals_logged = -REFUSAL_LOG_INTERVAL
         # Bytes admitted but not yet kept (a batch is admitted whole, then kept).
         self._reserved = 0
-        # Ephemeral pages, least recently used first: the eviction order.
-        self._lru: OrderedDict[PageKey, None] = OrderedDict()
-        # Persistent pages held here, coldest first: the writeback order.
-        self._cold: OrderedDict[PageKey, None] = OrderedDict()
+        # Counts uses of pages: the eviction and writeback orders live in each pool
+        # (Pool.order), and a page's tick there tells which pool's oldest is oldest.
+        self._tick = 0
         self._writeback_wanted = trio.Event()
         self._writeback_lock = trio.Lock()
         self._locks: dict[PoolId, trio.Lock] = {}
@@ -127,6 +133,7 @@ class Engine:
             now = time.time_ns()
             for index, handle in restored.pages.items():
                 tobj.pages[index] = Entry(handle, now)
+                pool.charged += self._charge(handle)
             self._entries += len(restored.pages)
             log.info("restored %s: %d pages", restored.pool, len(restored.pages))
 
@@ -142,7 +149,8 @@ class Engine:
         while True:
             await self._writeback_wanted.wait()
             self._writeback_wanted = trio.Event()
-            while self.pool_total_size() > self.accept_threshold * self.max_pool and self._cold:
+            while (self.pool_total_size() > self.accept_threshold * self.max_pool
+                   and any(p.order for p in self.pools.values() if p.persistent)):
                 try:
                     moved = await self._write_back(WRITEBACK_BATCH)
                 except StoreUnavailable as exc:
@@ -180,6 +188,42 @@ class Engine:
         if pool.persistent or obj in pool.objects:
             raise PoolExists(f"{pool_id}/{obj}")
         return pool.objects.setdefault(obj, TmemObject(owner or Owner(), obj))
+
+    # -- fair shares: limits and weights --------------------------------------------------
+
+    def set_max_size(self, pool_id: PoolId, limit: int | None) -> None:
+        """A pool's own limit (`.max`); None: none. A cleancache pool over its new limit
+        loses its oldest pages now; a frontswap pool keeps its pages (they are never
+        dropped) and has its stores refused until it is under the limit again."""
+        if limit is not None and limit < 0:
+            raise BadValue(f"{pool_id}/.max: {limit}")
+        pool = self.pool(pool_id)
+        pool.max_size = limit
+        if limit is not None and not pool.persistent:
+            while pool.charged > limit and pool.order:
+                self._evict(pool)
+            self.backend.trim()
+
+    def set_weight(self, pool_id: PoolId, weight: int) -> None:
+        """A pool's weight (`.weight`): how much of what is shared it may keep."""
+        if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+            raise BadValue(f"{pool_id}/.weight: {weight} not in {MIN_WEIGHT}..{MAX_WEIGHT}")
+        self.pool(pool_id).weight = weight
+
+    def pool_shares(self, pool_id: PoolId) -> dict[str, int | None]:
+        """A pool's limits, weight and what they count: `max_size` (None: no limit of its
+        own), `user_max_size` (its owner's; None: none), `weight`, `charged_size`, and
+        `weighted_share` (bytes its weight entitles it to of what pools of its kind hold)."""
+        pool = self.pool(pool_id)
+        kin = [p for p in self.pools.values() if p.persistent == pool.persistent]
+        held = sum(p.charged for p in kin)
+        return {
+            "max_size": pool.max_size,
+            "user_max_size": self._user_limit(pool),
+            "weight": pool.weight,
+            "charged_size": pool.charged,
+            "weighted_share": held * pool.weight // max(sum(p.weight for p in kin), 1),
+        }
 
     # -- shared pools --------------------------------------------------------------------
 
@@ -226,7 +270,8 @@ class Engine:
         for index in remote.difference(tobj.pages):
             tobj.pages[index] = Entry(0, now)  # stored by another mount; cost unknown here
             self._entries += 1
-            self._lru[PageKey(pool_id, obj, index)] = None
+            pool.charged += self._charge(0)
+            self._use(pool, PageKey(pool_id, obj, index))
         removed = set(tobj.pages).difference(remote)
         for index in removed:
             entry = tobj.pages.pop(index)
@@ -323,6 +368,7 @@ class Engine:
                     kept += await self._keep(pool, tobj, run_pages, run_encoded, decisions, now)
                 finally:
                     self._reserved -= reserved
+                    pool.reserved -= reserved
             if not all(kept):
                 # A refused store leaves no page, not even the old one.
                 self._gone(pool, tobj, [index for (index, _), k in zip(pages, kept, strict=True)
@@ -346,7 +392,8 @@ class Engine:
         pool = self.pools[pool_id]
         batch = backend.encode_run(data)
         cost = backend.run_cost(batch) + count * ENTRY_OVERHEAD
-        if self.pool_total_size() + self._reserved + cost > self.max_pool:
+        if (self.pool_total_size() + self._reserved + cost > self.max_pool
+                or self._limit_refusing(pool, cost) is not None):
             # Eviction and refusal are decided page by page.
             return await self._store_pages(pool_id, obj, first, data, count)
         # The duplicate-store rule: the old copies go first (they are never returned again).
@@ -357,9 +404,11 @@ class Engine:
             # Kept here, with no writeback order to update (this path has no tier).
             self._count(pool, "duplicate_entry", len(old))
             self._count(pool, "invalidates", len(old))
+            pool.charged -= sum(map(self._charge, old))
             backend.invalidate_many(old)
             self._entries -= len(old)
-        self._insert_many(pool, tobj, indexes, backend.keep_run(batch), time.time_ns())
+        self._insert_many(pool, tobj, indexes, backend.keep_run(batch), time.time_ns(),
+                          charged=cost)
         return True
 
     async def _store_pages(
@@ -406,15 +455,29 @@ class Engine:
         if enc.poor and self.reject_poor:
             self._refused(pool, "reject_compress_poor")
             return self._REFUSE
-        # 3. The budget: evict ephemeral pages, least recently used first; below a full
-        #    pool a persistent page goes straight to the writeback tier (zswap writeback).
-        if not self._make_room(enc.cost + ENTRY_OVERHEAD):
-            if self.writeback is not None and pool.persistent and not isinstance(enc.value, int):
+        # 3. The pool's own limit (.max) and its owner's (--max-pool-per-user): room is
+        #    made from their own cleancache pages only; an over-limit frontswap page goes
+        #    down to the tier, as zswap sends a cgroup over memory.zswap.max to swap.
+        need = enc.cost + ENTRY_OVERHEAD
+        lowerable = (self.writeback is not None and pool.persistent
+                     and not isinstance(enc.value, int))
+        limit = self._make_room_within_limits(pool, need)
+        if limit is not None:
+            if lowerable:
+                return self._LOWER
+            self._refused(pool, "pool_limit_hit", why=limit)
+            return self._REFUSE
+        # 4. The budget: evict cleancache pages, pools over their weighted share first;
+        #    below a full pool a persistent page goes straight to the writeback tier.
+        if not self._make_room(need):
+            if lowerable:
                 self._writeback_wanted.set()
                 return self._LOWER
-            self._refused(pool, "pool_limit_hit")
+            self._refused(pool, "pool_limit_hit",
+                          why=f"--max-pool {format_size(self.max_pool)}")
             return self._REFUSE
-        self._reserved += enc.cost + ENTRY_OVERHEAD
+        self._reserved += need
+        pool.reserved += need
         return self._KEEP
 
     async def _keep(
@@ -426,7 +489,7 @@ class Engine:
         decisions: Sequence[str],
         now: int,
     ) -> list[bool]:
-        """4. Keep what was admitted: here, in the remote backend, or in the tier below."""
+        """5. Keep what was admitted: here, in the remote backend, or in the tier below."""
         keep = [i for i, d in enumerate(decisions) if d == self._KEEP]
         lower = [i for i, d in enumerate(decisions) if d == self._LOWER]
         kept = [d == self._KEEP for d in decisions]
@@ -465,39 +528,91 @@ class Engine:
 
     def _insert_many(
         self, pool: Pool, tobj: TmemObject, indexes: Sequence[int], handles: Sequence[Any],
-        now: int,
+        now: int, *, charged: int | None = None,
     ) -> None:
-        """Index stored pages. The hot path of every store: kept lean on purpose."""
+        """Index stored pages. The hot path of every store: kept lean on purpose.
+
+        `charged` is what the pages cost the pool's limits, when the caller knows it
+        for the whole batch (the image path); otherwise it is summed per page.
+        """
         pages = tobj.pages
         for index, handle in zip(indexes, handles, strict=True):
             pages[index] = Entry(handle, now)
         self._entries += len(indexes)
+        pool.charged += sum(map(self._charge, handles)) if charged is None else charged
         if not pool.persistent:
-            lru = self._lru
+            self._tick += 1
+            tick = self._tick
+            lru = pool.order
             for index in indexes:
-                lru[PageKey(pool.id, tobj.name, index)] = None
+                key = PageKey(pool.id, tobj.name, index)
+                lru[key] = tick
+                lru.move_to_end(key)
         elif self.writeback is not None:
-            cold = self._cold
+            self._tick += 1
+            tick = self._tick
+            cold = pool.order
             same_filled = self.backend.is_same_filled
             for index, handle in zip(indexes, handles, strict=True):
                 if not isinstance(handle, Lowered) and not same_filled(handle):
-                    cold[PageKey(pool.id, tobj.name, index)] = None
+                    cold[PageKey(pool.id, tobj.name, index)] = tick
         self._count(pool, "stores", len(indexes))
 
-    def room_for_page(self) -> bool:
-        """Whether one more same-filled page fits (evicting ephemeral pages if need be)."""
+    def room_for_page(self, pool_id: PoolId | None = None) -> bool:
+        """Whether one more same-filled page fits (evicting ephemeral pages if need be),
+        in the budget and, given a pool, under its limits and its owner's."""
+        pool = self.pools.get(pool_id) if pool_id is not None else None
+        if pool is not None and self._make_room_within_limits(pool, ENTRY_OVERHEAD):
+            return False
         return self._make_room(ENTRY_OVERHEAD)
 
     def _make_room(self, cost: int) -> bool:
         while self.pool_total_size() + self._reserved + cost > self.max_pool:
-            if not self._lru:
+            victim = _pick_victim(self.pools.values())
+            if victim is None:
                 return False
-            victim, _ = self._lru.popitem(last=False)
             self._evict(victim)
         return True
 
-    def _evict(self, key: PageKey) -> None:
-        pool = self.pools[key.pool]
+    def _make_room_within_limits(self, pool: Pool, cost: int) -> str | None:
+        """Fit `cost` more bytes under the pool's limit and its owner's, evicting their
+        own cleancache pages if need be; which limit refuses it, or None if it fits."""
+        if pool.max_size is not None:
+            while pool.charged + pool.reserved + cost > pool.max_size:
+                if pool.persistent or not pool.order:
+                    return f"{pool.id}/.max {format_size(pool.max_size)}"
+                self._evict(pool)
+        per_user = self._user_limit(pool)
+        if per_user is not None:
+            theirs = [p for p in self.pools.values() if p.owner.uid == pool.owner.uid]
+            while sum(p.charged + p.reserved for p in theirs) + cost > per_user:
+                victim = _pick_victim(theirs)
+                if victim is None:
+                    return (f"--max-pool-per-user {format_size(per_user)} "
+                            f"of uid {pool.owner.uid}")
+                self._evict(victim)
+        return None
+
+    def _limit_refusing(self, pool: Pool, cost: int) -> str | None:
+        """Which limit of the pool or its owner `cost` more bytes would break, if any
+        (without evicting: the image path's one check per batch)."""
+        if pool.max_size is not None and pool.charged + pool.reserved + cost > pool.max_size:
+            return f"{pool.id}/.max"
+        per_user = self._user_limit(pool)
+        if per_user is not None and cost + sum(
+                p.charged + p.reserved for p in self.pools.values()
+                if p.owner.uid == pool.owner.uid) > per_user:
+            return "--max-pool-per-user"
+        return None
+
+    def _user_limit(self, pool: Pool) -> int | None:
+        """--max-pool-per-user, for pools not owned by root (root's are bound by --max-pool
+        and their own .max only: swap set up by the administrator is not a user's)."""
+        return None if pool.owner.uid == 0 else self.max_pool_per_user
+
+    def _evict(self, pool: Pool) -> None:
+        """Evict the least recently used page of a cleancache pool."""
+        key, _ = pool.order.popitem(last=False)
         tobj = pool.objects[key.object]
         entry = tobj.pages.pop(key.index)
         self._release_here(pool, key, entry)
@@ -512,12 +627,10 @@ class Engine:
     def _release_here(self, pool: Pool, key: PageKey, entry: Entry) -> None:
         """Forget an entry removed from its object's index: memory held in this process."""
         if not isinstance(entry.handle, Lowered | Lost):
+            pool.charged -= self._charge(entry.handle)
             self.backend.invalidate(entry.handle)
         self._entries -= 1
-        if pool.persistent:
-            self._cold.pop(key, None)
-        else:
-            self._lru.pop(key, None)
+        pool.order.pop(key, None)
 
     async def _release_many(
         self,
@@ -613,11 +726,8 @@ class Engine:
             entries = [tobj.pages.get(index) for index in indexes]
         hits = [(i, e) for i, e in zip(indexes, entries, strict=True) if e is not None]
         if not exclusive:
-            order = self._cold if pool.persistent else self._lru
             for index, _ in hits:
-                key = PageKey(pool_id, obj, index)
-                if key in order:
-                    order.move_to_end(key)
+                self._use(pool, PageKey(pool_id, obj, index), only_if_present=True)
         try:
             # Holding the handles keeps their payloads alive even if invalidated meanwhile.
             data = await self._fetch(pool, tobj, hits)
@@ -685,10 +795,13 @@ class Engine:
         if pool.persistent:
             self._count(pool, "lost_pages")
             log.error("%s page %d is lost: its store no longer has it", pool.id, index)
+            if tobj.pages.get(index) is entry and not isinstance(entry.handle, Lowered | Lost):
+                pool.charged -= self._charge(entry.handle)
             entry.handle = LOST
         elif tobj.pages.get(index) is entry:
             # An ephemeral page the remote evicted: a miss from now on.
             del tobj.pages[index]
+            pool.charged -= self._charge(entry.handle)
             self._release_here(pool, PageKey(pool.id, tobj.name, index),
                                Entry(LOST, 0))
             self._gone(pool, tobj, (index,))
@@ -698,7 +811,8 @@ class Engine:
         entry = tobj.pages.pop(key.index, None)
         if entry is not None:
             self._entries -= 1
-            (self._cold if pool.persistent else self._lru).pop(key, None)
+            pool.charged -= self._charge(entry.handle)
+            pool.order.pop(key, None)
         return entry
 
     def _put_back(
@@ -710,8 +824,9 @@ class Engine:
             if alive and index not in tobj.pages:
                 tobj.pages[index] = entry
                 self._entries += 1
+                pool.charged += self._charge(entry.handle)
                 if not pool.persistent:
-                    self._lru[PageKey(pool.id, name, index)] = None
+                    self._use(pool, PageKey(pool.id, name, index))
             elif not isinstance(entry.handle, Lowered | Lost):
                 # Flushed, or stored anew, meanwhile: this copy is no longer wanted.
                 self.backend.invalidate(entry.handle)
@@ -770,7 +885,8 @@ class Engine:
         would. Without it, requests that follow each other with no await between them
         never let the worker run, and the index entries of pages stored straight to the
         tier pushed pool_total_size past --max-pool."""
-        while self._cold and self.pool_total_size() + self._reserved + room > self.max_pool:
+        while (self.pool_total_size() + self._reserved + room > self.max_pool
+               and any(p.order for p in self.pools.values() if p.persistent)):
             try:
                 if not await self._write_back(WRITEBACK_BATCH):
                     return
@@ -789,7 +905,7 @@ class Engine:
     async def _write_back_locked(self, limit: int) -> int:
         assert self.writeback is not None
         batch: list[tuple[PageKey, Entry, Location, bytes]] = []
-        for key in list(self._cold)[:limit]:
+        for key in self._writeback_order(limit):
             pool = self.pools[key.pool]
             tobj = pool.objects[key.object]
             entry = tobj.pages[key.index]
@@ -804,12 +920,25 @@ class Engine:
             tobj = pool.objects.get(key.object) if pool else None
             if pool is None or tobj is None or tobj.pages.get(key.index) is not entry:
                 continue  # invalidated or stored anew while it was being written
+            pool.charged -= self._charge(entry.handle)
             self.backend.invalidate(entry.handle)
             entry.handle = Lowered(len(payload))
-            self._cold.pop(key, None)
+            pool.order.pop(key, None)
             self._count(pool, "written_back_pages")
             moved += 1
         return moved
+
+    def _writeback_order(self, limit: int) -> list[PageKey]:
+        """Up to `limit` pages to move down: the coldest of the pool furthest over its
+        weighted share first (bytes held here per unit of weight), then the next."""
+        pools = sorted((p for p in self.pools.values() if p.persistent and p.order),
+                       key=lambda p: p.charged / p.weight, reverse=True)
+        keys: list[PageKey] = []
+        for pool in pools:
+            keys += itertools.islice(pool.order, limit - len(keys))
+            if len(keys) >= limit:
+                break
+        return keys
 
     # -- the block image ---------------------------------------------------------------
 
@@ -959,20 +1088,54 @@ class Engine:
             yield
             await self._flush_pending_deletes()
 
-    def _refused(self, pool: Pool, reason: str, n: int = 1) -> None:
-        """Count refused stores, and say so in the log once per burst, not once per page."""
+    def _refused(self, pool: Pool, reason: str, n: int = 1, *, why: str = "") -> None:
+        """Count refused stores, and say so in the log once per burst, not once per page.
+
+        `why` names the limit that refused (the pool's .max, its owner's share, the budget).
+        """
         self._count(pool, reason, n)
         self._refusals += n
         now = time.monotonic()
         if now - self._refusals_logged >= REFUSAL_LOG_INTERVAL:
-            log.warning("%d stores refused since the last report (latest: %s in %s)",
-                        self._refusals, reason, pool.id)
+            log.warning("%d stores refused since the last report (latest: %s in %s%s)",
+                        self._refusals, reason, pool.id, f", by {why}" if why else "")
             self._refusals, self._refusals_logged = 0, now
+
+    def _charge(self, handle: Any) -> int:
+        """What a page held here costs its pool's limits: its payload at its own size (a
+        deduplicated payload is charged to every pool holding it) and its index entry.
+        A page moved down to the tier, or lost, costs its pool nothing here."""
+        if isinstance(handle, Lowered | Lost):
+            return 0
+        return ENTRY_OVERHEAD + self.backend.page_charge(handle)
+
+    def _use(self, pool: Pool, key: PageKey, *, only_if_present: bool = False) -> None:
+        """A page was used: it goes to the young end of its pool's order."""
+        order = pool.order
+        if only_if_present and key not in order:
+            return
+        self._tick += 1
+        order[key] = self._tick
+        order.move_to_end(key)
 
     def _count(self, pool: Pool, name: str, n: int = 1) -> None:
         if n:
             pool.counters[name] = pool.counters.get(name, 0) + n
             self.counters[name] = self.counters.get(name, 0) + n
+
+
+def _pick_victim(pools: Iterable[Pool]) -> Pool | None:
+    """The cleancache pool to evict from: of those over their weighted share of what the
+    pools hold (as Xen tmem's client_over_quota), the one whose oldest page is oldest;
+    if none is over, the oldest page of all. None when none of them holds a page."""
+    pools = [p for p in pools if not p.persistent]
+    held = [p for p in pools if p.order]
+    if not held:
+        return None
+    total_weight = sum(p.weight for p in pools)
+    total = sum(p.charged for p in held)
+    over = [p for p in held if p.charged * total_weight > total * p.weight] or held
+    return min(over, key=lambda p: next(iter(p.order.values())))
 
 
 def _distinct_runs(indexes: Sequence[int]) -> list[range]:
@@ -989,4 +1152,5 @@ def _distinct_runs(indexes: Sequence[int]) -> list[range]:
     return runs
 
 
-__all__ = ["ENTRY_OVERHEAD", "SWAP_OBJECT", "Engine", "Lost", "Lowered", "PoolKind"]
+__all__ = ["DEFAULT_WEIGHT", "ENTRY_OVERHEAD", "MAX_WEIGHT", "MIN_WEIGHT", "SWAP_OBJECT",
+           "Engine", "Lost", "Lowered", "PoolKind"]

@@ -11,6 +11,10 @@ class BadName(TmemError):
     """A pool, object or page name that the tree does not allow (EINVAL on create)."""
 
 
+class BadValue(TmemError):
+    """A value written to a control file (.max, .weight) that it does not take (EINVAL)."""
+
+
 class NoSuchPool(TmemError):
     """The pool was never created or has been flushed (ENOENT)."""
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from tmemfs.engine.keys import SWAP_OBJECT, PoolId, PoolKind, is_shared_pool_name
+from tmemfs.engine.keys import SWAP_OBJECT, PageKey, PoolId, PoolKind, is_shared_pool_name
 from tmemfs.engine.stats import new_counters
 
 
@@ -62,6 +63,18 @@ class Pool:
     generation: int = field(default_factory=_next_generation)
     # A plain field, not a property: it is asked for every page of every request.
     persistent: bool = False
+    # Its fair share (`.max`, `.weight`): a limit of its own (None: none), and the weight
+    # that steers eviction and writeback across pools, as Xen tmem weighed its clients.
+    max_size: int | None = None
+    weight: int = 100
+    # Bytes its pages hold here, as the limits count them (`charged_size`), and bytes
+    # admitted but not yet kept.
+    charged: int = 0
+    reserved: int = 0
+    # Its pages in eviction order (cleancache, least recently used first) or writeback
+    # order (frontswap, coldest first); the value is the engine's tick of the last use,
+    # so the oldest page of several pools can be found.
+    order: OrderedDict[PageKey, int] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.persistent = self.id.kind is PoolKind.PERSISTENT
