@@ -32,6 +32,9 @@ cdef extern from "lz4.h" nogil:
     int LZ4_decompress_safe(const char* src, char* dst, int compressed_size, int dst_capacity)
     int LZ4_compressBound(int input_size)
 
+cdef extern from "malloc.h" nogil:
+    int malloc_trim(size_t pad)
+
 cdef extern from "sys/mman.h" nogil:
     void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
     int munmap(void* addr, size_t length)
@@ -817,6 +820,11 @@ cdef class SlabStore:
             for c in range(self.nclasses):
                 self._compact_class(&self.classes[c])
         self._trim_tables()
+        if self.live_records == 0:
+            # After a flush: give back what malloc keeps of the freed tables and of
+            # the daemon's other freed memory (batches' scratch buffers, the index).
+            with nogil:
+                malloc_trim(0)
         return before - self.chunk_bytes
 
     cdef void _compact_class(self, SizeClass* sc) noexcept nogil:
