@@ -15,6 +15,7 @@ class Job:
     label: str
     rw: str  # fio --rw: write, read, randwrite, randread
     block: str  # fio --bs
+    depth: int = 1  # requests in flight: 1 with psync, more with libaio
 
     @property
     def random(self) -> bool:
@@ -28,6 +29,8 @@ class Job:
 JOBS = (
     Job("1 MiB sequential write", "write", "1M"),
     Job("1 MiB sequential read", "read", "1M"),
+    Job("1 MiB sequential write, iodepth 8", "write", "1M", 8),
+    Job("1 MiB sequential read, iodepth 8", "read", "1M", 8),
     Job("4 KiB random write", "randwrite", "4k"),
     Job("4 KiB random read", "randread", "4k"),
 )
@@ -38,9 +41,10 @@ DATA = ["--refill_buffers", "--buffer_compress_percentage=50", "--buffer_compres
 
 
 def command(job: Job, target: str, size: int, seconds: float) -> list[str]:
-    cmd = ["fio", "--name=bench", f"--filename={target}", "--direct=1", "--ioengine=psync",
-           "--iodepth=1", "--numjobs=1", f"--rw={job.rw}", f"--bs={job.block}", f"--size={size}",
-           "--randrepeat=1", "--output-format=json", *DATA]
+    engine = "psync" if job.depth == 1 else "libaio"
+    cmd = ["fio", "--name=bench", f"--filename={target}", "--direct=1", f"--ioengine={engine}",
+           f"--iodepth={job.depth}", "--numjobs=1", f"--rw={job.rw}", f"--bs={job.block}",
+           f"--size={size}", "--randrepeat=1", "--output-format=json", *DATA]
     if job.random:
         cmd += ["--time_based", f"--runtime={seconds}s"]
     return cmd

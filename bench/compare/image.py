@@ -18,7 +18,8 @@ def run(ctx: Context) -> Section:
     cfg = ctx.config
     section = Section(NUMBER, TITLE, "zram0 (lz4)")
     section.method = (
-        f"fio, one job, `--ioengine=psync --direct=1`, on `MOUNT/frontswap/0.img` and on "
+        f"fio, one job, `--ioengine=psync --direct=1` (`libaio --iodepth=8` where named), on "
+        f"`MOUNT/frontswap/0.img` and on "
         f"`/dev/zram0` (lz4), both {cfg.fio_size >> 20} MiB. Sequential jobs move the whole "
         f"size; random 4 KiB jobs run {cfg.fio_seconds:g} s each over it. fio fills every "
         f"buffer afresh and half-compressible (`{' '.join(fio.DATA)}`), so neither side can "
