@@ -251,6 +251,8 @@ class StoreMachine(RuleBasedStateMachine):
     def counters_agree(self) -> None:
         store, model = self.store, self.model
         assert store.same_filled_pages == model.same_filled_pages()
+        assert store.payload_pages == sum(n for p, n in model.refs.items()
+                                          if not Model.word_page(p))
         assert store.dedup_pages == model.dedup_pages()
         handles = {h for h, p in self.keys.values() if not Model.word_page(p)}
         assert len(handles) == model.payloads()

@@ -358,6 +358,7 @@ cdef class SlabStore:
     cdef readonly long chunk_bytes       # memory of chunks that hold something
     cdef readonly long same_filled_pages
     cdef readonly long dedup_pages       # pages whose payload another page shares too
+    cdef readonly long payload_pages     # pages that have a payload (not same-filled)
     cdef readonly long arena_count
     cdef long word_records              # records of same-filled pages (a few words)
     # Recompression: pages whose payload zstd holds, its bytes, and what it saves.
@@ -548,6 +549,7 @@ cdef class SlabStore:
                 if length == 0:
                     self.same_filled_pages += 1
                 else:
+                    self.payload_pages += 1
                     self.dedup_pages += 2 if r.refs == 2 else 1
                     if r.live_flags & CODEC_MASK == CODEC_ZSTD:
                         self.recompressed_pages += 1
@@ -570,6 +572,7 @@ cdef class SlabStore:
                 return NO_RECORD
             memcpy(self._slot_ptr(r), payload, length)
             self.payload_bytes += length
+            self.payload_pages += 1
         else:
             self.same_filled_pages += 1
             self.word_records += 1
@@ -738,8 +741,10 @@ cdef class SlabStore:
         r.refs -= 1
         if r.length == 0:
             self.same_filled_pages -= 1
-        elif r.refs >= 1:
-            self.dedup_pages -= 2 if r.refs == 1 else 1
+        else:
+            self.payload_pages -= 1
+            if r.refs >= 1:
+                self.dedup_pages -= 2 if r.refs == 1 else 1
         if r.live_flags & CODEC_MASK == CODEC_ZSTD:
             self.recompressed_pages -= 1
         if r.refs:

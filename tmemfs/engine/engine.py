@@ -145,6 +145,10 @@ class Engine:
                 if not moved:
                     break
 
+    async def run_recompress(self) -> None:
+        """Recompress cold pages in the background, if the backend does (lz4: zstd)."""
+        await self.backend.run_recompress()
+
     # -- pools and objects -------------------------------------------------------------
 
     def create_pool(self, pool_id: PoolId, owner: Owner | None = None) -> Pool:
@@ -810,7 +814,7 @@ class Engine:
         """A pool's counters. The gauges are summed over its pages when asked."""
         pool = self.pool(pool_id)
         backend = self.backend
-        stored = same = shared = 0
+        stored = same = shared = recompressed = 0
         compressed = here = 0.0
         for tobj in pool.objects.values():
             for entry in tobj.pages.values():
@@ -821,6 +825,7 @@ class Engine:
                 if not isinstance(handle, Lowered | Lost):
                     same += backend.is_same_filled(handle)
                     shared += backend.is_shared(handle)
+                    recompressed += backend.is_recompressed(handle)
                     if not backend.remote:
                         here += cost
         # What this process holds for the pool: payloads kept here, and the index.
@@ -829,6 +834,7 @@ class Engine:
             # The pool's share of per-handle overhead, pro rata by pages.
             overhead = backend.memory_used() - backend.stats()["compr_data_size"]
             total += round(overhead * stored / max(self._entries, 1))
+        totals = backend.stats()
         gauges = {
             "stored_pages": stored,
             "orig_data_size": stored * self.page_size,
@@ -836,6 +842,10 @@ class Engine:
             "pool_total_size": total,
             "same_filled_pages": same,
             "dedup_pages": shared,
+            "recompressed_pages": recompressed,
+            # The pool's share of what recompression saves, pro rata by its pages.
+            "recompress_saved_bytes": _share(totals.get("recompress_saved_bytes", 0),
+                                             recompressed, totals.get("recompressed_pages", 0)),
         }
         return gauges | pool.counters
 
@@ -849,8 +859,11 @@ class Engine:
             "pool_total_size": self.pool_total_size(),
             "same_filled_pages": backend["same_filled_pages"],
             "dedup_pages": backend["dedup_pages"],
+            "recompressed_pages": backend.get("recompressed_pages", 0),
+            "recompress_saved_bytes": backend.get("recompress_saved_bytes", 0),
         }
-        return gauges | self.counters | {
+        codecs = {name: value for name, value in backend.items() if name.startswith("codec_")}
+        return gauges | self.counters | codecs | {
             "max_pool_size": self.max_pool,
             "page_size": self.page_size,
             "pools": len(self.pools),
@@ -898,6 +911,10 @@ class Engine:
         if n:
             pool.counters[name] = pool.counters.get(name, 0) + n
             self.counters[name] = self.counters.get(name, 0) + n
+
+
+def _share(total: int, part: int, whole: int) -> int:
+    return round(total * part / whole) if whole else 0
 
 
 def _distinct_runs(indexes: Sequence[int]) -> list[range]:
