@@ -355,6 +355,16 @@ def test_a_page_used_while_its_batch_is_out_is_left_alone(use: str) -> None:
         assert store.load(handles[i]) == batch[i]
 
 
+def test_a_batch_that_did_not_run_cannot_be_committed() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    store.keep_all(store.encode(ordinary(1)))
+    sweep(store)
+    batch = store.recompress_begin(256, 3)
+    with pytest.raises(ValueError):
+        store.recompress_commit(batch)
+    assert sweep(store) == 1
+
+
 def test_incompressible_pages_are_tried_once() -> None:
     store = SlabStore(PAGE, LIMIT, 2)
     handles = store.keep_all(store.encode(b"".join(incompressible(s) for s in range(20))))

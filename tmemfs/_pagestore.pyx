@@ -285,6 +285,7 @@ cdef class RecompressBatch:
     cdef readonly int level
     #: The sweep reached the last record: every record was visited once since the last.
     cdef readonly bint sweep_done
+    cdef bint ran
     cdef int page_size
     cdef uint32_t* recs
     cdef int32_t* lengths       # of the payload copied: page_size for a raw page
@@ -333,6 +334,7 @@ cdef class RecompressBatch:
         free(page)
         if cctx == NULL:
             raise MemoryError("no memory for a zstd context")
+        self.ran = True
         return shrunk
 
 
@@ -949,6 +951,8 @@ cdef class SlabStore:
         cdef int32_t zlen
         cdef Record* r
         cdef Record old
+        if batch.count and not batch.ran:
+            raise ValueError("the batch has not run")
         with nogil:
             for i in range(batch.count):
                 rec = batch.recs[i]

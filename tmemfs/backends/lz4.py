@@ -14,9 +14,9 @@ Cold pages are recompressed with zstd in the background (zram's `recompress`, do
 itself): a sweep over the store's records every --recompress-after seconds takes the
 pages neither loaded nor stored since the previous sweep (so idle for one to two
 intervals), 256 at a time. Each batch is copied out on the trio thread (well under a
-millisecond), recompressed in a thread of its own at SCHED_IDLE priority with the GIL
-released, and swapped in on the trio thread; the task yields between batches, so a
-FUSE request waits at most for one copy-out or one swap-in.
+millisecond), recompressed in a thread of its own at nice 19 with the GIL released,
+and swapped in on the trio thread; the task yields between batches, so a FUSE request
+waits at most for one copy-out or one swap-in.
 """
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ class Lz4Backend(Backend):
             await trio.sleep(0)
 
     async def _run_idle(self, func: Callable[[], T]) -> T:
-        """Run `func` in the recompression thread (SCHED_IDLE: it takes no CPU that a
-        request wants) and wait for it without holding one of trio's worker threads."""
+        """Run `func` in the recompression thread (nice 19: a request's threads come
+        first) and wait for it without holding one of trio's worker threads."""
         if self._idle_thread is None:
             self._idle_thread = ThreadPoolExecutor(1, "tmemfs-recompress", _idle_priority)
         done = trio.Event()
@@ -246,12 +246,14 @@ class Lz4Backend(Backend):
 
 
 def _idle_priority() -> None:
-    """Make the calling thread run only when a core has nothing else to do."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    """Give the calling thread the lowest priority that still makes progress.
+
+    Nice 19, not SCHED_IDLE: under SCHED_IDLE a sweep of 64K pages (1.5 s of CPU) did
+    not finish in 10 minutes while other test suites kept both cores busy; at nice 19
+    it still gets about 1.5% of a busy core.
+    """
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 __all__ = ["RECORD_OVERHEAD", "Lz4Backend", "RecompressBatch"]
