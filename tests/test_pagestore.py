@@ -204,7 +204,8 @@ class StoreMachine(RuleBasedStateMachine):
     def recompress_sweeps(self) -> None:
         """Whole sweeps, as the background task runs them: idle pages end up in zstd."""
         self.pending = None
-        for _ in range(2):
+        # The first finishes the sweep that a begun batch left half done.
+        for _ in range(3):
             while True:
                 batch = self.store.recompress_begin(64, 3)
                 batch.run()
