@@ -1,7 +1,7 @@
 """Builds the compiled page store (tmemfs/_pagestore.pyx); everything else is in pyproject.toml.
 
-It links the system liblz4 (Debian: liblz4-dev) and uses OpenMP so that a large
-batch of pages is compressed on every core.
+It links the system liblz4 and libzstd (Debian: liblz4-dev, libzstd-dev) and uses
+OpenMP so that a large batch of pages is compressed on every core.
 """
 
 from Cython.Build import cythonize
@@ -13,7 +13,7 @@ setup(
             Extension(
                 "tmemfs._pagestore",
                 ["tmemfs/_pagestore.pyx"],
-                libraries=["lz4"],
+                libraries=["lz4", "zstd"],
                 extra_compile_args=["-O3", "-fopenmp"],
                 extra_link_args=["-fopenmp"],
             )

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv liblz4-dev rsync
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv liblz4-dev libzstd-dev rsync
           redis-server redis-tools fio util-linux kmod procps man-db)
 
 run_root() {

@@ -79,6 +79,39 @@ def test_pool_total_size_tracks_rss_growth(tmp_path: Path, mount_factory) -> Non
         f"({(growth - total) / total:+.1%})")
 
 
+def test_pool_total_size_tracks_rss_after_recompression(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+    """Recompression frees lz4 slots and takes zstd ones: RSS must follow the figure."""
+    from test_recompress import wait_for_recompression
+
+    corpus = tmp_path / "corpus"
+    real_file_corpus(corpus, HONEST_MIB * MIB)
+    # Sweeps every 4 s: the first after the stores only marks them idle, so the RSS
+    # before recompression can be read in between.
+    mount: Mount = mount_factory("--recompress-after", "4")
+    image = mount.path / "frontswap" / "0.img"
+    subprocess.run(["truncate", "-s", f"{2 * HONEST_MIB}M", str(image)], check=True)
+    baseline = settle(mount.proc.pid)
+    subprocess.run(["dd", f"if={corpus}", f"of={image}", "bs=1M", "oflag=direct",
+                    "conv=notrunc", "status=none"], check=True, timeout=120)
+    stored = mount.stats()
+    growth_before = settle(mount.proc.pid) - baseline
+    assert mount.stats()["recompressed_pages"] == 0
+    stats = wait_for_recompression(mount, timeout=180)
+    growth = settle(mount.proc.pid) - baseline
+    total = stats["pool_total_size"]
+    print(f"honesty after recompression: pool_total_size {stored['pool_total_size']} -> "
+          f"{total} B ({stats['recompressed_pages']} pages recompressed), RSS growth "
+          f"{growth_before} -> {growth} B, growth/total {growth / total:.3f}")
+    # What recompression gave back, RSS and pool_total_size agree on.
+    freed = stored["pool_total_size"] - total
+    assert abs((growth_before - growth) - freed) <= TOLERANCE * freed + 2 * MIB
+    assert stats["recompressed_pages"] > 0
+    assert total < stored["pool_total_size"]
+    assert abs(growth - total) <= TOLERANCE * growth, (
+        f"RSS grew {growth / MIB:.1f} MiB, pool_total_size says {total / MIB:.1f} MiB "
+        f"({(growth - total) / total:+.1%})")
+
+
 def test_memory_stays_within_max_pool(mount_factory) -> None:  # type: ignore[no-untyped-def]
     mount: Mount = mount_factory("--max-pool", f"{CAP_MIB}M")
     image = mount.path / "frontswap" / "0.img"

@@ -43,7 +43,7 @@ def stats_after(output: str, command: str) -> dict[str, int]:
     lines = output.split(f"# {command}\n", 1)[1].splitlines()
     values: dict[str, int] = {}
     for line in lines:
-        if line.startswith("#") or not re.fullmatch(r"[a-z_]+ -?\d+", line):
+        if line.startswith("#") or not re.fullmatch(r"[a-z][a-z0-9_]* -?\d+", line):
             break
         name, value = line.split()
         values[name] = int(value)

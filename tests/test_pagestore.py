@@ -6,7 +6,9 @@ identical pages share one payload, counted once; and memory follows: slots are t
 payloads rounded to their size class, and when nothing is kept, no chunk is held.
 Hypothesis drives both with the same batches of stores, loads, releases, range
 releases, flushes and compactions over same-filled, duplicate, incompressible and
-ordinary pages.
+ordinary pages, and through background recompression: sweeps that begin, run (the
+worker's part, forced to happen between other steps) and commit in any interleaving
+with stores, loads and releases of the same pages.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from tmemfs._pagestore import RECORD_OVERHEAD, SlabStore
+from tmemfs._pagestore import RECORD_OVERHEAD, RecompressBatch, SlabStore
 
 PAGE = 4096
 LIMIT = PAGE * 7 // 8
@@ -84,8 +86,11 @@ class Model:
 
 
 def check_payload(store: SlabStore, handle: int, page: bytes) -> None:
-    """A kept payload is the codec's: the word, the raw page, or an lz4 block of it."""
+    """A kept payload is the codec's: the word, the raw page, or an lz4 block of it; a
+    recompressed page gives the very payload it had before."""
     payload = store.payload(handle)
+    if store.codec(handle) == "zstd":
+        assert payload == store.encode(page).payload(0)
     if Model.word_page(page):
         assert payload == page[:8]
     elif len(payload) == PAGE:
@@ -101,6 +106,11 @@ class StoreMachine(RuleBasedStateMachine):
         self.store = SlabStore(PAGE, LIMIT, 2)
         self.model = Model()
         self.keys: dict[int, tuple[int, bytes]] = {}  # key -> (handle, page)
+        # A recompression batch begun, maybe run, not yet committed; and the handles
+        # loaded or stored since it began, which its commit must leave alone.
+        self.pending: RecompressBatch | None = None
+        self.pending_ran = False
+        self.touched: set[int] = set()
 
     def _put(self, key: int, handle: int, page: bytes) -> None:
         old = self.keys.pop(key, None)
@@ -109,6 +119,7 @@ class StoreMachine(RuleBasedStateMachine):
             self.model.release(old[1])
         self.keys[key] = (handle, page)
         self.model.keep(page)
+        self.touched.add(handle)
 
     @rule(first=st.integers(0, 200), batch=st.lists(pages, min_size=1, max_size=40))
     def store_batch(self, first: int, batch: list[bytes]) -> None:
@@ -136,6 +147,80 @@ class StoreMachine(RuleBasedStateMachine):
         for n, k in enumerate(range(first, first + count)):
             want = self.keys[k][1] if k in self.keys else bytes(PAGE)
             assert out[n * PAGE : (n + 1) * PAGE] == want
+        self.touched.update(h for h in handles if h != -1)
+
+    # Recompression, in the three steps the engine takes: begin on the store's thread,
+    # run in a worker (here: whenever hypothesis says), commit on the store's thread.
+    @precondition(lambda self: self.pending is None)
+    @rule(max_pages=st.integers(1, 64), level=st.sampled_from([1, 3, 9]), settle=st.booleans())
+    def recompress_begin(self, max_pages: int, level: int, settle: bool) -> None:
+        if settle:
+            # A sweep whose batches are dropped: it only marks every page idle.
+            while not self.store.recompress_begin(64, 1).sweep_done:
+                pass
+        self.pending = self.store.recompress_begin(max_pages, level, scan_limit=97)
+        self.pending_ran = False
+        self.touched = set()
+
+    def _pending_keys(self) -> list[int]:
+        assert self.pending is not None
+        taken = set(self.pending.handles())
+        return sorted(k for k, (h, _) in self.keys.items() if h in taken)
+
+    @precondition(lambda self: self.pending is not None and self._pending_keys())
+    @rule(data=st.data(), how=st.sampled_from(["load", "store again", "release"]))
+    def use_a_pending_page(self, data: st.DataObject, how: str) -> None:
+        """While a batch is out, one of its pages is loaded, stored again or released."""
+        key = data.draw(st.sampled_from(self._pending_keys()))
+        handle, page = self.keys[key]
+        if how == "load":
+            assert self.store.load(handle) == page
+            self.touched.add(handle)
+        elif how == "store again":
+            self._put(key, self.store.keep_all(self.store.encode(page))[0], page)
+        else:
+            self.store.release(handle)
+            self.model.release(self.keys.pop(key)[1])
+
+    @precondition(lambda self: self.pending is not None and not self.pending_ran)
+    @rule()
+    def recompress_run(self) -> None:
+        assert self.pending is not None
+        assert 0 <= self.pending.run() <= self.pending.count
+        self.pending_ran = True
+
+    @precondition(lambda self: self.pending is not None and self.pending_ran)
+    @rule()
+    def recompress_commit(self) -> None:
+        assert self.pending is not None
+        before = {h: self.store.codec(h) for h, _ in self.keys.values()}
+        recompressed = self.store.recompress_commit(self.pending)
+        after = {h: self.store.codec(h) for h, _ in self.keys.values()}
+        changed = {h for h in before if before[h] != after[h]}
+        assert all(before[h] in ("lz4", "raw") and after[h] == "zstd" for h in changed)
+        # A page used since the batch began stays as it is.
+        assert not changed & self.touched
+        assert recompressed == sum(self.store.refs(h) for h in changed)
+        self.pending = None
+
+    @rule()
+    def recompress_sweeps(self) -> None:
+        """Whole sweeps, as the background task runs them: idle pages end up in zstd."""
+        self.pending = None
+        # The first finishes the sweep that a begun batch left half done.
+        for _ in range(3):
+            while True:
+                batch = self.store.recompress_begin(64, 3)
+                batch.run()
+                self.store.recompress_commit(batch)
+                if batch.sweep_done:
+                    break
+        # What is left in lz4 or raw was tried, and zstd would not take a smaller slot.
+        while True:
+            batch = self.store.recompress_begin(64, 3)
+            assert batch.count == 0
+            if batch.sweep_done:
+                break
 
     @precondition(lambda self: self.keys)
     @rule(data=st.data())
@@ -170,6 +255,8 @@ class StoreMachine(RuleBasedStateMachine):
     def counters_agree(self) -> None:
         store, model = self.store, self.model
         assert store.same_filled_pages == model.same_filled_pages()
+        assert store.payload_pages == sum(n for p, n in model.refs.items()
+                                          if not Model.word_page(p))
         assert store.dedup_pages == model.dedup_pages()
         handles = {h for h, p in self.keys.values() if not Model.word_page(p)}
         assert len(handles) == model.payloads()
@@ -182,6 +269,11 @@ class StoreMachine(RuleBasedStateMachine):
         assert store.chunk_bytes >= store.slot_bytes
         if not handles:
             assert store.chunk_bytes == 0
+        zstd = [h for h in handles if store.codec(h) == "zstd"]
+        assert store.recompressed_pages == sum(store.refs(h) for h in zstd)
+        assert store.zstd_payload_bytes == sum(store.length(h) for h in zstd)
+        assert store.recompress_saved_bytes == sum(
+            store.encode(self.page_of(h)).length(0) - store.length(h) for h in zstd)
 
     def page_of(self, handle: int) -> bytes:
         return next(p for h, p in self.keys.values() if h == handle)
@@ -198,6 +290,93 @@ StoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_store_matches_model = StoreMachine.TestCase
+
+
+def sweep(store: SlabStore, level: int = 3) -> int:
+    """One whole recompression sweep; the pages recompressed."""
+    pages = 0
+    while True:
+        batch = store.recompress_begin(256, level)
+        batch.run()
+        pages += store.recompress_commit(batch)
+        if batch.sweep_done:
+            return pages
+
+
+def test_pages_are_recompressed_once_idle_for_a_whole_sweep() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    batch = [ordinary(seed) for seed in range(100)]
+    handles = store.keep_all(store.encode(b"".join(batch)))
+    lz4_bytes = store.payload_bytes
+    assert sweep(store) == 0  # the first visit only marks them idle
+    store.load_into(handles[:10], bytearray(10 * PAGE))  # ten are used again
+    assert sweep(store) == 90
+    assert {store.codec(h) for h in handles[:10]} == {"lz4"}
+    assert {store.codec(h) for h in handles[10:]} == {"zstd"}
+    assert sweep(store) == 10
+    assert store.recompressed_pages == 100
+    assert store.payload_bytes == lz4_bytes - store.recompress_saved_bytes
+    assert store.payload_bytes < lz4_bytes * 0.95
+    out = bytearray(100 * PAGE)
+    store.load_into(handles, out)
+    assert bytes(out) == b"".join(batch)
+    # Stored again, a recompressed page is found by dedup and shared, still in zstd.
+    again = store.keep_all(store.encode(b"".join(batch)))
+    assert again == handles
+    assert store.recompressed_pages == 200
+    store.release_many(handles + again)
+    assert store.recompressed_pages == store.recompress_saved_bytes == store.payload_bytes == 0
+
+
+@pytest.mark.parametrize("use", ["load", "store again", "release and reuse", "compact"])
+def test_a_page_used_while_its_batch_is_out_is_left_alone(use: str) -> None:
+    """The worker's part runs between the store's steps; what happened meanwhile wins."""
+    store = SlabStore(PAGE, LIMIT, 2)
+    batch = [ordinary(seed) for seed in range(8)]
+    handles = store.keep_all(store.encode(b"".join(batch)))
+    sweep(store)
+    out = store.recompress_begin(256, 3)
+    assert out.handles() == handles
+    if use == "load":
+        assert store.load(handles[0]) == batch[0]
+    elif use == "store again":
+        assert store.keep_all(store.encode(batch[0])) == [handles[0]]
+        store.release(handles[0])
+    elif use == "release and reuse":
+        store.release(handles[0])
+        assert store.keep_all(store.encode(ordinary(99))) == [handles[0]]
+        batch[0] = ordinary(99)
+    else:
+        store.release_many(handles[1:4])
+        store.compact()
+    assert out.run() == 8
+    store.recompress_commit(out)
+    live = [i for i in range(8) if use != "compact" or not 1 <= i < 4]
+    # A compaction moved payloads, but not what they hold: those are recompressed.
+    assert [store.codec(handles[i]) for i in live] == (
+        ["zstd"] * len(live) if use == "compact" else ["lz4"] + ["zstd"] * 7)
+    for i in live:
+        assert store.load(handles[i]) == batch[i]
+
+
+def test_a_batch_that_did_not_run_cannot_be_committed() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    store.keep_all(store.encode(ordinary(1)))
+    sweep(store)
+    batch = store.recompress_begin(256, 3)
+    with pytest.raises(ValueError):
+        store.recompress_commit(batch)
+    assert sweep(store) == 1
+
+
+def test_incompressible_pages_are_tried_once() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    handles = store.keep_all(store.encode(b"".join(incompressible(s) for s in range(20))))
+    sweep(store)
+    sweep(store)
+    assert {store.codec(h) for h in handles} == {"raw"}
+    batch = store.recompress_begin(256, 3)
+    assert batch.count == 0  # not copied out again: zstd did not pay for them
 
 
 def test_compaction_frees_sparse_chunks_and_keeps_every_page() -> None:
@@ -269,11 +448,19 @@ def test_summarize_agrees_with_each_handle() -> None:
     store = SlabStore(PAGE, LIMIT, 2)
     batch = [ordinary(i % 7) if i % 5 else same_filled(i % 2) for i in range(60)]
     handles = store.keep_all(store.encode(b"".join(batch)))
-    same, shared, charged = store.summarize(handles)
+    same, shared, charged, zstd = store.summarize(handles)
     assert same == sum(store.is_same_filled(h) for h in handles)
     assert shared == sum(not store.is_same_filled(h) and store.refs(h) > 1 for h in handles)
     assert charged == pytest.approx(sum(store.length(h) / store.refs(h) for h in handles))
     assert charged == pytest.approx(store.payload_bytes)
+    assert zstd == 0
+    for _ in range(2):  # the first sweep marks pages idle, the second recompresses them
+        batch = store.recompress_begin(1000, 3)
+        batch.run()
+        store.recompress_commit(batch)
+    same, shared, charged, zstd = store.summarize(handles)
+    assert zstd == sum(store.codec(h) == "zstd" for h in handles) > 0
+    assert charged == pytest.approx(sum(store.length(h) / store.refs(h) for h in handles))
     with pytest.raises(KeyError):
         store.summarize([-1])
 

@@ -19,6 +19,21 @@ paths in Cython). It is the zsmalloc of tmemfs:
 The encoding is the one codec.py describes for Redis and the writeback tiers: a
 same-filled page is its 8-byte word, a page that compresses worse than the reject
 limit is kept raw (page-size bytes), anything else is an lz4 block.
+
+Cold pages are recompressed with zstd (zram's `recompress`, done by itself): a
+record's `live_flags` says which codec holds its payload, and whether it is idle
+(not loaded or stored since the last recompression sweep visited it, as zram marks
+idle slots). A sweep runs in three steps so that the store is only ever changed on
+the caller's thread: `recompress_begin` copies a batch of idle lz4 or raw payloads
+out (a few hundred microseconds), `RecompressBatch.run` decompresses and recompresses
+them with the GIL released and without touching the store (a worker thread), and
+`recompress_commit` swaps in each zstd payload that takes a smaller size class, if
+the record still holds exactly the payload that was copied and is still idle. A zstd
+record keeps the hash of its lz4 payload, so it stays where dedup looks for it; a
+dedup hit on it is confirmed by decompressing both and comparing the pages. zstd
+never leaves the store: `payload()` of a zstd record gives the lz4 (or raw) payload
+it came from, recompressed the same way (lz4 is deterministic), so Redis and the
+writeback tiers see the codec's format unchanged.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -34,6 +49,51 @@ cdef extern from "lz4.h" nogil:
 
 cdef extern from "malloc.h" nogil:
     int malloc_trim(size_t pad)
+
+cdef extern from "zstd.h" nogil:
+    size_t ZSTD_compressBound(size_t src_size)
+    unsigned ZSTD_isError(size_t code)
+    ctypedef struct ZSTD_CCtx:
+        pass
+    ctypedef struct ZSTD_DCtx:
+        pass
+    size_t ZSTD_compressCCtx(ZSTD_CCtx* cctx, void* dst, size_t dst_capacity,
+                             const void* src, size_t src_size, int level)
+    size_t ZSTD_decompressDCtx(ZSTD_DCtx* dctx, void* dst, size_t dst_capacity,
+                               const void* src, size_t src_size)
+    int ZSTD_maxCLevel()
+
+cdef extern from *:
+    """
+    #include <pthread.h>
+    #include <zstd.h>
+    /* One zstd context of each kind per thread (OpenMP's, trio's workers, the caller's),
+       made on first use and freed when its thread exits. */
+    static pthread_key_t tmemfs_cctx_key, tmemfs_dctx_key;
+    static pthread_once_t tmemfs_keys_once = PTHREAD_ONCE_INIT;
+    static void tmemfs_free_cctx(void* p) { ZSTD_freeCCtx((ZSTD_CCtx*)p); }
+    static void tmemfs_free_dctx(void* p) { ZSTD_freeDCtx((ZSTD_DCtx*)p); }
+    static void tmemfs_make_keys(void) {
+        pthread_key_create(&tmemfs_cctx_key, tmemfs_free_cctx);
+        pthread_key_create(&tmemfs_dctx_key, tmemfs_free_dctx);
+    }
+    static ZSTD_CCtx* tmemfs_cctx(void) {
+        pthread_once(&tmemfs_keys_once, tmemfs_make_keys);
+        ZSTD_CCtx* c = (ZSTD_CCtx*)pthread_getspecific(tmemfs_cctx_key);
+        if (c == NULL && (c = ZSTD_createCCtx()) != NULL)
+            pthread_setspecific(tmemfs_cctx_key, c);
+        return c;
+    }
+    static ZSTD_DCtx* tmemfs_dctx(void) {
+        pthread_once(&tmemfs_keys_once, tmemfs_make_keys);
+        ZSTD_DCtx* d = (ZSTD_DCtx*)pthread_getspecific(tmemfs_dctx_key);
+        if (d == NULL && (d = ZSTD_createDCtx()) != NULL)
+            pthread_setspecific(tmemfs_dctx_key, d);
+        return d;
+    }
+    """
+    ZSTD_CCtx* thread_cctx "tmemfs_cctx"() nogil
+    ZSTD_DCtx* thread_dctx "tmemfs_dctx"() nogil
 
 cdef extern from "sys/mman.h" nogil:
     void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
@@ -61,6 +121,13 @@ DEF MAX_CHUNK_PAGES = 8
 DEF PARALLEL_MIN = 16           # below this many pages one thread is faster than two
 DEF MADV_POPULATE_WRITE = 23    # Linux 5.14+: fault a fresh chunk in at once
 
+# live_flags of a record: the codec of its payload, and the idle mark of the sweep.
+DEF CODEC_MASK = 0x0F
+DEF CODEC_NATIVE = 0    # lz4, raw or a same-filled word: told apart by length
+DEF CODEC_ZSTD = 1
+DEF IDLE = 0x80         # set by a sweep's visit, cleared by a load or a store
+DEF TRIED = 0x40        # zstd did not pay for this payload: the sweeps leave it alone
+
 # What one kept payload costs beyond its slot: its record, its owner word, its share of
 # the dedup table (kept at most half full: two 4-byte entries per record).
 RECORD_OVERHEAD = 24 + 4 + 8
@@ -73,7 +140,8 @@ cdef struct Record:
     uint16_t slot       # slot within the chunk
     uint16_t length     # payload bytes; 0 for a same-filled page
     uint8_t size_class
-    uint8_t live_flags
+    uint8_t live_flags  # CODEC_* | IDLE
+    uint16_t native_length  # a zstd record: the length of the payload it replaced
 
 
 cdef struct Chunk:
@@ -262,6 +330,70 @@ def decode_payloads(payloads, int page_size, uint8_t[::1] out not None, int thre
     if bad:
         raise ValueError(f"{bad} corrupt payloads")
 
+cdef inline int slot_size(int length) noexcept nogil:
+    return (length + GRAIN - 1) // GRAIN * GRAIN
+
+
+cdef class RecompressBatch:
+    """Idle payloads copied out of a store; `run` recompresses them with zstd, in any
+    thread, without touching the store; `SlabStore.recompress_commit` swaps them in."""
+
+    cdef readonly int count
+    cdef readonly int level
+    #: The sweep reached the last record: every record was visited once since the last.
+    cdef readonly bint sweep_done
+    cdef bint ran
+    cdef int page_size
+    cdef uint32_t* recs
+    cdef int32_t* lengths       # of the payload copied: page_size for a raw page
+    cdef int32_t* out_lengths   # of its zstd frame; 0 where zstd does not save a slot class
+    cdef char* src              # page_size bytes per page
+    cdef char* out              # out_bound bytes per page
+    cdef int out_bound
+
+    def __dealloc__(self):
+        free(self.recs)
+        free(self.lengths)
+        free(self.out_lengths)
+        free(self.src)
+        free(self.out)
+
+    def handles(self) -> list:
+        """The records copied out, in order."""
+        return [<long>self.recs[i] for i in range(self.count)]
+
+    def run(self) -> int:
+        """Recompress every page (one thread, the GIL released); how many would shrink."""
+        cdef int ps = self.page_size
+        cdef int i, shrunk = 0
+        cdef size_t n
+        cdef char* page = <char*>malloc(ps)
+        cdef ZSTD_CCtx* cctx
+        if page == NULL:
+            raise MemoryError()
+        with nogil:
+            cctx = thread_cctx()
+            for i in range(self.count):
+                self.out_lengths[i] = 0
+                if cctx == NULL:
+                    continue
+                if self.lengths[i] == ps:
+                    memcpy(page, self.src + <size_t>i * ps, ps)
+                elif LZ4_decompress_safe(self.src + <size_t>i * ps, page, self.lengths[i],
+                                         ps) != ps:
+                    continue
+                n = ZSTD_compressCCtx(cctx, self.out + <size_t>i * self.out_bound,
+                                      self.out_bound, page, ps, self.level)
+                # Kept only where it takes a smaller slot: a slot is what memory holds.
+                if not ZSTD_isError(n) and slot_size(<int>n) < slot_size(self.lengths[i]):
+                    self.out_lengths[i] = <int32_t>n
+                    shrunk += 1
+        free(page)
+        if cctx == NULL:
+            raise MemoryError("no memory for a zstd context")
+        self.ran = True
+        return shrunk
+
 
 cdef class SlabStore:
     """Compressed pages in size-class slabs, deduplicated, addressed by record handles."""
@@ -285,8 +417,15 @@ cdef class SlabStore:
     cdef readonly long chunk_bytes       # memory of chunks that hold something
     cdef readonly long same_filled_pages
     cdef readonly long dedup_pages       # pages whose payload another page shares too
+    cdef readonly long payload_pages     # pages that have a payload (not same-filled)
     cdef readonly long arena_count
     cdef long word_records              # records of same-filled pages (a few words)
+    # Recompression: pages whose payload zstd holds, its bytes, and what it saves.
+    cdef readonly long recompressed_pages
+    cdef readonly long zstd_payload_bytes
+    cdef readonly long recompress_saved_bytes   # compressed bytes: lz4's less zstd's
+    cdef uint32_t sweep_cursor          # the next record a sweep visits
+    cdef char* scratch                  # two pages, for the caller's thread only
 
     def __cinit__(self, int page_size, int reject_limit, int threads=2):
         cdef int c
@@ -328,7 +467,8 @@ cdef class SlabStore:
             self.classes[c].header = header
             self.classes[c].chunks_per_arena = ARENA_BYTES // (best_pages * 4096)
         self.free_record = NO_RECORD
-        if not self._resize_table(1024):
+        self.scratch = <char*>malloc(2 * <size_t>page_size + LZ4_compressBound(page_size))
+        if self.scratch == NULL or not self._resize_table(1024):
             raise MemoryError()
 
     def __dealloc__(self):
@@ -344,6 +484,7 @@ cdef class SlabStore:
             free(self.classes)
         free(self.records)
         free(self.table)
+        free(self.scratch)
 
     # -- encoding: many pages, the GIL released -----------------------------------------
 
@@ -461,13 +602,16 @@ cdef class SlabStore:
         while self.table[pos]:
             rec = self.table[pos] - 1
             r = &self.records[rec]
-            if r.hash == hash and r.length == length and (
-                    length == 0 or memcmp(self._slot_ptr(r), payload, length) == 0):
+            if r.hash == hash and self._same_payload(r, payload, length):
                 r.refs += 1
+                r.live_flags &= ~IDLE
                 if length == 0:
                     self.same_filled_pages += 1
                 else:
+                    self.payload_pages += 1
                     self.dedup_pages += 2 if r.refs == 2 else 1
+                    if r.live_flags & CODEC_MASK == CODEC_ZSTD:
+                        self.recompressed_pages += 1
                 return rec
             pos = (pos + 1) & self.table_mask
         rec = self._new_record()
@@ -477,6 +621,8 @@ cdef class SlabStore:
         r.hash = hash
         r.refs = 1
         r.length = length
+        r.live_flags = CODEC_NATIVE
+        r.native_length = 0
         if length:
             if not self._alloc_slot(rec, length):
                 r.refs = 0
@@ -485,6 +631,7 @@ cdef class SlabStore:
                 return NO_RECORD
             memcpy(self._slot_ptr(r), payload, length)
             self.payload_bytes += length
+            self.payload_pages += 1
         else:
             self.same_filled_pages += 1
             self.word_records += 1
@@ -494,6 +641,25 @@ cdef class SlabStore:
         if self.table_used * 2 > self.table_mask:
             self._resize_table((self.table_mask + 1) * 2)
         return rec
+
+    cdef bint _same_payload(self, Record* r, const char* payload, int length) noexcept nogil:
+        """Whether a record (of an equal hash) holds this payload, confirmed byte for byte.
+
+        A zstd record is compared as pages: its payload decompressed against the given
+        one decoded (raw, or an lz4 block)."""
+        cdef int ps = self.page_size
+        cdef char* page = self.scratch
+        cdef char* other = self.scratch + ps
+        if r.live_flags & CODEC_MASK != CODEC_ZSTD:
+            return r.length == length and (
+                length == 0 or memcmp(self._slot_ptr(r), payload, length) == 0)
+        if length == 0 or ZSTD_decompressDCtx(thread_dctx(), page, ps, self._slot_ptr(r),
+                                              r.length) != <size_t>ps:
+            return False
+        if length == ps:
+            return memcmp(page, payload, ps) == 0
+        return (LZ4_decompress_safe(payload, other, length, ps) == ps
+                and memcmp(page, other, ps) == 0)
 
     cdef uint32_t _new_record(self) noexcept nogil:
         cdef uint32_t rec, cap
@@ -634,11 +800,18 @@ cdef class SlabStore:
         r.refs -= 1
         if r.length == 0:
             self.same_filled_pages -= 1
-        elif r.refs >= 1:
-            self.dedup_pages -= 2 if r.refs == 1 else 1
+        else:
+            self.payload_pages -= 1
+            if r.refs >= 1:
+                self.dedup_pages -= 2 if r.refs == 1 else 1
+        if r.live_flags & CODEC_MASK == CODEC_ZSTD:
+            self.recompressed_pages -= 1
         if r.refs:
             return
         self._unindex(rec)
+        if r.live_flags & CODEC_MASK == CODEC_ZSTD:
+            self.zstd_payload_bytes -= r.length
+            self.recompress_saved_bytes -= r.native_length - r.length
         if r.length:
             self.payload_bytes -= r.length
             self._free_slot(r)
@@ -732,6 +905,10 @@ cdef class SlabStore:
             memset(out, 0, ps)
             return 0
         r = &self.records[rec]
+        if r.live_flags & IDLE:
+            # A load makes the page hot again (written only when it changes, so loads
+            # of a shared record from two threads agree).
+            r.live_flags &= ~IDLE
         if r.length == 0:
             word = r.hash
             i = 0
@@ -739,6 +916,10 @@ cdef class SlabStore:
                 memcpy(out + i, &word, WORD)
                 i += WORD
             return 0
+        if r.live_flags & CODEC_MASK == CODEC_ZSTD:
+            # A loaded page stays in zstd until it is stored again.
+            return 0 if ZSTD_decompressDCtx(thread_dctx(), out, ps, self._slot_ptr(r),
+                                            r.length) == <size_t>ps else 1
         if r.length == ps:
             memcpy(out, self._slot_ptr(r), ps)
             return 0
@@ -748,14 +929,128 @@ cdef class SlabStore:
         """A kept page in the codec's format, for Redis and the writeback tiers."""
         cdef Record* r
         cdef uint64_t word
+        cdef int32_t length
+        cdef uint64_t hash
+        cdef int ps = self.page_size
         self._check(handle)
         r = &self.records[handle]
         if r.length == 0:
             word = r.hash
             return PyBytes_FromStringAndSize(<char*>&word, WORD)
+        if r.live_flags & CODEC_MASK == CODEC_ZSTD:
+            # The codec's format has no zstd: give the payload it replaced, made again
+            # (the same bytes, and hash, when the same liblz4 made both).
+            if self._load_one(<uint32_t>handle, self.scratch):
+                raise ValueError("corrupt payload")
+            encode_page(self.scratch, ps, self.reject_limit, self.scratch + ps,
+                        LZ4_compressBound(ps), &length, &hash)
+            return PyBytes_FromStringAndSize(self.scratch + ps, length)
         return PyBytes_FromStringAndSize(self._slot_ptr(r), r.length)
 
+    # -- recompression: a sweep over the records ------------------------------------------
+
+    def recompress_begin(self, int max_pages, int level, long scan_limit=65536) -> RecompressBatch:
+        """The next up to `max_pages` idle lz4 or raw payloads of the sweep, copied out.
+
+        The sweep visits at most `scan_limit` records per call. A visited record that is
+        not idle is marked idle; one that still is (neither loaded nor stored since the
+        last visit) is taken. So a page is taken one to two sweeps after its last use.
+        """
+        cdef int ps = self.page_size
+        cdef RecompressBatch batch = RecompressBatch.__new__(RecompressBatch)
+        if max_pages < 1 or not 1 <= level <= ZSTD_maxCLevel():
+            raise ValueError("max_pages must be positive and the level a zstd level")
+        batch.page_size = ps
+        batch.level = level
+        batch.out_bound = <int>ZSTD_compressBound(ps)
+        batch.recs = <uint32_t*>malloc(max_pages * sizeof(uint32_t))
+        batch.lengths = <int32_t*>malloc(max_pages * sizeof(int32_t))
+        batch.out_lengths = <int32_t*>calloc(max_pages, sizeof(int32_t))
+        batch.src = <char*>malloc(max_pages * <size_t>ps)
+        batch.out = <char*>malloc(max_pages * <size_t>batch.out_bound)
+        if (batch.recs == NULL or batch.lengths == NULL or batch.out_lengths == NULL
+                or batch.src == NULL or batch.out == NULL):
+            raise MemoryError()
+        cdef long visited = 0
+        cdef int n = 0
+        cdef Record* r
+        with nogil:
+            while visited < scan_limit and n < max_pages:
+                if self.sweep_cursor >= self.nrecords:
+                    self.sweep_cursor = 0
+                    batch.sweep_done = True
+                    break
+                r = &self.records[self.sweep_cursor]
+                if (r.refs and r.length and r.live_flags & CODEC_MASK == CODEC_NATIVE
+                        and not r.live_flags & TRIED):
+                    if r.live_flags & IDLE:
+                        batch.recs[n] = self.sweep_cursor
+                        batch.lengths[n] = r.length
+                        memcpy(batch.src + <size_t>n * ps, self._slot_ptr(r), r.length)
+                        n += 1
+                    else:
+                        r.live_flags |= IDLE
+                self.sweep_cursor += 1
+                visited += 1
+        batch.count = n
+        return batch
+
+    def recompress_commit(self, RecompressBatch batch) -> int:
+        """Swap in the zstd payloads of a batch that ran; the pages recompressed.
+
+        A record is changed only if it still holds the very payload that was copied and
+        was not loaded or stored since: anything that happened meanwhile wins.
+        """
+        cdef int ps = self.page_size
+        cdef int i
+        cdef long pages = 0
+        cdef uint32_t rec
+        cdef int32_t zlen
+        cdef Record* r
+        cdef Record old
+        if batch.count and not batch.ran:
+            raise ValueError("the batch has not run")
+        with nogil:
+            for i in range(batch.count):
+                rec = batch.recs[i]
+                if rec >= self.nrecords:
+                    continue
+                r = &self.records[rec]
+                if (not r.refs or r.live_flags & CODEC_MASK != CODEC_NATIVE
+                        or not r.live_flags & IDLE or r.length != batch.lengths[i]
+                        or memcmp(self._slot_ptr(r), batch.src + <size_t>i * ps, r.length)):
+                    continue
+                zlen = batch.out_lengths[i]
+                if zlen == 0:
+                    r.live_flags |= TRIED
+                    continue
+                old = r[0]
+                if not self._alloc_slot(rec, zlen):
+                    continue            # no memory for a smaller slot: it stays as it is
+                memcpy(self._slot_ptr(r), batch.out + <size_t>i * batch.out_bound, zlen)
+                self._free_slot(&old)
+                r.length = <uint16_t>zlen
+                r.native_length = old.length
+                r.live_flags = CODEC_ZSTD | IDLE
+                self.payload_bytes -= old.length - zlen
+                self.zstd_payload_bytes += zlen
+                self.recompress_saved_bytes += old.length - zlen
+                self.recompressed_pages += r.refs
+                pages += r.refs
+        return pages
+
     # -- inspection ----------------------------------------------------------------------
+
+    def codec(self, long handle) -> str:
+        """How a page is held: "same" (its word), "raw", "lz4" or "zstd"."""
+        cdef Record* r
+        self._check(handle)
+        r = &self.records[handle]
+        if r.length == 0:
+            return "same"
+        if r.live_flags & CODEC_MASK == CODEC_ZSTD:
+            return "zstd"
+        return "raw" if r.length == self.page_size else "lz4"
 
     def length(self, long handle) -> int:
         """Payload bytes behind a handle (0 for a same-filled page)."""
@@ -771,9 +1066,10 @@ cdef class SlabStore:
         return self.records[handle].length == 0
 
     def summarize(self, handles) -> tuple:
-        """(same-filled pages, shared pages, payload bytes charged to them) over handles:
-        a shared payload is split among its references, as payload_share splits it."""
-        cdef long same = 0, shared = 0
+        """(same-filled pages, shared pages, payload bytes charged to them, pages held in
+        zstd) over handles: a shared payload is split among its references, as
+        payload_share splits it."""
+        cdef long same = 0, shared = 0, zstd = 0
         cdef double charged = 0
         cdef long h
         cdef Record* r
@@ -785,8 +1081,10 @@ cdef class SlabStore:
                 continue
             if r.refs > 1:
                 shared += 1
+            if r.live_flags & CODEC_MASK == CODEC_ZSTD:
+                zstd += 1
             charged += <double>r.length / r.refs
-        return same, shared, charged
+        return same, shared, charged, zstd
 
     def memory_used(self) -> int:
         """What the store holds for pages: slots in use, records, the dedup table. The

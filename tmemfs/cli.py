@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from tmemfs import __version__
 from tmemfs.backends import BackendError, check_backend
+from tmemfs.backends.lz4 import DEFAULT_RECOMPRESS_AFTER, DEFAULT_RECOMPRESS_LEVEL
 from tmemfs.backends.redis import is_redis_url
 from tmemfs.engine import stats as statsfmt
 from tmemfs.fs import discard_supported
@@ -71,6 +72,16 @@ def build_parser() -> Parser:
                    help="pages compressing worse than this are stored raw (default 0.875)")
     m.add_argument("--reject-poor", action="store_true",
                    help="refuse poorly compressing pages instead of storing them raw")
+    m.add_argument("--recompress-after", type=float, default=DEFAULT_RECOMPRESS_AFTER,
+                   metavar="SECONDS",
+                   help="lz4: recompress pages unused for this long in the background "
+                        f"(default {DEFAULT_RECOMPRESS_AFTER:g})")
+    m.add_argument("--recompress-codec", default=f"zstd:{DEFAULT_RECOMPRESS_LEVEL}",
+                   metavar="zstd[:LEVEL]",
+                   help="the codec of recompressed pages "
+                        f"(default zstd:{DEFAULT_RECOMPRESS_LEVEL})")
+    m.add_argument("--no-recompress", action="store_true",
+                   help="keep every page in lz4 (no background recompression)")
     m.add_argument("--exclusive-gets", action="store_true",
                    help="a read of a frontswap or private cleancache page invalidates it")
     m.add_argument("--allow-other", action="store_true",
@@ -139,6 +150,12 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
         max_pool_per_user = parse_limit(per_user_text, max_pool)
     except ValueError as exc:
         parser.error(f"--max-pool-per-user: {exc}")
+    if not args.recompress_after > 0:
+        parser.error("--recompress-after must be a positive number of seconds")
+    codec, _, level = args.recompress_codec.partition(":")
+    if codec != "zstd" or (level and not (level.isdigit() and 1 <= int(level) <= 19)):
+        parser.error(f"--recompress-codec takes zstd or zstd:LEVEL (1-19), "
+                     f"not {args.recompress_codec!r}")
     return MountOptions(
         mountpoint=args.mountpoint.absolute(),
         backend=args.backend,
@@ -147,6 +164,8 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
         page_size=size,
         reject_ratio=args.reject_ratio,
         reject_poor=args.reject_poor,
+        recompress_after=None if args.no_recompress else args.recompress_after,
+        recompress_level=int(level) if level else DEFAULT_RECOMPRESS_LEVEL,
         exclusive_gets=args.exclusive_gets,
         allow_other=args.allow_other,
         foreground=args.foreground,
@@ -241,7 +260,28 @@ def format_table(
             stores, loads = rates.get(name, (0.0, 0.0))
             row += [f"{stores:.0f}", f"{loads:.0f}"]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+    table = _align(rows)
+    codecs = format_codecs(stats["total"])
+    return f"{table}\n\n{codecs}" if codecs else table
+
+
+def format_codecs(total: dict[str, int]) -> str:
+    """Pages and compressed bytes per codec (lz4 backend), and what recompression saved."""
+    names = sorted({k[len("codec_"):].rsplit("_", 1)[0] for k in total
+                    if k.startswith("codec_") and k.endswith("_pages")})
+    if not names:
+        return ""
+    rows = [["CODEC", "PAGES", "COMPR"]]
+    for name in names:
+        rows.append([name, str(total.get(f"codec_{name}_pages", 0)),
+                     format_size(total.get(f"codec_{name}_data_size", 0))])
+    saved = format_size(total.get("recompress_saved_bytes", 0))
+    return (f"{_align(rows)}\nrecompressed {total.get('recompressed_pages', 0)} pages, "
+            f"saving {saved}")
+
+
+def _align(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                   for i, (cell, w) in enumerate(zip(row, widths, strict=True)))

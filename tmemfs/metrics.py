@@ -29,6 +29,8 @@ _HELP = {
     "pool_total_size": "Bytes of memory this daemon holds for pages",
     "same_filled_pages": "Stored pages that are one repeated 8-byte word",
     "dedup_pages": "Stored pages that share their copy with another page",
+    "recompressed_pages": "Stored pages recompressed in the background (zstd)",
+    "recompress_saved_bytes": "Compressed bytes that background recompression saves now",
     "stores": "Pages stored",
     "loads": "Pages loaded",
     "load_misses": "Loads that found no page",
@@ -97,6 +99,18 @@ class EngineCollector(Collector):
                                 "What one user's pools may hold (--max-pool-per-user); +Inf: "
                                 "no such limit",
                                 value=float("inf") if per_user is None else per_user)
+        codecs = sorted({k[len("codec_"):].rsplit("_", 1)[0] for k in totals
+                         if k.startswith("codec_") and k.endswith("_pages")})
+        if codecs:
+            pages = GaugeMetricFamily("tmemfs_codec_pages", "Stored pages by codec",
+                                      labels=["codec"])
+            sizes = GaugeMetricFamily("tmemfs_codec_compr_data_size_bytes",
+                                      "Compressed bytes by codec", labels=["codec"])
+            for codec in codecs:
+                pages.add_metric([codec], totals.get(f"codec_{codec}_pages", 0))
+                sizes.add_metric([codec], totals.get(f"codec_{codec}_data_size", 0))
+            yield pages
+            yield sizes
 
 
 def render(engine: Engine) -> bytes:

@@ -27,6 +27,7 @@ import trio
 
 from tmemfs import __version__
 from tmemfs.backends import mask_url, open_backend, open_tier
+from tmemfs.backends.lz4 import DEFAULT_RECOMPRESS_AFTER, DEFAULT_RECOMPRESS_LEVEL
 from tmemfs.backends.store import StoreUnavailable
 from tmemfs.engine import Engine
 from tmemfs.engine import stats as statsfmt
@@ -58,6 +59,8 @@ class MountOptions:
     page_size: int = 4096
     reject_ratio: float = 0.875
     reject_poor: bool = False
+    recompress_after: float | None = DEFAULT_RECOMPRESS_AFTER  # None: never
+    recompress_level: int = DEFAULT_RECOMPRESS_LEVEL
     exclusive_gets: bool = False
     allow_other: bool = False
     foreground: bool = False
@@ -82,6 +85,8 @@ class MountOptions:
             "page_size": str(self.page_size),
             "reject_ratio": str(self.reject_ratio),
             "reject_poor": str(int(self.reject_poor)),
+            "recompress": ("none" if self.recompress_after is None else
+                           f"zstd:{self.recompress_level} after {self.recompress_after:g}s"),
             "exclusive_gets": str(int(self.exclusive_gets)),
             "allow_other": str(int(self.allow_other)),
             "discard": "on" if discard_supported() else "off",
@@ -220,6 +225,8 @@ def serve(opts: MountOptions, ready: int | None) -> int:
             page_size=opts.page_size,
             limiter=limiter,
             reject_ratio=opts.reject_ratio,
+            recompress_after=opts.recompress_after,
+            recompress_level=opts.recompress_level,
             namespace=opts.namespace,
             timeout=opts.remote_timeout,
         )
@@ -288,6 +295,7 @@ async def _serve_mounted(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_unmount_on_signal, opts.mountpoint)
             nursery.start_soon(engine.run_writeback)
+            nursery.start_soon(engine.run_recompress)
             if listeners:
                 nursery.start_soon(serve_metrics, engine, listeners)
             if notifier.enabled:

@@ -60,6 +60,8 @@ def open_backend(
     page_size: int,
     limiter: trio.CapacityLimiter,
     reject_ratio: float,
+    recompress_after: float | None = None,
+    recompress_level: int = 3,
     namespace: str = "tmemfs",
     timeout: float = 2.0,
 ) -> Backend:
@@ -69,7 +71,8 @@ def open_backend(
         return RedisBackend(page_size, limiter, url=spec, namespace=namespace, timeout=timeout,
                             reject_ratio=reject_ratio)
     if spec == "lz4":
-        return Lz4Backend(page_size, limiter, reject_ratio=reject_ratio)
+        return Lz4Backend(page_size, limiter, reject_ratio=reject_ratio,
+                          recompress_after=recompress_after, recompress_level=recompress_level)
     return _LOCAL[spec](page_size, limiter)
 
 

@@ -160,9 +160,17 @@ class Backend(ABC):
     def stats(self) -> dict[str, int]:
         """Backend-wide counters (compr_data_size, same_filled_pages, dedup_pages)."""
 
-    def summarize(self, handles: Sequence[Any]) -> tuple[int, int, float]:
-        """Same-filled pages, shared pages and payload bytes charged to them (batches only)."""
+    def summarize(self, handles: Sequence[Any]) -> tuple[int, int, float, int]:
+        """Same-filled pages, shared pages, payload bytes charged to them and recompressed
+        pages (backends with `batches` only)."""
         raise NotImplementedError
+
+    async def run_recompress(self) -> None:  # noqa: B027 - optional hook
+        """Recompress cold pages in the background, forever (lz4 with zstd)."""
+
+    def is_recompressed(self, handle: Any) -> bool:
+        """Whether the page was recompressed in the background (held in zstd)."""
+        return False
 
     def trim(self) -> None:  # noqa: B027 - optional hook
         """After releases: give memory that is no longer needed back to the system."""

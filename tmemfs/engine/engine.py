@@ -160,6 +160,10 @@ class Engine:
                 if not moved:
                     break
 
+    async def run_recompress(self) -> None:
+        """Recompress cold pages in the background, if the backend does (lz4: zstd)."""
+        await self.backend.run_recompress()
+
     # -- pools and objects -------------------------------------------------------------
 
     def create_pool(self, pool_id: PoolId, owner: Owner | None = None) -> Pool:
@@ -1006,14 +1010,14 @@ class Engine:
         """A pool's counters. The gauges are summed over its pages when asked."""
         pool = self.pool(pool_id)
         backend = self.backend
-        stored = same = shared = 0
+        stored = same = shared = recompressed = 0
         compressed = here = 0.0
         if backend.batches and self.writeback is None:
             # Every handle is the compiled store's: one call sums them (a 1 GiB image's
             # 262,144 pages in milliseconds, where a Python loop took most of a second).
             handles = [e.handle for tobj in pool.objects.values() for e in tobj.pages.values()]
             stored = len(handles)
-            same, shared, compressed = backend.summarize(handles)
+            same, shared, compressed, recompressed = backend.summarize(handles)
             here = compressed
         else:
             for tobj in pool.objects.values():
@@ -1025,6 +1029,7 @@ class Engine:
                     if not isinstance(handle, Lowered | Lost):
                         same += backend.is_same_filled(handle)
                         shared += backend.is_shared(handle)
+                        recompressed += backend.is_recompressed(handle)
                         if not backend.remote:
                             here += cost
         # What this process holds for the pool: payloads kept here, and the index.
@@ -1033,6 +1038,7 @@ class Engine:
             # The pool's share of per-handle overhead, pro rata by pages.
             overhead = backend.memory_used() - backend.stats()["compr_data_size"]
             total += round(overhead * stored / max(self._entries, 1))
+        totals = backend.stats()
         gauges = {
             "stored_pages": stored,
             "orig_data_size": stored * self.page_size,
@@ -1040,6 +1046,10 @@ class Engine:
             "pool_total_size": total,
             "same_filled_pages": same,
             "dedup_pages": shared,
+            "recompressed_pages": recompressed,
+            # The pool's share of what recompression saves, pro rata by its pages.
+            "recompress_saved_bytes": _share(totals.get("recompress_saved_bytes", 0),
+                                             recompressed, totals.get("recompressed_pages", 0)),
         }
         return gauges | pool.counters
 
@@ -1053,8 +1063,11 @@ class Engine:
             "pool_total_size": self.pool_total_size(),
             "same_filled_pages": backend["same_filled_pages"],
             "dedup_pages": backend["dedup_pages"],
+            "recompressed_pages": backend.get("recompressed_pages", 0),
+            "recompress_saved_bytes": backend.get("recompress_saved_bytes", 0),
         }
-        return gauges | self.counters | {
+        codecs = {name: value for name, value in backend.items() if name.startswith("codec_")}
+        return gauges | self.counters | codecs | {
             "max_pool_size": self.max_pool,
             "page_size": self.page_size,
             "pools": len(self.pools),
@@ -1136,6 +1149,10 @@ def _pick_victim(pools: Iterable[Pool]) -> Pool | None:
     total = sum(p.charged for p in held)
     over = [p for p in held if p.charged * total_weight > total * p.weight] or held
     return min(over, key=lambda p: next(iter(p.order.values())))
+
+
+def _share(total: int, part: int, whole: int) -> int:
+    return round(total * part / whole) if whole else 0
 
 
 def _distinct_runs(indexes: Sequence[int]) -> list[range]:

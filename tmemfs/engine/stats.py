@@ -24,6 +24,8 @@ GAUGES = (
     "pool_total_size",
     "same_filled_pages",
     "dedup_pages",
+    "recompressed_pages",
+    "recompress_saved_bytes",
 )
 
 # The order in which `stats` and `.stats` print them.
