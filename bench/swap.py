@@ -258,14 +258,17 @@ def on_disk(directory: Path, limit: int, working_set: int, timeout: float) -> Ou
         return workload(limit, working_set, timeout)
 
 
-def on_tmemfs(limit: int, working_set: int, timeout: float) -> Outcome:
-    """examples/swap-on-loop.sh, which mounts, swaps, runs and undoes everything itself."""
+def on_tmemfs(limit: int, working_set: int, timeout: float,
+              page_cluster: str = "5") -> Outcome:
+    """examples/swap-on-loop.sh, which mounts, swaps, runs and undoes everything itself
+    (at its default vm.page-cluster 5; "keep" runs at whatever is set now)."""
     tmemfs = Path(sys.executable).parent / "tmemfs"
     env = dict(os.environ, PYTHON=sys.executable,
                TMEMFS=str(tmemfs) if tmemfs.exists() else f"{sys.executable} -m tmemfs")
     proc = subprocess.Popen(
         ["bash", str(SCRIPT), "--limit", str(limit), "--working-set", str(working_set),
-         "--image-size", str(working_set + 64 * MiB), "--timeout", str(int(timeout))],
+         "--image-size", str(working_set + 64 * MiB), "--timeout", str(int(timeout)),
+         "--page-cluster", page_cluster],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output = communicate(proc, timeout + 660)  # the script enforces --timeout itself
     wall = re.search(r"^wall time:\s+([\d.]+) s", output, re.MULTILINE)

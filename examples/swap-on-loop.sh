@@ -39,6 +39,9 @@ Options:
   --max-pool SIZE     budget for a new mount (tmemfs mount --max-pool; e.g. 1G, 25%)
   --timeout SECS      stop the workload after SECS seconds, 0 = never (default 1800)
   --no-discard        swapon without --discard: freed slots stay stored
+  --page-cluster N    vm.page-cluster (swap readahead of 2^N pages) for the run,
+                      restored after; "keep" leaves it (default 5: FUSE costs more
+                      per request than per byte, see BENCHMARKS.md)
   -h, --help          show this help
 
 SIZE takes K, M, G, T suffixes (powers of 1024).
@@ -88,6 +91,8 @@ BACKEND=""
 MAX_POOL=""
 TIMEOUT=1800
 DISCARD=1
+PAGE_CLUSTER=5
+SAVED_PAGE_CLUSTER=""  # the value to put back at exit
 
 need_arg() { [[ $# -ge 2 && -n $2 ]] || usage_error "option $1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -105,6 +110,7 @@ while [[ $# -gt 0 ]]; do
         --max-pool)     need_arg "$@"; MAX_POOL=$2; shift 2 ;;
         --timeout)      need_arg "$@"; TIMEOUT=$2; shift 2 ;;
         --no-discard)   DISCARD=0; shift ;;
+        --page-cluster) need_arg "$@"; PAGE_CLUSTER=$2; shift 2 ;;
         -h|--help)      usage; exit 0 ;;
         *)              usage_error "unknown argument: $opt" ;;
     esac
@@ -249,6 +255,9 @@ cleanup() {
         summary - "INTERRUPTED"
     fi
     [[ -n $CG$LOOPDEV ]] || (( MOUNTED )) && say "cleaning up"
+    if [[ -n $SAVED_PAGE_CLUSTER ]]; then
+        echo "$SAVED_PAGE_CLUSTER" >/proc/sys/vm/page-cluster && SAVED_PAGE_CLUSTER=""
+    fi
     if (( SWAP_ON )); then
         # swapoff, losetup -d, the image, and rmdir of the pool (its memory goes back).
         step 600 "tmemfs swap off $LOOPDEV" "${TMEMFS_CMD[@]}" swap off "$LOOPDEV" >/dev/null &&
@@ -436,6 +445,13 @@ else
 fi
 [[ -d $MNT/frontswap ]] || die "$MNT is not a tmemfs mount (no frontswap/ directory)"
 [[ -r $MNT/stats ]] || warn "$MNT/stats is not readable; tmemfs figures will be missing"
+
+if [[ $PAGE_CLUSTER != keep ]]; then
+    [[ $PAGE_CLUSTER =~ ^[0-9]$ ]] || usage_error "--page-cluster takes 0 to 9 or keep"
+    SAVED_PAGE_CLUSTER=$(cat /proc/sys/vm/page-cluster)
+    echo "$PAGE_CLUSTER" >/proc/sys/vm/page-cluster
+    say "vm.page-cluster $PAGE_CLUSTER for this run (was $SAVED_PAGE_CLUSTER)"
+fi
 
 swap_opts=(--size "$IMAGE_BYTES" --priority 32767)
 (( DISCARD )) || swap_opts+=(--no-discard)

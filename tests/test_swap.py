@@ -34,6 +34,7 @@ def _loops() -> str:
 
 
 def test_kernel_swaps_through_tmemfs(tmp_path: Path) -> None:
+    page_cluster = Path("/proc/sys/vm/page-cluster").read_text()
     env = dict(os.environ, TMEMFS=str(Path(sys.executable).parent / "tmemfs"),
                PYTHON=sys.executable, TMPDIR=str(tmp_path))
     result = subprocess.run(
@@ -69,6 +70,7 @@ def test_kernel_swaps_through_tmemfs(tmp_path: Path) -> None:
     assert after, output[-2000:]
     assert int(after.group(1)) < int(after.group(2)) / 10, output[-2000:]
     # Nothing is left behind: no swap, no loop device, no mount of ours.
+    assert Path("/proc/sys/vm/page-cluster").read_text() == page_cluster  # put back
     assert str(tmp_path) not in _swaps()
     assert str(tmp_path) not in _loops()
     assert str(tmp_path) not in Path("/proc/mounts").read_text()

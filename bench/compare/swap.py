@@ -99,7 +99,7 @@ def readahead_sweep(timeout: int, *, quick: bool) -> Table:
     try:
         for cluster in settings:
             PAGE_CLUSTER.write_text(str(cluster))
-            tmem = swap.on_tmemfs(limit, ws, timeout)
+            tmem = swap.on_tmemfs(limit, ws, timeout, page_cluster="keep")
             zram = swap.on_zram(limit, ws, timeout)
             rows.append([str(cluster), f"{1 << cluster}", f"{tmem.wall:.1f}", f"{zram.wall:.1f}",
                          f"{tmem.wall / zram.wall:.2f}x" if zram.wall else "-",
