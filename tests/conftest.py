@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +183,17 @@ def requires_root() -> None:
 
 def signal_name(sig: int) -> str:
     return signal.Signals(sig).name
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A 0755 directory every user can reach (pytest's tmp_path is root's 0700), for
+    mounts that other users (setpriv) must reach."""
+    path = Path(tempfile.mkdtemp(prefix="tmemfs-shared-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        # Only remove it once nothing is mounted inside; never rmtree a mount.
+        if not any(is_mounted(p) for p in path.iterdir() if p.is_dir()):
+            shutil.rmtree(path, ignore_errors=True)

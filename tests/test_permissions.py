@@ -16,16 +16,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, is_mounted, mounted
+from conftest import Mount, mounted
 from tmemfs_testlib import PAGE, load, page_names, store, text_page
 
 pytestmark = [
@@ -70,17 +68,6 @@ def as_user_values(
     return {name: (err, value) for name, (err, value) in json.loads(result.stdout).items()}
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A 0755 directory every user can reach (pytest's tmp_path is root's 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="tmemfs-perm-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        # Only remove it once nothing is mounted inside; never rmtree a mount.
-        if not any(is_mounted(p) for p in path.iterdir() if p.is_dir()):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -14,13 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, is_mounted, mounted
+from conftest import Mount, mounted
 from test_operators import free_port
 from test_permissions import NOBODY, OTHER, as_user, as_user_values
 
@@ -39,16 +38,6 @@ TMEMFS = [sys.executable, "-m", "tmemfs"]
 BUDGET = 2 << 20
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A 0755 directory every user can reach (pytest's tmp_path is root's 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="tmemfs-shares-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        if not any(is_mounted(p) for p in path.iterdir() if p.is_dir()):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def pool_stats(path: Path) -> dict[str, str]:

@@ -839,6 +839,15 @@ cdef class SlabStore:
         self.table[pos] = 0
         self.table_used -= 1
 
+    cdef void _empty_chunk(self, SizeClass* sc, Chunk* ch) noexcept nogil:
+        """A chunk's last slot went: its memory goes back to the system now, not to a
+        free list, and the chunk starts afresh when it is used again."""
+        give_back(ch.base, sc.chunk_bytes)
+        ch.base = NULL
+        ch.fresh = 0
+        ch.free_head = NO_SLOT
+        self.chunk_bytes -= sc.chunk_bytes
+
     cdef void _free_slot(self, Record* r) noexcept nogil:
         cdef SizeClass* sc = &self.classes[r.size_class]
         cdef Chunk* ch = &sc.chunks[r.chunk]
@@ -847,12 +856,7 @@ cdef class SlabStore:
         ch.used -= 1
         self.slot_bytes -= sc.size
         if ch.used == 0:
-            # Memory goes back to the system now, not to a free list.
-            give_back(ch.base, sc.chunk_bytes)
-            ch.base = NULL
-            ch.fresh = 0
-            ch.free_head = NO_SLOT
-            self.chunk_bytes -= sc.chunk_bytes
+            self._empty_chunk(sc, ch)
         if not ch.partial:
             self._push_partial(sc, r.chunk)
 
@@ -1183,11 +1187,7 @@ cdef class SlabStore:
             s.free_head = slot
             s.used -= 1
             if s.used == 0:
-                give_back(s.base, sc.chunk_bytes)
-                s.base = NULL
-                s.fresh = 0
-                s.free_head = NO_SLOT
-                self.chunk_bytes -= sc.chunk_bytes
+                self._empty_chunk(sc, s)
                 i += 1
         # Rebuild the partial list: chunks with room, fullest on top (used first).
         n = 0

@@ -10,9 +10,13 @@ encoder makes sure of it, so the lengths cannot be confused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from tmemfs.backends.base import Encoded
+
+if TYPE_CHECKING:
+    from tmemfs._pagestore import EncodedBatch
 
 WORD = 8
 
@@ -28,13 +32,18 @@ def encode_pages(
     from tmemfs._pagestore import SlabStore
 
     batch = SlabStore(page_size, int(page_size * reject_ratio)).encode(b"".join(pages))
+    return encoded_values(batch, lambda length: length + overhead)
+
+
+def encoded_values(batch: EncodedBatch, cost: Callable[[int], int]) -> list[Encoded]:
+    """One Encoded per page of a compiled batch; `cost` prices a payload by its length."""
     out: list[Encoded] = []
     for i in range(batch.count):
         if batch.is_same_filled(i):
             out.append(Encoded(batch.word(i), 0))
         else:
-            payload = batch.payload(i)
-            out.append(Encoded(payload, len(payload) + overhead, batch.is_poor(i)))
+            length = batch.length(i)
+            out.append(Encoded(batch.payload(i), cost(length), batch.is_poor(i)))
     return out
 
 

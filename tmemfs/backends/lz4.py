@@ -32,6 +32,7 @@ from typing import TypeVar
 import trio
 
 from tmemfs.backends.base import Backend, Encoded
+from tmemfs.backends.codec import encoded_values
 from tmemfs.backends.store import Location
 
 # OpenMP's threads otherwise spin after each batch, taking the core that swap and the
@@ -117,16 +118,7 @@ class Lz4Backend(Backend):
     # -- one Encoded per page: page files, and the general store path --------------------
 
     async def encode_many(self, pages: Sequence[bytes]) -> list[Encoded]:
-        batch = self.slabs.encode(b"".join(pages))
-        cost_of = self.slabs.cost_of
-        out: list[Encoded] = []
-        for i in range(batch.count):
-            if batch.is_same_filled(i):
-                out.append(Encoded(batch.word(i), 0))
-            else:
-                length = batch.length(i)
-                out.append(Encoded(batch.payload(i), cost_of(length), batch.is_poor(i)))
-        return out
+        return encoded_values(self.slabs.encode(b"".join(pages)), self.slabs.cost_of)
 
     def store(self, encoded: Encoded) -> int:
         value = encoded.value
