@@ -21,7 +21,7 @@ from pathlib import Path
 import conftest
 import pytest
 from conftest import Mount, mounted
-from tmemfs_testlib import PAGE, ZERO_PAGE, random_page, text_page
+from tmemfs_testlib import PAGE, ZERO_PAGE, pread, random_page, text_page
 
 pytestmark = [
     pytest.mark.mount,
@@ -50,13 +50,6 @@ def fallocate(path: Path, mode: int, offset: int, length: int) -> int:
 def pages(pool: Path) -> set[int]:
     return {int(n) for n in os.listdir(pool) if not n.startswith(".")}
 
-
-def pread(path: Path, off: int, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, off)
-    finally:
-        os.close(fd)
 
 
 def filled_image(tmem: Mount, npages: int, size: int = 16 * MiB) -> tuple[Path, bytes]:

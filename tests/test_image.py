@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount
-from tmemfs_testlib import PAGE, random_page, text_page
+from tmemfs_testlib import PAGE, pread, random_page, text_page
 
 pytestmark = [
     pytest.mark.mount,
@@ -35,13 +35,6 @@ def image(tmem: Mount, n: int = 0, size: int = 16 * MiB) -> Path:
     subprocess.run(["truncate", "-s", str(size), str(path)], check=True)
     return path
 
-
-def pread(path: Path, off: int, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, off)
-    finally:
-        os.close(fd)
 
 
 def pwrite(path: Path, off: int, data: bytes, flags: int = 0) -> None:

@@ -99,6 +99,15 @@ def store(path: Path, data: bytes, *, offset: int = 0, truncate: bool = True) ->
         raise OSError(err, os.strerror(err), str(path))
 
 
+def pread(path: Path, off: int, size: int) -> bytes:
+    """`size` bytes at `off` of a file (an image), read with pread(2)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, off)
+    finally:
+        os.close(fd)
+
+
 def load(path: Path) -> bytes:
     """Read a page file to its end, unbuffered."""
     with open(path, "rb", buffering=0) as f:
