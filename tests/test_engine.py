@@ -98,6 +98,9 @@ def check_invariants(engine: Engine) -> None:
     assert stats["orig_data_size"] == held * PAGE
     assert stats["stores"] - stats["invalidates"] - stats["evicted_pages"] == held
     assert stats["pool_total_size"] == engine.backend.memory_used() + held * ENTRY_OVERHEAD
+    # The index counts its own bytes: every object's table adds up to the engine's figure.
+    assert engine.index_size == sum(tobj.pages.nbytes for pool in engine.pools.values()
+                                    for tobj in pool.objects.values())
     for pool_id in engine.pools:
         ps = engine.pool_stats(pool_id)
         assert ps["stores"] - ps["invalidates"] - ps["evicted_pages"] == ps["stored_pages"]

@@ -1111,6 +1111,31 @@ cdef class SlabStore:
             return 0
         return ((length + GRAIN - 1) // GRAIN) * GRAIN + RECORD_OVERHEAD
 
+    def batch_cost(self, EncodedBatch batch not None) -> int:
+        """What keeping every page of a batch adds at most (no dedup assumed): the sum
+        of cost_of over its pages, in one call (the image path's budget check)."""
+        cdef long total = 0
+        cdef long record = RECORD_OVERHEAD
+        cdef int i, length
+        for i in range(batch.count):
+            length = batch.lengths[i]
+            if length:
+                total += slot_size(length) + record
+        return total
+
+    def charge_of(self, handles) -> int:
+        """The sum of cost_of(length) over handles: what a pool's limits charged them."""
+        cdef long total = 0
+        cdef long record = RECORD_OVERHEAD
+        cdef long h
+        cdef int length
+        for h in handles:
+            self._check(h)
+            length = self.records[h].length
+            if length:
+                total += slot_size(length) + record
+        return total
+
     # -- housekeeping --------------------------------------------------------------------
 
     def compact(self) -> int:

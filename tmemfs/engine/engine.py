@@ -4,7 +4,8 @@ A store is decided in one place, `_admit`, top to bottom as zswap_store does it:
 replace the old copy, refuse poor compression if asked, make room (evicting
 ephemeral pages first), then keep the page here, send it down to the writeback
 tier, or refuse it. The budget counts real memory: the backend's payloads and
-handles plus the engine's own per-page index entry.
+handles plus the page index (a compiled table per object, tmemfs/_pagetable.pyx),
+charged at what a page costs it in a full leaf.
 
 Pages may live in three places: the backend in this process (lz4, raw), a remote
 backend (redis), or the writeback tier under a local backend. The index here is
@@ -22,6 +23,7 @@ from typing import Any
 
 import trio
 
+from tmemfs._pagetable import PAGE_BYTES
 from tmemfs.backends.base import Backend, Encoded
 from tmemfs.backends.codec import decode_payloads, payload_of
 from tmemfs.backends.store import Location, PageStore, StoreUnavailable
@@ -34,15 +36,18 @@ from tmemfs.engine.errors import (
     StoreRejected,
 )
 from tmemfs.engine.keys import SWAP_OBJECT, PageKey, PoolId, PoolKind
-from tmemfs.engine.pool import Entry, Owner, Pool, TmemObject
+from tmemfs.engine.pool import Entry, IndexMemory, Owner, PageTable, Pool, TmemObject
 from tmemfs.engine.stats import new_counters
 from tmemfs.sizes import format_size
 
 log = logging.getLogger(__name__)
 
-# What one index entry costs in CPython: the Entry (48), its mtime int (32) and its
-# slot in the object's dict with the index int (~80). Measured with tracemalloc.
-ENTRY_OVERHEAD = 160
+# What one page costs the index (tmemfs/_pagetable.pyx) in a full leaf of 32 pages, as
+# the budget and the limits charge it: a fixed cost per page keeps them exact and the
+# same whichever page goes first. Swap areas and files are dense runs, so this is what
+# the index really holds within a leaf a run; `index_size` in the stats is the real
+# figure (a sparse object costs up to a leaf, 536 bytes, for its first page).
+ENTRY_OVERHEAD = PAGE_BYTES
 # At most one log line about refused stores in this many seconds.
 REFUSAL_LOG_INTERVAL = 10.0
 # How many pages the writeback worker moves down at a time.
@@ -96,7 +101,9 @@ class Engine:
         self.pools: dict[PoolId, Pool] = {}
         self.counters = new_counters()
         self.counters["lost_pages"] = 0
-        self._entries = 0
+        # Every page table of this engine counts its bytes and pages here.
+        self._index = IndexMemory()
+        self._last_stamp = 0
         self._refusals = 0
         self._refusals_logged = -REFUSAL_LOG_INTERVAL
         # Bytes admitted but not yet kept (a batch is admitted whole, then kept).
@@ -130,11 +137,10 @@ class Engine:
             pool.generation = restored.generation
             pool.image_size = restored.image_size
             tobj = pool.objects[SWAP_OBJECT]
-            now = time.time_ns()
+            now = self._stamp()
             for index, handle in restored.pages.items():
-                tobj.pages[index] = Entry(handle, now)
+                tobj.pages.put(index, handle, now)
                 pool.charged += self._charge(handle)
-            self._entries += len(restored.pages)
             log.info("restored %s: %d pages", restored.pool, len(restored.pages))
 
     async def close(self) -> None:
@@ -170,7 +176,7 @@ class Engine:
         """frontswap init(type) or cleancache init_fs/init_shared_fs."""
         if pool_id in self.pools:
             raise PoolExists(str(pool_id))
-        pool = self.pools[pool_id] = Pool.create(pool_id, owner or Owner())
+        pool = self.pools[pool_id] = Pool.create(pool_id, owner or Owner(), self._index)
         log.debug("created pool %s", pool_id)
         return pool
 
@@ -191,7 +197,8 @@ class Engine:
         pool = self.pool(pool_id)
         if pool.persistent or obj in pool.objects:
             raise PoolExists(f"{pool_id}/{obj}")
-        return pool.objects.setdefault(obj, TmemObject(owner or Owner(), obj))
+        return pool.objects.setdefault(
+            obj, TmemObject(owner or Owner(), obj, PageTable(self._index)))
 
     # -- fair shares: limits and weights --------------------------------------------------
 
@@ -270,10 +277,9 @@ class Engine:
         except StoreUnavailable as exc:
             log.debug("shared pool %s not refreshed: %s", pool_id, exc)
             return
-        now = time.time_ns()
+        now = self._stamp()
         for index in remote.difference(tobj.pages):
-            tobj.pages[index] = Entry(0, now)  # stored by another mount; cost unknown here
-            self._entries += 1
+            tobj.pages.put(index, 0, now)  # stored by another mount; cost unknown here
             pool.charged += self._charge(0)
             self._use(pool, PageKey(pool_id, obj, index))
         removed = set(tobj.pages).difference(remote)
@@ -356,7 +362,7 @@ class Engine:
             # The pool may have been flushed (or flushed and made anew) while we encoded.
             tobj = self.get_object(pool_id, obj)
             pool = self.pools[pool_id]
-            now = time.time_ns()
+            now = self._stamp()
             kept: list[bool] = []
             # A batch that names a page twice is two stores, one after the other.
             for run in _distinct_runs([index for index, _ in pages]):
@@ -401,18 +407,15 @@ class Engine:
             # Eviction and refusal are decided page by page.
             return await self._store_pages(pool_id, obj, first, data, count)
         # The duplicate-store rule: the old copies go first (they are never returned again).
-        pages = tobj.pages
-        indexes = range(first, first + count)
-        old = [e.handle for i in indexes if (e := pages.pop(i, None)) is not None]
+        old = tobj.pages.pop_run(first, count)
         if old:
             # Kept here, with no writeback order to update (this path has no tier).
             self._count(pool, "duplicate_entry", len(old))
             self._count(pool, "invalidates", len(old))
             pool.charged -= sum(map(self._charge, old))
             backend.invalidate_many(old)
-            self._entries -= len(old)
-        self._insert_many(pool, tobj, indexes, backend.keep_run(batch), time.time_ns(),
-                          charged=cost)
+        self._insert_many(pool, tobj, range(first, first + count), backend.keep_run(batch),
+                          self._stamp(), charged=cost)
         return True
 
     async def _store_pages(
@@ -431,9 +434,7 @@ class Engine:
         if not backend.batches or self.writeback is not None:
             return None
         pool = self.pool(pool_id)
-        pages = self.get_object(pool_id, obj).pages
-        handles = [-1 if (e := pages.get(i)) is None else e.handle
-                   for i in range(first, first + count)]
+        handles = self.get_object(pool_id, obj).pages.run_handles(first, count)
         out = bytearray(count * self.page_size)
         backend.load_into(handles, out)
         misses = handles.count(-1)
@@ -540,9 +541,11 @@ class Engine:
         for the whole batch (the image path); otherwise it is summed per page.
         """
         pages = tobj.pages
-        for index, handle in zip(indexes, handles, strict=True):
-            pages[index] = Entry(handle, now)
-        self._entries += len(indexes)
+        if isinstance(indexes, range) and indexes.step == 1:
+            pages.put_run(indexes.start, list(handles), now)
+        else:
+            for index, handle in zip(indexes, handles, strict=True):
+                pages.put(index, handle, now)
         pool.charged += sum(map(self._charge, handles)) if charged is None else charged
         if not pool.persistent:
             self._tick += 1
@@ -633,7 +636,6 @@ class Engine:
         if not isinstance(entry.handle, Lowered | Lost):
             pool.charged -= self._charge(entry.handle)
             self.backend.invalidate(entry.handle)
-        self._entries -= 1
         pool.order.pop(key, None)
 
     async def _release_many(
@@ -799,10 +801,12 @@ class Engine:
         if pool.persistent:
             self._count(pool, "lost_pages")
             log.error("%s page %d is lost: its store no longer has it", pool.id, index)
-            if tobj.pages.get(index) is entry and not isinstance(entry.handle, Lowered | Lost):
-                pool.charged -= self._charge(entry.handle)
+            if tobj.pages.get(index) == entry:
+                if not isinstance(entry.handle, Lowered | Lost):
+                    pool.charged -= self._charge(entry.handle)
+                tobj.pages.set_handle(index, LOST)
             entry.handle = LOST
-        elif tobj.pages.get(index) is entry:
+        elif tobj.pages.get(index) == entry:
             # An ephemeral page the remote evicted: a miss from now on.
             del tobj.pages[index]
             pool.charged -= self._charge(entry.handle)
@@ -814,7 +818,6 @@ class Engine:
         """Remove an entry for an exclusive get; its handle is released after loading."""
         entry = tobj.pages.pop(key.index, None)
         if entry is not None:
-            self._entries -= 1
             pool.charged -= self._charge(entry.handle)
             pool.order.pop(key, None)
         return entry
@@ -827,7 +830,6 @@ class Engine:
         for index, entry in taken:
             if alive and index not in tobj.pages:
                 tobj.pages[index] = entry
-                self._entries += 1
                 pool.charged += self._charge(entry.handle)
                 if not pool.persistent:
                     self._use(pool, PageKey(pool.id, name, index))
@@ -922,11 +924,11 @@ class Engine:
         for key, entry, _, payload in batch:
             pool = self.pools.get(key.pool)
             tobj = pool.objects.get(key.object) if pool else None
-            if pool is None or tobj is None or tobj.pages.get(key.index) is not entry:
+            if pool is None or tobj is None or tobj.pages.get(key.index) != entry:
                 continue  # invalidated or stored anew while it was being written
             pool.charged -= self._charge(entry.handle)
             self.backend.invalidate(entry.handle)
-            entry.handle = Lowered(len(payload))
+            tobj.pages.set_handle(key.index, Lowered(len(payload)))
             pool.order.pop(key, None)
             self._count(pool, "written_back_pages")
             moved += 1
@@ -1001,10 +1003,15 @@ class Engine:
             return 0
         return self.backend.payload_share(handle)
 
+    @property
+    def index_size(self) -> int:
+        """Bytes the page index holds (every pool's page tables), read in O(1)."""
+        return self._index.nbytes
+
     def pool_total_size(self) -> int:
         """All memory held for pages in this process: payloads, handles, the index."""
         tier = self.writeback.memory_used() if self.writeback is not None else 0
-        return self.backend.memory_used() + self._entries * ENTRY_OVERHEAD + tier
+        return self.backend.memory_used() + self._index.pages * ENTRY_OVERHEAD + tier
 
     def pool_stats(self, pool_id: PoolId) -> dict[str, int]:
         """A pool's counters. The gauges are summed over its pages when asked."""
@@ -1015,7 +1022,7 @@ class Engine:
         if backend.batches and self.writeback is None:
             # Every handle is the compiled store's: one call sums them (a 1 GiB image's
             # 262,144 pages in milliseconds, where a Python loop took most of a second).
-            handles = [e.handle for tobj in pool.objects.values() for e in tobj.pages.values()]
+            handles = [h for tobj in pool.objects.values() for h in tobj.pages.handles()]
             stored = len(handles)
             same, shared, compressed, recompressed = backend.summarize(handles)
             here = compressed
@@ -1037,7 +1044,7 @@ class Engine:
         if stored and not backend.remote:
             # The pool's share of per-handle overhead, pro rata by pages.
             overhead = backend.memory_used() - backend.stats()["compr_data_size"]
-            total += round(overhead * stored / max(self._entries, 1))
+            total += round(overhead * stored / max(self._index.pages, 1))
         totals = backend.stats()
         gauges = {
             "stored_pages": stored,
@@ -1057,8 +1064,8 @@ class Engine:
         """Global counters: gauges of the whole backend, events summed over all pools ever."""
         backend = self.backend.stats()
         gauges = {
-            "stored_pages": self._entries,
-            "orig_data_size": self._entries * self.page_size,
+            "stored_pages": self._index.pages,
+            "orig_data_size": self._index.pages * self.page_size,
             "compr_data_size": backend["compr_data_size"],
             "pool_total_size": self.pool_total_size(),
             "same_filled_pages": backend["same_filled_pages"],
@@ -1071,6 +1078,8 @@ class Engine:
             "max_pool_size": self.max_pool,
             "page_size": self.page_size,
             "pools": len(self.pools),
+            # What the page index really holds (pool_total_size charges ENTRY_OVERHEAD a page).
+            "index_size": self._index.nbytes,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -1121,6 +1130,12 @@ class Engine:
         if isinstance(handle, Lowered | Lost):
             return 0
         return ENTRY_OVERHEAD + self.backend.page_charge(handle)
+
+    def _stamp(self) -> int:
+        """The time of a store, in ns, later than every earlier one: an index entry's
+        stamp tells this store of a page from any other."""
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+        return self._last_stamp
 
     def _use(self, pool: Pool, key: PageKey, *, only_if_present: bool = False) -> None:
         """A page was used: it goes to the young end of its pool's order."""

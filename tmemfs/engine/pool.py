@@ -6,20 +6,15 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 from tmemfs.engine.keys import SWAP_OBJECT, PageKey, PoolId, PoolKind, is_shared_pool_name
 from tmemfs.engine.stats import new_counters
 
-
-class Entry:
-    """One stored page: the backend's handle and the time of the store."""
-
-    __slots__ = ("handle", "mtime_ns")
-
-    def __init__(self, handle: Any, mtime_ns: int) -> None:
-        self.handle = handle
-        self.mtime_ns = mtime_ns
+try:
+    from tmemfs._pagetable import Entry, IndexMemory, PageTable
+except ImportError as exc:  # pragma: no cover - a broken install
+    raise ImportError(f"tmemfs: the compiled page index is missing ({exc}); "
+                      "reinstall with `pip install -e .`") from None
 
 
 @dataclass(slots=True)
@@ -45,8 +40,9 @@ class TmemObject:
     """A cleancache object (an inode key), or the single object of a frontswap pool."""
 
     owner: Owner
-    name: str = ""
-    pages: dict[int, Entry] = field(default_factory=dict)
+    name: str
+    # The compiled index of its pages (16 bytes a page; tmemfs/_pagetable.pyx).
+    pages: PageTable
     generation: int = field(default_factory=_next_generation)
 
 
@@ -88,8 +84,11 @@ class Pool:
         return sum(len(obj.pages) for obj in self.objects.values())
 
     @classmethod
-    def create(cls, pool_id: PoolId, owner: Owner) -> Pool:
+    def create(cls, pool_id: PoolId, owner: Owner, index_memory: IndexMemory) -> Pool:
         pool = cls(pool_id, owner)
         if pool.persistent:
-            pool.objects[SWAP_OBJECT] = TmemObject(owner, SWAP_OBJECT)
+            pool.objects[SWAP_OBJECT] = TmemObject(owner, SWAP_OBJECT, PageTable(index_memory))
         return pool
+
+
+__all__ = ["Entry", "IndexMemory", "Owner", "PageTable", "Pool", "TmemObject"]

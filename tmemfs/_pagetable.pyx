@@ -1,0 +1,422 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The index of one tmem object's pages, compiled: page index -> (handle, stamp).
+
+It replaces a `dict[int, Entry]`, which cost about 160 bytes per page in CPython (the
+Entry, its handle int and the dict slot with its key int). Here a page costs 16 bytes:
+
+- Pages live in leaves of 32 consecutive indexes (a swap area and a file's pages are
+  dense runs), each leaf a bitmap of the slots in use, 32 handles and 32 stamps.
+- Leaves are found through an open-addressing table keyed by leaf number (linear
+  probing, backward-shift deletion), so a sparse object costs one leaf per run, not
+  an array as long as its largest index. A leaf whose last page goes is freed at once.
+- A handle that is a non-negative int (the compiled store's record id, Redis's
+  payload size) is kept as is. Anything else (a raw page's bytes, a page moved down to
+  the writeback tier, a lost page) is kept in a side dict; those are rare here.
+
+The stamp is the time of the store in nanoseconds. The engine hands out strictly
+increasing stamps, so a stamp also tells one store of a page from a later one: an
+`Entry` taken out before an await is still the page's entry afterwards exactly when
+the two compare equal.
+
+Every table of an engine adds its bytes to one `IndexMemory`, which is what
+`pool_total_size` counts for the index.
+"""
+
+cimport cython
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+
+cdef enum:
+    LEAF_BITS = 5
+    LEAF_SLOTS = 32
+    LEAF_MASK = 31
+    # What malloc adds to each leaf (glibc: one size word, rounded to 16 bytes).
+    MALLOC_OVERHEAD = 16
+
+# The handle lives in the side dict.
+cdef int64_t OBJECT = -1
+
+
+cdef struct Leaf:
+    uint32_t present
+    uint32_t count
+    int64_t handle[LEAF_SLOTS]
+    int64_t stamp[LEAF_SLOTS]
+
+
+cdef struct Bucket:
+    uint64_t key        # leaf number + 1; 0 for an empty bucket
+    Leaf* leaf
+
+
+cdef inline uint64_t mix(uint64_t x) noexcept nogil:
+    # splitmix64's finalizer: consecutive leaf numbers spread over the table.
+    x ^= x >> 30
+    x *= 0xBF58476D1CE4E5B9ULL
+    x ^= x >> 27
+    x *= 0x94D049BB133111EBULL
+    x ^= x >> 31
+    return x
+
+
+# What a leaf and a bucket hold in memory.
+LEAF_BYTES = sizeof(Leaf) + MALLOC_OVERHEAD
+BUCKET_BYTES = sizeof(Bucket)
+# Bytes one stored page costs the index when its leaf is full, what a limit charges.
+PAGE_BYTES = LEAF_BYTES // LEAF_SLOTS + 1
+
+
+cdef class IndexMemory:
+    """The bytes held by every page table of one engine, read in O(1)."""
+
+    cdef readonly long long nbytes
+    cdef readonly long long pages
+
+
+cdef class Entry:
+    """One stored page as the index hands it out: its backend handle and its stamp
+    (the time of the store, unique per store of the page). A copy: changing it changes
+    nothing in the table."""
+
+    cdef public object handle
+    cdef public int64_t mtime_ns
+
+    def __init__(self, handle, int64_t mtime_ns):
+        self.handle = handle
+        self.mtime_ns = mtime_ns
+
+    def __eq__(self, other):
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return (self.mtime_ns == (<Entry>other).mtime_ns
+                and self.handle == (<Entry>other).handle)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Entry({self.handle!r}, {self.mtime_ns})"
+
+
+@cython.no_gc_clear
+cdef class PageTable:
+    """The pages of one object: index -> Entry, with the dict methods the engine uses
+    and batch methods for runs of consecutive pages (the image path)."""
+
+    cdef Bucket* buckets
+    cdef uint64_t mask          # buckets - 1; no buckets while the table is empty
+    cdef uint64_t leaves
+    cdef readonly long long count
+    cdef dict objects
+    cdef IndexMemory meter
+
+    def __cinit__(self, IndexMemory meter=None):
+        self.meter = meter if meter is not None else IndexMemory()
+        self.objects = {}
+
+    def __dealloc__(self):
+        self._free_all()
+
+    cdef void _free_all(self) noexcept:
+        cdef uint64_t i
+        if self.buckets != NULL:
+            for i in range(self.mask + 1):
+                if self.buckets[i].key:
+                    free(self.buckets[i].leaf)
+            free(self.buckets)
+        self.meter.nbytes -= self._nbytes()
+        self.meter.pages -= self.count
+        self.buckets = NULL
+        self.mask = 0
+        self.leaves = 0
+        self.count = 0
+
+    cdef long long _nbytes(self) noexcept:
+        if self.buckets == NULL:
+            return 0
+        return (<long long>(self.mask + 1) * sizeof(Bucket)
+                + <long long>self.leaves * (sizeof(Leaf) + MALLOC_OVERHEAD))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this table holds (leaves and buckets); handles in the side dict aside."""
+        return self._nbytes()
+
+    # -- the leaf table ----------------------------------------------------------------
+
+    cdef Leaf* _find(self, uint64_t leafno) noexcept:
+        cdef uint64_t key = leafno + 1
+        cdef uint64_t i
+        if self.buckets == NULL:
+            return NULL
+        i = mix(key) & self.mask
+        while self.buckets[i].key:
+            if self.buckets[i].key == key:
+                return self.buckets[i].leaf
+            i = (i + 1) & self.mask
+        return NULL
+
+    cdef int _resize(self, uint64_t size) except -1:
+        cdef Bucket* old = self.buckets
+        cdef uint64_t old_size = self.mask + 1 if old != NULL else 0
+        cdef Bucket* fresh = <Bucket*>calloc(size, sizeof(Bucket))
+        cdef uint64_t i, j
+        if fresh == NULL:
+            raise MemoryError()
+        self.meter.nbytes -= self._nbytes()
+        for i in range(old_size):
+            if old[i].key:
+                j = mix(old[i].key) & (size - 1)
+                while fresh[j].key:
+                    j = (j + 1) & (size - 1)
+                fresh[j] = old[i]
+        free(old)
+        self.buckets = fresh
+        self.mask = size - 1
+        self.meter.nbytes += self._nbytes()
+        return 0
+
+    cdef Leaf* _find_or_add(self, uint64_t leafno) except NULL:
+        cdef Leaf* leaf = self._find(leafno)
+        cdef uint64_t i
+        if leaf != NULL:
+            return leaf
+        if self.buckets == NULL:
+            self._resize(2)
+        elif (self.leaves + 1) * 4 > (self.mask + 1) * 3:
+            self._resize((self.mask + 1) * 2)
+        leaf = <Leaf*>malloc(sizeof(Leaf))
+        if leaf == NULL:
+            raise MemoryError()
+        leaf.present = 0
+        leaf.count = 0
+        i = mix(leafno + 1) & self.mask
+        while self.buckets[i].key:
+            i = (i + 1) & self.mask
+        self.buckets[i].key = leafno + 1
+        self.buckets[i].leaf = leaf
+        self.leaves += 1
+        self.meter.nbytes += sizeof(Leaf) + MALLOC_OVERHEAD
+        return leaf
+
+    cdef void _drop_leaf(self, uint64_t leafno) noexcept:
+        """Free an empty leaf and close the gap its bucket leaves (backward shift)."""
+        cdef uint64_t key = leafno + 1
+        cdef uint64_t i = mix(key) & self.mask
+        cdef uint64_t j, ideal
+        while self.buckets[i].key != key:
+            i = (i + 1) & self.mask
+        free(self.buckets[i].leaf)
+        self.leaves -= 1
+        self.meter.nbytes -= sizeof(Leaf) + MALLOC_OVERHEAD
+        j = i
+        while True:
+            j = (j + 1) & self.mask
+            if not self.buckets[j].key:
+                break
+            ideal = mix(self.buckets[j].key) & self.mask
+            # Leave it where it is if its ideal bucket lies cyclically in (i, j].
+            if (i < ideal <= j) if i <= j else (i < ideal or ideal <= j):
+                continue
+            self.buckets[i] = self.buckets[j]
+            i = j
+        self.buckets[i].key = 0
+        self.buckets[i].leaf = NULL
+        if self.leaves == 0:
+            self.meter.nbytes -= self._nbytes()
+            free(self.buckets)
+            self.buckets = NULL
+            self.mask = 0
+
+    # -- one page ----------------------------------------------------------------------
+
+    cdef bint _has(self, uint64_t index) noexcept:
+        cdef Leaf* leaf = self._find(index >> LEAF_BITS)
+        return leaf != NULL and (leaf.present >> (index & LEAF_MASK)) & 1
+
+    cdef object _handle(self, Leaf* leaf, uint64_t index):
+        cdef int64_t h = leaf.handle[index & LEAF_MASK]
+        return self.objects[index] if h == OBJECT else h
+
+    cdef int _put(self, uint64_t index, object handle, int64_t stamp) except -1:
+        cdef Leaf* leaf = self._find_or_add(index >> LEAF_BITS)
+        cdef uint32_t bit = (<uint32_t>1) << (index & LEAF_MASK)
+        cdef int slot = index & LEAF_MASK
+        if leaf.present & bit:
+            if leaf.handle[slot] == OBJECT:
+                del self.objects[index]
+        else:
+            leaf.present |= bit
+            leaf.count += 1
+            self.count += 1
+            self.meter.pages += 1
+        if type(handle) is int and 0 <= handle < 0x7FFFFFFFFFFFFFFF:
+            leaf.handle[slot] = handle
+        else:
+            self.objects[index] = handle
+            leaf.handle[slot] = OBJECT
+        leaf.stamp[slot] = stamp
+        return 0
+
+    cdef object _remove(self, uint64_t index, bint want):
+        """Take a page out; its Entry if `want`, else None; KeyError if absent."""
+        cdef Leaf* leaf = self._find(index >> LEAF_BITS)
+        cdef uint32_t bit = (<uint32_t>1) << (index & LEAF_MASK)
+        cdef int slot = index & LEAF_MASK
+        cdef object handle
+        if leaf == NULL or not (leaf.present & bit):
+            raise KeyError(index)
+        if leaf.handle[slot] == OBJECT:
+            handle = self.objects.pop(index)
+        else:
+            handle = leaf.handle[slot]
+        result = Entry(handle, leaf.stamp[slot]) if want else handle
+        leaf.present &= ~bit
+        leaf.count -= 1
+        self.count -= 1
+        self.meter.pages -= 1
+        if leaf.count == 0:
+            self._drop_leaf(index >> LEAF_BITS)
+        return result
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, index) -> bool:
+        return 0 <= index <= 0x7FFFFFFFFFFFFFFF and self._has(index)
+
+    def get(self, index, default=None):
+        cdef Leaf* leaf
+        cdef uint64_t i
+        if not 0 <= index <= 0x7FFFFFFFFFFFFFFF:
+            return default
+        i = index
+        leaf = self._find(i >> LEAF_BITS)
+        if leaf == NULL or not (leaf.present >> (i & LEAF_MASK)) & 1:
+            return default
+        return Entry(self._handle(leaf, i), leaf.stamp[i & LEAF_MASK])
+
+    def __getitem__(self, index):
+        entry = self.get(index)
+        if entry is None:
+            raise KeyError(index)
+        return entry
+
+    def __setitem__(self, uint64_t index, Entry entry not None):
+        self._put(index, entry.handle, entry.mtime_ns)
+
+    def __delitem__(self, uint64_t index):
+        self._remove(index, False)
+
+    def pop(self, index, *default):
+        if len(default) > 1:
+            raise TypeError("pop expected at most 2 arguments")
+        if default and (not 0 <= index <= 0x7FFFFFFFFFFFFFFF or not self._has(index)):
+            return default[0]
+        return self._remove(index, True)
+
+    def put(self, uint64_t index, handle, int64_t stamp) -> None:
+        """Index a page: its handle and the stamp of its store."""
+        self._put(index, handle, stamp)
+
+    def set_handle(self, uint64_t index, handle) -> None:
+        """Change a page's handle, keeping its stamp (it moved, it was not stored anew)."""
+        cdef Leaf* leaf = self._find(index >> LEAF_BITS)
+        if leaf == NULL or not (leaf.present >> (index & LEAF_MASK)) & 1:
+            raise KeyError(index)
+        self._put(index, handle, leaf.stamp[index & LEAF_MASK])
+
+    def clear(self) -> None:
+        self._free_all()
+        self.objects.clear()
+
+    # -- every page, in index order ------------------------------------------------------
+
+    cdef list _leaf_numbers(self):
+        cdef uint64_t i
+        numbers = []
+        if self.buckets != NULL:
+            for i in range(self.mask + 1):
+                if self.buckets[i].key:
+                    numbers.append(self.buckets[i].key - 1)
+        numbers.sort()
+        return numbers
+
+    def keys(self) -> list:
+        cdef Leaf* leaf
+        cdef uint64_t leafno
+        cdef int slot
+        out = []
+        for leafno in self._leaf_numbers():
+            leaf = self._find(leafno)
+            for slot in range(LEAF_SLOTS):
+                if (leaf.present >> slot) & 1:
+                    out.append((leafno << LEAF_BITS) | slot)
+        return out
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def items(self) -> list:
+        cdef Leaf* leaf
+        cdef uint64_t leafno, index
+        cdef int slot
+        out = []
+        for leafno in self._leaf_numbers():
+            leaf = self._find(leafno)
+            for slot in range(LEAF_SLOTS):
+                if (leaf.present >> slot) & 1:
+                    index = (leafno << LEAF_BITS) | slot
+                    out.append((index, Entry(self._handle(leaf, index), leaf.stamp[slot])))
+        return out
+
+    def values(self) -> list:
+        return [entry for _, entry in self.items()]
+
+    def handles(self) -> list:
+        """Every page's handle, in index order (for a pool's summary)."""
+        cdef Leaf* leaf
+        cdef uint64_t leafno
+        cdef int slot
+        out = []
+        for leafno in self._leaf_numbers():
+            leaf = self._find(leafno)
+            for slot in range(LEAF_SLOTS):
+                if (leaf.present >> slot) & 1:
+                    out.append(self._handle(leaf, (leafno << LEAF_BITS) | slot))
+        return out
+
+    # -- runs of consecutive pages (an image request) ---------------------------------------
+
+    def run_handles(self, uint64_t first, Py_ssize_t count) -> list:
+        """The handles of pages first..first+count-1, -1 where none is stored."""
+        cdef Leaf* leaf = NULL
+        cdef uint64_t index, leafno = 0
+        cdef Py_ssize_t n
+        cdef bint have_leaf = False
+        out = [-1] * count
+        for n in range(count):
+            index = first + <uint64_t>n
+            if not have_leaf or (index >> LEAF_BITS) != leafno:
+                leafno = index >> LEAF_BITS
+                leaf = self._find(leafno)
+                have_leaf = True
+            if leaf != NULL and (leaf.present >> (index & LEAF_MASK)) & 1:
+                out[n] = self._handle(leaf, index)
+        return out
+
+    def pop_run(self, uint64_t first, Py_ssize_t count) -> list:
+        """Take out pages first..first+count-1; the handles of those that were stored."""
+        cdef uint64_t index
+        cdef Py_ssize_t n
+        out = []
+        for n in range(count):
+            index = first + <uint64_t>n
+            if self._has(index):
+                out.append(self._remove(index, False))
+        return out
+
+    def put_run(self, uint64_t first, list handles not None, int64_t stamp) -> None:
+        """Index pages first..first+len(handles)-1, all with one stamp (one store)."""
+        cdef Py_ssize_t n
+        for n in range(len(handles)):
+            self._put(first + <uint64_t>n, handles[n], stamp)
