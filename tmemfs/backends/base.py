@@ -63,7 +63,8 @@ class Backend(ABC):
     #: Pages live outside this process: stores and deletes wait, and can fail.
     remote: ClassVar[bool] = False
     #: Whole runs of pages can be kept and loaded in one call (encode_run, keep_run,
-    #: run_cost, load_into): the engine's image path then decides once per request.
+    #: run_cost, charge_many, load_into): the engine's image path then decides once per
+    #: request.
     batches: ClassVar[bool] = False
 
     def __init__(self, page_size: int, limiter: trio.CapacityLimiter) -> None:
@@ -159,6 +160,10 @@ class Backend(ABC):
     @abstractmethod
     def stats(self) -> dict[str, int]:
         """Backend-wide counters (compr_data_size, same_filled_pages, dedup_pages)."""
+
+    def charge_many(self, handles: Sequence[Any]) -> int:
+        """The sum of page_charge over handles (backends with `batches` only)."""
+        raise NotImplementedError
 
     def summarize(self, handles: Sequence[Any]) -> tuple[int, int, float, int]:
         """Same-filled pages, shared pages, payload bytes charged to them and recompressed

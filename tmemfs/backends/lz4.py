@@ -104,8 +104,11 @@ class Lz4Backend(Backend):
 
     def run_cost(self, batch: EncodedBatch) -> int:
         """What keeping every page of a batch would cost at most (no dedup assumed)."""
-        cost_of = self.slabs.cost_of
-        return sum(cost_of(batch.length(i)) for i in range(batch.count))
+        return self.slabs.batch_cost(batch)
+
+    def charge_many(self, handles: Sequence[int]) -> int:
+        """The sum of page_charge over handles, in one call."""
+        return self.slabs.charge_of(handles)
 
     def keep_run(self, batch: EncodedBatch) -> list[int]:
         """Keep every page of a batch; their handles."""

@@ -412,7 +412,8 @@ class Engine:
             # Kept here, with no writeback order to update (this path has no tier).
             self._count(pool, "duplicate_entry", len(old))
             self._count(pool, "invalidates", len(old))
-            pool.charged -= sum(map(self._charge, old))
+            # Only the compiled store's handles are on this path: no marker to skip.
+            pool.charged -= len(old) * ENTRY_OVERHEAD + backend.charge_many(old)
             backend.invalidate_many(old)
         self._insert_many(pool, tobj, range(first, first + count), backend.keep_run(batch),
                           self._stamp(), charged=cost)
