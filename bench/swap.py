@@ -259,16 +259,18 @@ def on_disk(directory: Path, limit: int, working_set: int, timeout: float) -> Ou
 
 
 def on_tmemfs(limit: int, working_set: int, timeout: float,
-              page_cluster: str = "5") -> Outcome:
+              page_cluster: str = "5", recompress_after: float | None = None) -> Outcome:
     """examples/swap-on-loop.sh, which mounts, swaps, runs and undoes everything itself
-    (at its default vm.page-cluster 5; "keep" runs at whatever is set now)."""
+    (at its default vm.page-cluster 5; "keep" runs at whatever is set now), with the
+    mount's default recompression unless `recompress_after` says otherwise."""
     tmemfs = Path(sys.executable).parent / "tmemfs"
     env = dict(os.environ, PYTHON=sys.executable,
                TMEMFS=str(tmemfs) if tmemfs.exists() else f"{sys.executable} -m tmemfs")
     proc = subprocess.Popen(
         ["bash", str(SCRIPT), "--limit", str(limit), "--working-set", str(working_set),
          "--image-size", str(working_set + 64 * MiB), "--timeout", str(int(timeout)),
-         "--page-cluster", page_cluster],
+         "--page-cluster", page_cluster,
+         *(["--recompress-after", f"{recompress_after:g}"] if recompress_after else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output = communicate(proc, timeout + 660)  # the script enforces --timeout itself
     wall = re.search(r"^wall time:\s+([\d.]+) s", output, re.MULTILINE)

@@ -37,6 +37,10 @@ Options:
   --working-set SIZE  memory the workload fills and checks (default 768M)
   --backend B         backend for a new mount (tmemfs mount --backend)
   --max-pool SIZE     budget for a new mount (tmemfs mount --max-pool; e.g. 1G, 25%)
+  --recompress-after SECS
+                      recompress pages idle this long with zstd, on a new mount
+                      (tmemfs mount --recompress-after; the default, 60, is longer
+                      than most runs here)
   --timeout SECS      stop the workload after SECS seconds, 0 = never (default 1800)
   --no-discard        swapon without --discard: freed slots stay stored
   --page-cluster N    vm.page-cluster (swap readahead of 2^N pages) for the run,
@@ -89,6 +93,7 @@ WORKING_SET=768M
 POOL=""            # the image number tmemfs swap on took
 BACKEND=""
 MAX_POOL=""
+RECOMPRESS_AFTER=""
 TIMEOUT=1800
 DISCARD=1
 PAGE_CLUSTER=5
@@ -108,6 +113,7 @@ while [[ $# -gt 0 ]]; do
         --working-set)  need_arg "$@"; WORKING_SET=$2; shift 2 ;;
         --backend)      need_arg "$@"; BACKEND=$2; shift 2 ;;
         --max-pool)     need_arg "$@"; MAX_POOL=$2; shift 2 ;;
+        --recompress-after) need_arg "$@"; RECOMPRESS_AFTER=$2; shift 2 ;;
         --timeout)      need_arg "$@"; TIMEOUT=$2; shift 2 ;;
         --no-discard)   DISCARD=0; shift ;;
         --page-cluster) need_arg "$@"; PAGE_CLUSTER=$2; shift 2 ;;
@@ -124,8 +130,8 @@ PAGE=$(getconf PAGESIZE)
 (( IMAGE_BYTES >= 16 * PAGE )) || usage_error "--image-size is too small for mkswap"
 (( LIMIT_BYTES >= 8 * 1048576 )) || usage_error "--limit below 8M leaves no room for python"
 (( WS_BYTES > 0 )) || usage_error "--working-set must be positive"
-if [[ -n $MOUNT ]] && [[ -n $BACKEND || -n $MAX_POOL ]]; then
-    warn "--backend and --max-pool only apply to a new mount; ignored with --mount"
+if [[ -n $MOUNT ]] && [[ -n $BACKEND || -n $MAX_POOL || -n $RECOMPRESS_AFTER ]]; then
+    warn "--backend, --max-pool and --recompress-after only apply to a new mount; ignored with --mount"
 fi
 if (( LIMIT_BYTES >= WS_BYTES )); then
     warn "--limit ($LIMIT) is not below --working-set ($WORKING_SET): the kernel may not swap at all"
@@ -432,6 +438,7 @@ else
     mount_opts=()
     [[ -n $BACKEND ]] && mount_opts+=(--backend "$BACKEND")
     [[ -n $MAX_POOL ]] && mount_opts+=(--max-pool "$MAX_POOL")
+    [[ -n $RECOMPRESS_AFTER ]] && mount_opts+=(--recompress-after "$RECOMPRESS_AFTER")
     say "mounting tmemfs on $MNT: ${TMEMFS_CMD[*]} mount ${mount_opts[*]}${mount_opts[*]:+ }$MNT"
     if ! timeout 60 "${TMEMFS_CMD[@]}" mount "${mount_opts[@]}" "$MNT"; then
         mountpoint -q -- "$MNT" && MOUNTED=1

