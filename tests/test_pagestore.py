@@ -461,8 +461,13 @@ def test_summarize_agrees_with_each_handle() -> None:
     same, shared, charged, zstd = store.summarize(handles)
     assert zstd == sum(store.codec(h) == "zstd" for h in handles) > 0
     assert charged == pytest.approx(sum(store.length(h) / store.refs(h) for h in handles))
+    # The same over native int64s, as a page table hands them out (handle_bytes).
+    packed = b"".join(h.to_bytes(8, "little", signed=True) for h in handles)
+    assert store.summarize(packed) == (same, shared, charged, zstd)
     with pytest.raises(KeyError):
         store.summarize([-1])
+    with pytest.raises(KeyError):
+        store.summarize((-1).to_bytes(8, "little", signed=True))
 
 
 def test_a_missing_compiled_store_is_one_clear_line(tmp_path: Path) -> None:

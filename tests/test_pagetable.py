@@ -10,7 +10,9 @@ be what its leaves and buckets really hold, summed exactly in the engine's meter
 from __future__ import annotations
 
 import gc
+import struct
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -121,6 +123,13 @@ class TableModel(RuleBasedStateMachine):
         assert self.table.keys() == sorted(self.model)
         assert self.table.items() == [(i, Entry(*self.model[i])) for i in sorted(self.model)]
         assert self.table.handles() == [self.model[i][0] for i in sorted(self.model)]
+        handles = [h for h, _ in self.model.values()]
+        if all(type(h) is int for h in handles):
+            packed = self.table.handle_bytes()
+            assert sorted(struct.unpack(f"<{len(handles)}q", packed)) == sorted(handles)
+        else:
+            with pytest.raises(TypeError):
+                self.table.handle_bytes()
         for index in list(self.model)[:8]:
             assert index in self.table
             assert self.table[index] == Entry(*self.model[index])

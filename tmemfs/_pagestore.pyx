@@ -38,7 +38,7 @@ writeback tiers see the codec's format unchanged.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cython.parallel cimport prange
-from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
@@ -1072,12 +1072,26 @@ cdef class SlabStore:
     def summarize(self, handles) -> tuple:
         """(same-filled pages, shared pages, payload bytes charged to them, pages held in
         zstd) over handles: a shared payload is split among its references, as
-        payload_share splits it."""
+        payload_share splits it. `handles` is a sequence of ints, or bytes of native
+        int64s (PageTable.handle_bytes: no Python int per page)."""
         cdef long same = 0, shared = 0, zstd = 0
         cdef double charged = 0
         cdef long h
+        cdef Py_ssize_t i, n
+        cdef const int64_t* packed
         cdef Record* r
-        for h in handles:
+        if isinstance(handles, bytes):
+            n = len(<bytes>handles) // sizeof(int64_t)
+            packed = <const int64_t*>PyBytes_AS_STRING(handles)
+        else:
+            handles = list(handles)
+            n = len(handles)
+            packed = NULL
+        for i in range(n):
+            if packed != NULL:
+                h = packed[i]
+            else:
+                h = handles[i]
             self._check(h)
             r = &self.records[h]
             if r.length == 0:

@@ -23,6 +23,7 @@ Every table of an engine adds its bytes to one `IndexMemory`, which is what
 """
 
 cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 
@@ -383,6 +384,30 @@ cdef class PageTable:
             for slot in range(LEAF_SLOTS):
                 if (leaf.present >> slot) & 1:
                     out.append(self._handle(leaf, (leafno << LEAF_BITS) | slot))
+        return out
+
+    def handle_bytes(self) -> bytes:
+        """Every page's handle as native int64s, in no particular order, in one bytes
+        object (a pool's summary, without a Python int per page). TypeError if a handle is not an
+        int kept in the table (a raw page's bytes, a marker)."""
+        cdef bytes out
+        cdef int64_t* into
+        cdef Py_ssize_t n = 0
+        cdef uint64_t i
+        cdef Leaf* leaf
+        cdef int slot
+        if self.objects:
+            raise TypeError("the table holds handles that are not ints")
+        out = PyBytes_FromStringAndSize(NULL, self.count * sizeof(int64_t))
+        into = <int64_t*>PyBytes_AS_STRING(out)
+        if self.buckets != NULL:
+            for i in range(self.mask + 1):
+                if self.buckets[i].key:
+                    leaf = self.buckets[i].leaf
+                    for slot in range(LEAF_SLOTS):
+                        if (leaf.present >> slot) & 1:
+                            into[n] = leaf.handle[slot]
+                            n += 1
         return out
 
     # -- runs of consecutive pages (an image request) ---------------------------------------

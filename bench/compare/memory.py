@@ -17,7 +17,12 @@ NUMBER = 2
 TITLE = "Memory held"
 CORPORA = ("files", "anon", "random", "zero")
 SAMPLES = 16  # points per curve in the memory plot
-GOAL = at_most(0.85, "zram")
+# Issue 13's goals for what tmemfs holds once cold pages are recompressed, against
+# zram's mem_used_total (zsmalloc's own account, as pool_total_size is tmemfs'): files
+# 0.70x, real anonymous memory 0.85x, random pages no worse than zram. The lz4-only
+# figures and RSS growth (which also pays the daemon's one-time costs) are context.
+GOALS = {"files": at_most(0.70, "zram"), "anon": at_most(0.85, "zram"),
+         "random": at_most(1.0, "zram")}
 # Background recompression: the daemon sweeps every this many seconds, and the bench
 # waits until recompressed_pages has not moved for SETTLE seconds (at most SETTLE_MAX).
 RECOMPRESS_AFTER = 2
@@ -159,14 +164,14 @@ def summarise(runs: dict[str, list[Run]], references: dict[str, int]) -> tuple[l
         zram = [r.zram_stat["mem_used_total"] for r in rs]
         pool = [r.tmemfs_stats["pool_total_size"] for r in rs]
         rss = [r.rss_growth[-1] for r in rs]
-        rows.append(paired(f"{name}: pool_total_size", "MiB", mib(pool), mib(zram), GOAL))
-        rows.append(paired(f"{name}: daemon RSS growth", "MiB", mib(rss), mib(zram), GOAL))
+        rows.append(paired(f"{name}: pool_total_size, lz4 only", "MiB", mib(pool), mib(zram)))
+        rows.append(paired(f"{name}: daemon RSS growth, lz4 only", "MiB", mib(rss), mib(zram)))
         cold = [r.recompressed_stats["pool_total_size"] for r in rs]
         cold_rss = [r.recompressed_rss for r in rs]
         rows.append(paired(f"{name}: pool_total_size, recompressed", "MiB", mib(cold),
-                           mib(zram), GOAL))
+                           mib(zram), GOALS.get(name)))
         rows.append(paired(f"{name}: daemon RSS growth, recompressed", "MiB", mib(cold_rss),
-                           mib(zram), GOAL))
+                           mib(zram)))
         rows.append(paired(f"{name}: pool_total_size, recompressed, vs zstd", "MiB",
                            mib(cold), mib([references[name]] * len(rs)), ZSTD_REFERENCE))
         pages = rs[0].pages[-1]

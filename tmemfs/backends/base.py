@@ -165,9 +165,10 @@ class Backend(ABC):
         """The sum of page_charge over handles (backends with `batches` only)."""
         raise NotImplementedError
 
-    def summarize(self, handles: Sequence[Any]) -> tuple[int, int, float, int]:
+    def summarize(self, handles: Sequence[Any] | bytes) -> tuple[int, int, float, int]:
         """Same-filled pages, shared pages, payload bytes charged to them and recompressed
-        pages (backends with `batches` only)."""
+        pages (backends with `batches` only); `handles` may be native int64s in bytes
+        (PageTable.handle_bytes)."""
         raise NotImplementedError
 
     async def run_recompress(self) -> None:  # noqa: B027 - optional hook

@@ -152,7 +152,7 @@ class Lz4Backend(Backend):
             self._released = 0
             self.slabs.compact()
 
-    def summarize(self, handles: Sequence[int]) -> tuple[int, int, float, int]:
+    def summarize(self, handles: Sequence[int] | bytes) -> tuple[int, int, float, int]:
         """Same-filled pages, shared pages, payload bytes charged to them and pages held
         in zstd, in one call."""
         return self.slabs.summarize(handles)
