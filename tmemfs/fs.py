@@ -46,6 +46,13 @@ from tmemfs.engine import (
 )
 from tmemfs.engine import stats as statsfmt
 from tmemfs.engine.pool import Pool, TmemObject
+from tmemfs.image import (
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    ImageView,
+    UnsupportedMode,
+    check_fallocate,
+)
 from tmemfs.nodes import CLEANCACHE, DAEMON, FRONTSWAP, STATS, InodeTable, Kind, Node
 from tmemfs.sizes import format_limit, parse_limit
 
@@ -54,7 +61,7 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_ERRNO: dict[type[TmemError], int] = {
+_ERRNO: dict[type[Exception], int] = {
     BadName: errno.EINVAL,
     BadValue: errno.EINVAL,
     NoSuchPool: errno.ENOENT,
@@ -62,6 +69,8 @@ _ERRNO: dict[type[TmemError], int] = {
     PoolExists: errno.EEXIST,
     StoreRejected: errno.ENOSPC,
     PageLost: errno.EIO,
+    UnsupportedMode: errno.EOPNOTSUPP,
+    TmemError: errno.EIO,  # any other engine failure: expected, so not logged as a bug
 }
 _STATS_NAME = b".stats"
 # A pool's writable control files: its own limit and its weight (fair shares).
@@ -94,13 +103,6 @@ _DIR_TIMEOUT = 1.0
 _PAGE_ENTRY_TIMEOUT = 10.0
 _PAGE_ATTR_TIMEOUT = 1.0
 _UNCACHED = 0.0
-# fallocate(2) modes (linux/falloc.h). The loop device sends PUNCH_HOLE|KEEP_SIZE for
-# a discard.
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-# A zeroed image range is stored this many bytes per batch.
-_ZERO_BATCH = 1 << 20
 
 
 def discard_supported() -> bool:
@@ -122,6 +124,11 @@ def errno_for(exc: BaseException) -> int:
     return errno.EIO
 
 
+def _expected(exc: BaseException) -> bool:
+    """Whether a failure carries a meaning (a tmem or tree rule), not a bug."""
+    return any(cls in _ERRNO for cls in type(exc).__mro__)
+
+
 def translate_errors(
     handler: Callable[P, Awaitable[R]],
 ) -> Callable[P, Awaitable[R]]:
@@ -137,11 +144,10 @@ def translate_errors(
             return await handler(*args, **kwargs)
         except FUSEError:
             raise
-        except TmemError as exc:
+        except Exception as exc:
+            if not _expected(exc):
+                log.exception("unexpected error in %s", handler.__name__)
             raise FUSEError(errno_for(exc)) from None
-        except Exception:
-            log.exception("unexpected error in %s", handler.__name__)
-            raise FUSEError(errno.EIO) from None
 
     return wrapper
 
@@ -276,6 +282,7 @@ class TmemOperations(pyfuse3.Operations):
         # What `.daemon` shows: pid, version, options; `tmemfs umount` reads the pid.
         self.daemon_info = daemon_info or {}
         self.page_size = engine.page_size
+        self.image = ImageView(engine)
         self.inodes = InodeTable()
         self._handles: dict[int, OpenPage | OpenImage | OpenStats | OpenStaged | Listing] = {}
         self._next_fh = 1
@@ -940,7 +947,7 @@ class TmemOperations(pyfuse3.Operations):
         if isinstance(handle, OpenStats):
             return handle.text[off : off + size]
         if isinstance(handle, OpenImage):
-            return await self._read_image(handle.pool, off, size)
+            return await self.image.read(handle.pool, off, size)
         if isinstance(handle, OpenStaged):
             return bytes(self._staged_of(handle)[off : off + size])
         assert isinstance(handle, OpenPage)
@@ -966,7 +973,7 @@ class TmemOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         if isinstance(handle, OpenImage):
-            return await self._write_image(handle.pool, off, buf)
+            return await self.image.write(handle.pool, off, buf)
         if isinstance(handle, OpenStats) and handle.control is not None:
             return self._write_control(handle.control, buf)
         if isinstance(handle, OpenStaged):
@@ -1001,51 +1008,6 @@ class TmemOperations(pyfuse3.Operations):
         if staged is None:  # renamed or unlinked while open
             raise fail(errno.ESTALE)
         return staged.data
-
-    async def _read_image(self, pool_id: PoolId, off: int, size: int) -> bytes | memoryview:
-        """One request, one batch: every page it covers is loaded together."""
-        pool = self.engine.pool(pool_id)
-        end = min(off + size, pool.image_size or 0)
-        if off >= end:
-            return b""
-        psize = self.page_size
-        first, last = off // psize, (end - 1) // psize
-        start = off - first * psize
-        run = self.engine.load_run(pool_id, SWAP_OBJECT, first, last - first + 1)
-        if run is not None:
-            return memoryview(run)[start : start + end - off]
-        pages = await self.engine.load_many(
-            pool_id, SWAP_OBJECT, range(first, last + 1), exclusive=False
-        )
-        zero = bytes(psize)
-        data = b"".join(zero if page is None else page for page in pages)
-        return data[start : start + end - off]
-
-    async def _write_image(self, pool_id: PoolId, off: int, buf: bytes) -> int:
-        """One request, one batch; pages the request only partly covers are read first."""
-        pool = self.engine.pool(pool_id)
-        psize = self.page_size
-        end = off + len(buf)
-        if not buf:
-            return 0
-        first, last = off // psize, (end - 1) // psize
-        data: bytes | bytearray = buf
-        if off % psize or end % psize:
-            partial = sorted({i for i in (first, last)
-                              if off > i * psize or end < (i + 1) * psize})
-            loaded = await self.engine.load_many(pool_id, SWAP_OBJECT, partial, exclusive=False)
-            data = bytearray((last - first + 1) * psize)
-            for index, page in zip(partial, loaded, strict=True):
-                if page is not None:
-                    at = (index - first) * psize
-                    data[at : at + psize] = page
-            data[off - first * psize : end - first * psize] = buf
-        stored = await self.engine.store_run(pool_id, SWAP_OBJECT, first, data)
-        if pool.image_size is not None and end > pool.image_size:
-            await self.engine.resize_image(pool_id, end)
-        if not stored:
-            raise StoreRejected(f"{pool_id}.img")
-        return len(buf)
 
     async def _write_buffer(self, handle: OpenPage) -> bytearray:
         """The page being assembled: its stored content (read-modify-write) or zeros."""
@@ -1124,59 +1086,13 @@ class TmemOperations(pyfuse3.Operations):
         grow an image; any other mode is EOPNOTSUPP.
         """
         handle = self._handles.get(fh)
-        what = mode & ~FALLOC_FL_KEEP_SIZE
-        if what not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) or (
-            what == FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE
-        ):
-            raise fail(errno.EOPNOTSUPP)
-        if offset < 0 or length <= 0:
-            raise fail(errno.EINVAL)
+        check_fallocate(mode, offset, length)
         if isinstance(handle, OpenImage):
-            await self._fallocate_image(handle.pool, mode, offset, offset + length)
+            await self.image.fallocate(handle.pool, mode, offset, offset + length)
         elif isinstance(handle, OpenPage):
             await self._fallocate_page(handle, mode, offset, offset + length)
         else:
             raise fail(errno.EBADF)
-
-    async def _fallocate_image(self, pool_id: PoolId, mode: int, off: int, end: int) -> None:
-        pool = self.engine.pool(pool_id)
-        size = pool.image_size
-        if size is None:
-            return  # unlinked while open: its view is gone, and unlink keeps the pages
-        if mode & FALLOC_FL_KEEP_SIZE:
-            end = min(end, size)
-        elif end > size:
-            await self.engine.resize_image(pool_id, end)
-        if off >= end:
-            return
-        if mode & FALLOC_FL_PUNCH_HOLE:
-            await self._punch_image(pool_id, off, end)
-        elif mode & FALLOC_FL_ZERO_RANGE:
-            pos = off
-            while pos < end:
-                upto = min(end, (pos // _ZERO_BATCH + 1) * _ZERO_BATCH)
-                await self._write_image(pool_id, pos, bytes(upto - pos))
-                pos = upto
-
-    async def _punch_image(self, pool_id: PoolId, off: int, end: int) -> None:
-        """Invalidate the pages wholly inside [off, end) as one batch; zero the edges."""
-        psize = self.page_size
-        whole = range(-(-off // psize), end // psize)
-        if whole:
-            await self.engine.discard(pool_id, SWAP_OBJECT, whole)
-        edges = sorted({i for i in (off // psize, (end - 1) // psize) if i not in whole})
-        if not edges:
-            return  # swap discards whole clusters: nothing to read back
-        loaded = await self.engine.load_many(pool_id, SWAP_OBJECT, edges, exclusive=False)
-        zeroed: list[tuple[int, bytes]] = []
-        for index, page in zip(edges, loaded, strict=True):
-            if page is None:
-                continue  # never stored: it reads as zeros already
-            start = index * psize
-            lo, hi = max(off, start) - start, min(end, start + psize) - start
-            zeroed.append((index, page[:lo] + bytes(hi - lo) + page[hi:]))
-        if zeroed and not all(await self.engine.store_many(pool_id, SWAP_OBJECT, zeroed)):
-            raise StoreRejected(f"{pool_id}.img")
 
     async def _fallocate_page(self, handle: OpenPage, mode: int, off: int, end: int) -> None:
         """A page file is one page: a range past it is EFBIG, as a write past it is."""
