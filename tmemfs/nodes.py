@@ -11,8 +11,6 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-import pyfuse3
-
 from tmemfs.engine import PageKey, PoolId
 
 
@@ -58,12 +56,14 @@ STATS = Node(Kind.STATS)
 DAEMON = Node(Kind.DAEMON)
 FRONTSWAP = Node(Kind.FRONTSWAP)
 CLEANCACHE = Node(Kind.CLEANCACHE)
+# The root's inode number in the FUSE protocol (FUSE_ROOT_ID, pyfuse3.ROOT_INODE).
+ROOT_INODE = 1
 _FIXED = {
-    pyfuse3.ROOT_INODE: ROOT,
-    pyfuse3.ROOT_INODE + 1: STATS,
-    pyfuse3.ROOT_INODE + 2: FRONTSWAP,
-    pyfuse3.ROOT_INODE + 3: CLEANCACHE,
-    pyfuse3.ROOT_INODE + 4: DAEMON,
+    ROOT_INODE: ROOT,
+    ROOT_INODE + 1: STATS,
+    ROOT_INODE + 2: FRONTSWAP,
+    ROOT_INODE + 3: CLEANCACHE,
+    ROOT_INODE + 4: DAEMON,
 }
 
 
