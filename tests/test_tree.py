@@ -22,19 +22,23 @@ from tmemfs.engine import (
     PoolKind,
     StoreRejected,
 )
-from tmemfs.nodes import CLEANCACHE, FRONTSWAP, ROOT, STATS, Kind, Node
-from tmemfs.tree import (
+from tmemfs.nodes import (
+    CLEANCACHE,
+    FRONTSWAP,
+    ROOT,
+    STATS,
     AccessDenied,
     IsDirectory,
+    Kind,
+    Node,
     NodeExists,
     NoSuchNode,
     NotDirectory,
     NotPermitted,
-    OpenPage,
-    OpenText,
     PastPage,
-    Tree,
 )
+from tmemfs.pagefiles import OpenPage
+from tmemfs.tree import OpenText, Tree
 
 BOB = 1001
 
@@ -175,21 +179,21 @@ async def test_a_created_page_exists_before_its_store_and_goes_with_unlink() -> 
     node, handle = await tree.create(pool, b"4", alice(), exclusive=True, truncate=False)
     assert isinstance(handle, OpenPage) and tree.exists(node)
     assert [name for name, _ in tree.children(pool)] == [b"4"]
-    assert await tree.read_page(handle, 0, PAGE) == bytes(PAGE)
-    await tree.write_page(handle, 100, b"abc")
-    await tree.flush_page(handle)
-    await tree.release_page(handle)
+    assert await tree.files.read(handle, 0, PAGE) == bytes(PAGE)
+    await tree.files.write(handle, 100, b"abc")
+    await tree.files.flush(handle)
+    await tree.files.release(handle)
     assert await tree.engine.load(node.page_key) == bytes(100) + b"abc" + bytes(PAGE - 103)
     with pytest.raises(NodeExists):
         await tree.create(pool, b"4", alice(), exclusive=True, truncate=False)
     with pytest.raises(PastPage):
-        await tree.write_page(handle, PAGE - 1, b"ab")
+        await tree.files.write(handle, PAGE - 1, b"ab")
     # Unlink of a page still being created: its open file no longer stores it.
     node, handle = await tree.create(pool, b"9", alice(), exclusive=False, truncate=False)
     tree.inodes.remember(tree.inodes.inode(pool))
     await tree.unlink(pool, b"9")
     assert not tree.exists(node)
-    await tree.release_page(handle)
+    await tree.files.release(handle)
     assert tree.engine.entry(node.page_key) is None
     with pytest.raises(NoSuchNode):
         await tree.unlink(pool, b"9")
@@ -206,7 +210,7 @@ async def test_a_refused_created_page_is_forgotten_by_the_kernel() -> None:
     tree.inodes.remember(tree.inodes.inode(node))
     assert isinstance(handle, OpenPage)
     with pytest.raises(StoreRejected):
-        await tree.flush_page(handle)
+        await tree.files.flush(handle)
     assert forgotten == [(pool_inode, b"1")]
     assert not tree.exists(node)
 
@@ -232,7 +236,8 @@ def test_no_pyfuse3_in_the_model() -> None:
     import subprocess
     import sys
 
-    code = "import sys, tmemfs.tree, tmemfs.image; print('pyfuse3' in sys.modules)"
+    modules = "tmemfs.tree, tmemfs.pagefiles, tmemfs.image"
+    code = f"import sys, {modules}; print('pyfuse3' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -1,13 +1,14 @@
 """The pyfuse3 adapter: a protocol translator only.
 
-Inodes, names and file handles come in; the tree model (`tmemfs.tree`) and the
-image view (`tmemfs.image`) answer; their answers become replies and their
-exceptions become errnos in one place (`errno_for`). No tmem rule and no tree rule
-is decided here: the engine decides what is stored, loaded, evicted or refused,
-the tree what exists and who may change it. Every handler is wrapped so that no
-exception other than FUSEError reaches pyfuse3, which would otherwise end the mount.
-The kernel's name cache is this module's too: what the engine made go is dropped
-from it (`Tree.gone` says which names), before the reply where that is safe.
+Inodes, names and file handles come in; the tree model (`tmemfs.tree`), the page
+files (`tmemfs.pagefiles`) and the image view (`tmemfs.image`) answer; their answers
+become replies and their exceptions become errnos in one place (`errno_for`). No
+tmem rule and no tree rule is decided here: the engine decides what is stored,
+loaded, evicted or refused, the tree what exists and who may change it. Every
+handler is wrapped so that no exception other than FUSEError reaches pyfuse3, which
+would otherwise end the mount. The kernel's name cache is this module's too: what
+the engine made go is dropped from it (`Tree.gone` says which names), before the
+reply where that is safe.
 """
 
 from __future__ import annotations
@@ -38,25 +39,20 @@ from tmemfs.engine import (
     TmemError,
 )
 from tmemfs.image import ImageView, UnsupportedMode, check_fallocate
-from tmemfs.nodes import Node
-from tmemfs.tree import (
+from tmemfs.nodes import (
     AccessDenied,
-    Attributes,
     IsDirectory,
+    Node,
     NodeExists,
     NoSuchNode,
     NotDirectory,
     NotPermitted,
-    OpenFile,
-    OpenImage,
-    OpenPage,
-    OpenStaged,
-    OpenText,
     PastPage,
     StaleFile,
     TooManyStaged,
-    Tree,
 )
+from tmemfs.pagefiles import OpenPage, OpenStaged
+from tmemfs.tree import Attributes, OpenFile, OpenImage, OpenText, Tree
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +238,7 @@ class TmemOperations(pyfuse3.Operations):
             forget_names=self._forget_names if invalidate_entry is not None else None,
         )
         self.image = ImageView(engine)
+        self.pages = self.tree.files
         self.inodes = self.tree.inodes
         self._handles: dict[int, OpenFile | Listing] = {}
         self._next_fh = 1
@@ -409,9 +406,9 @@ class TmemOperations(pyfuse3.Operations):
         if isinstance(handle, OpenText):
             return handle.text[off : off + size]
         if isinstance(handle, OpenStaged):
-            return bytes(self.tree.staged_data(handle)[off : off + size])
+            return bytes(self.pages.staged_data(handle)[off : off + size])
         assert isinstance(handle, OpenPage)
-        return await self.tree.read_page(handle, off, size)
+        return await self.pages.read(handle, off, size)
 
     @translate_errors
     @invalidates_before_reply
@@ -422,17 +419,17 @@ class TmemOperations(pyfuse3.Operations):
         if isinstance(handle, OpenText) and handle.control is not None:
             return self.tree.write_control(handle.control, buf)
         if isinstance(handle, OpenStaged):
-            return self.tree.write_staged(handle, off, buf)
+            return self.pages.write_staged(handle, off, buf)
         if not isinstance(handle, OpenPage):
             raise fail(errno.EBADF)
-        return await self.tree.write_page(handle, off, buf)
+        return await self.pages.write(handle, off, buf)
 
     @translate_errors
     @invalidates_before_reply
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
         if isinstance(handle, OpenPage):
-            await self.tree.flush_page(handle)
+            await self.pages.flush(handle)
 
     @translate_errors
     @invalidates_before_reply
@@ -452,7 +449,7 @@ class TmemOperations(pyfuse3.Operations):
         if isinstance(handle, OpenImage):
             await self.image.fallocate(handle.pool, mode, offset, offset + length)
         elif isinstance(handle, OpenPage):
-            await self.tree.fallocate_page(handle, mode, offset, offset + length)
+            await self.pages.fallocate(handle, mode, offset, offset + length)
         else:
             raise fail(errno.EBADF)
 
@@ -462,7 +459,7 @@ class TmemOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if isinstance(handle, OpenPage):
             try:
-                await self.tree.release_page(handle)
+                await self.pages.release(handle)
             except TmemError as exc:
                 # flush() already reported this to close(); release has no caller to tell.
                 log.warning("store at release of %s failed: %s", handle.key, type(exc).__name__)

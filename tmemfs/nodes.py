@@ -1,4 +1,4 @@
-"""What each inode of the tree is, and the table that numbers them.
+"""What each inode of the tree is, the table that numbers them, and what the tree refuses.
 
 A node is a value (its kind and key), so the same path always gets the same
 inode number while the kernel remembers it, and a pool made anew under an old name
@@ -113,3 +113,46 @@ class InodeTable:
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+
+# -- what the tree refuses: each is one errno in fs.errno_for ---------------------------
+
+
+class TreeError(Exception):
+    """A request the tree's rules refuse."""
+
+
+class NoSuchNode(TreeError):
+    """Nothing of that name, or an inode that no longer exists (ENOENT)."""
+
+
+class NodeExists(TreeError):
+    """The name is taken (EEXIST)."""
+
+
+class NotPermitted(TreeError):
+    """The tree has no such operation there, or the caller is not the owner (EPERM)."""
+
+
+class AccessDenied(TreeError):
+    """A read-only file opened for writing, or a control file written by another (EACCES)."""
+
+
+class IsDirectory(TreeError):
+    """A file operation on a directory (EISDIR)."""
+
+
+class NotDirectory(TreeError):
+    """rmdir of a file (ENOTDIR)."""
+
+
+class PastPage(TreeError):
+    """A page file is one page: nothing lies past its end (EFBIG)."""
+
+
+class StaleFile(TreeError):
+    """An open staged file that was renamed or unlinked meanwhile (ESTALE)."""
+
+
+class TooManyStaged(TreeError):
+    """Too many rsync copies coming in at once (ENOSPC)."""

@@ -2,13 +2,14 @@
 
 Like borg's vfs.py, it knows no FUSE: the adapter (fs.py) hands it inode numbers,
 names, callers' ids and open files, and turns its answers into replies and its
-exceptions into errnos. Here are the tree's rules: what a name in a directory
-means, which nodes exist (asked of the engine each time), their attributes (mode,
-owner, size, times, blocks), who may chmod, chown or write a control file, what
-mkdir, rmdir, unlink, create and rename may do where, and how a page file is read
-and written (partial writes assembled until close, a created page that exists
-before its first store, rsync's staged copies). No tmem rule is decided here: the
-engine decides what is stored, loaded, evicted or refused.
+refusals (tmemfs.nodes: NoSuchNode, NotPermitted, ...) into errnos. Here are the
+tree's rules: what a name in a directory means, which nodes exist (asked of the
+engine each time), their attributes (mode, owner, size, times, blocks), who may
+chmod, chown or write a control file, what mkdir, rmdir, unlink, create, open and
+rename may do where, and which cached names go when the engine drops pages. What
+reading and writing an open page file does is tmemfs.pagefiles; an image's bytes are
+tmemfs.image. No tmem rule is decided here: the engine decides what is stored,
+loaded, evicted or refused.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tmemfs.engine import (
     SWAP_OBJECT,
@@ -29,60 +30,30 @@ from tmemfs.engine import (
     PageKey,
     PoolId,
     PoolKind,
-    StoreRejected,
     parse_decimal,
     parse_name,
 )
 from tmemfs.engine import stats as statsfmt
 from tmemfs.engine.pool import Pool, TmemObject
-from tmemfs.image import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from tmemfs.nodes import CLEANCACHE, DAEMON, FRONTSWAP, STATS, InodeTable, Kind, Node
+from tmemfs.nodes import (
+    CLEANCACHE,
+    DAEMON,
+    FRONTSWAP,
+    STATS,
+    AccessDenied,
+    InodeTable,
+    IsDirectory,
+    Kind,
+    Node,
+    NodeExists,
+    NoSuchNode,
+    NotDirectory,
+    NotPermitted,
+)
+from tmemfs.pagefiles import OpenPage, OpenStaged, PageFiles
 from tmemfs.sizes import format_limit, parse_limit
 
 log = logging.getLogger(__name__)
-
-
-# -- what the tree refuses: each is one errno in fs.errno_for ---------------------------
-
-
-class TreeError(Exception):
-    """A request the tree's rules refuse."""
-
-
-class NoSuchNode(TreeError):
-    """Nothing of that name, or an inode that no longer exists (ENOENT)."""
-
-
-class NodeExists(TreeError):
-    """The name is taken (EEXIST)."""
-
-
-class NotPermitted(TreeError):
-    """The tree has no such operation there, or the caller is not the owner (EPERM)."""
-
-
-class AccessDenied(TreeError):
-    """A read-only file opened for writing, or a control file written by another (EACCES)."""
-
-
-class IsDirectory(TreeError):
-    """A file operation on a directory (EISDIR)."""
-
-
-class NotDirectory(TreeError):
-    """rmdir of a file (ENOTDIR)."""
-
-
-class PastPage(TreeError):
-    """A page file is one page: nothing lies past its end (EFBIG)."""
-
-
-class StaleFile(TreeError):
-    """An open staged file that was renamed or unlinked meanwhile (ESTALE)."""
-
-
-class TooManyStaged(TreeError):
-    """Too many rsync copies coming in at once (ENOSPC)."""
 
 
 # rename(2)'s flag (linux/fs.h): fail if the target exists.
@@ -99,8 +70,6 @@ TEXT_KINDS = STATS_KINDS | CONTROL_KINDS
 IMAGE_SUFFIX = b".img"
 # rsync writes page N as `.N.XXXXXX` and renames it onto N when it is complete.
 _STAGED_NAME = re.compile(rb"\.([0-9]+)\.[A-Za-z0-9]{6}")
-# How many such files may be coming in at once, per mount.
-MAX_STAGED = 1024
 _TOP = {
     b"stats": STATS,
     b"frontswap": FRONTSWAP,
@@ -151,36 +120,7 @@ class FsUsage:
     name_max: int = 255
 
 
-# -- open files -------------------------------------------------------------------------
-
-
-@dataclass(slots=True, eq=False)
-class OpenPage:
-    """A page file opened for I/O; partial writes are assembled here until flush."""
-
-    key: PageKey
-    writable: bool
-    buffer: bytearray | None = None
-    dirty: bool = False
-    created: bool = False
-    loaded: bytes | None = None
-
-
-@dataclass(slots=True)
-class Staged:
-    """`.N.XXXXXX` in a page directory: a copy of page N coming in, as rsync writes it.
-
-    It holds at most a page, outside the engine; rename onto N stores it as page N.
-    """
-
-    owner: Owner
-    data: bytearray = field(default_factory=bytearray)
-    mtime_ns: int = field(default_factory=time.time_ns)
-
-
-@dataclass(slots=True)
-class OpenStaged:
-    node: Node
+# -- open files that are not page files ---------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -222,14 +162,8 @@ class Tree:
         # Called once, when the first image is made (the daemon locks its memory then).
         self._on_first_image = on_first_image
         self.inodes = InodeTable()
-        # Files coming in under rsync's temporary names, until renamed onto a page.
-        self.staged: dict[Node, Staged] = {}
-        # Pages created by an open file that has not stored them yet, with those files:
-        # they exist for stat and lookup, as a freshly created file does.
-        self._creators: dict[PageKey, list[OpenPage]] = {}
-        # Of those, the ones whose creator has closed them with nothing written: from
-        # then on everyone reads them as a zero page; before, only the creator does.
-        self._closed_creations: set[PageKey] = set()
+        # Open page files, created pages not stored yet, and rsync's staged copies.
+        self.files = PageFiles(engine, on_abandoned=self._page_gone)
         # The page an unlink is removing: the kernel drops that name itself.
         self._unlinking: Node | None = None
         self._started_ns = time.time_ns()
@@ -261,9 +195,9 @@ class Tree:
         if kind is Kind.OBJECT:
             return True
         if kind is Kind.STAGED:
-            return node in self.staged
+            return node in self.files.staged
         key = node.page_key
-        return self.engine.entry(key) is not None or key in self._creators
+        return self.engine.entry(key) is not None or self.files.creating(key)
 
     def child(self, parent: Node, name: bytes) -> Node:
         """The node `name` in `parent` would be, whether or not it exists.
@@ -372,7 +306,7 @@ class Tree:
         assert obj is not None
         tobj = pool.objects[obj]
         indexes = set(tobj.pages)
-        indexes.update(k.index for k in self._creators if k.pool == node.pool and k.object == obj)
+        indexes.update(self.files.creating_indexes(node.pool, obj))
         entries += [
             (str(i).encode(), Node(Kind.PAGE, node.pool, obj, i, tobj.generation))
             for i in sorted(indexes)
@@ -389,11 +323,8 @@ class Tree:
         nobody looked at costs nothing but dictionary lookups.
         """
         pid = pool.id
-        if indexes is None and self.staged:
-            for node in [
-                n for n in self.staged if n.pool == pid and (tobj is None or n.object == tobj.name)
-            ]:
-                del self.staged[node]
+        if indexes is None and self.files.staged:
+            self.files.drop_staged(pid, tobj.name if tobj is not None else None)
         if self.forget_names is None:
             return
         pool_node = Node(Kind.POOL, pid, generation=pool.generation)
@@ -498,7 +429,7 @@ class Tree:
             if kind is Kind.OBJECT and self.shared(node):
                 attr.entry_timeout = UNCACHED
         elif kind is Kind.STAGED:
-            staged = self.staged[node]
+            staged = self.files.staged[node]
             attr.mode = stat.S_IFREG | staged.owner.mode
             attr.uid, attr.gid = staged.owner.uid, staged.owner.gid
             attr.size = len(staged.data)
@@ -539,7 +470,7 @@ class Tree:
 
     def owner(self, node: Node) -> Owner:
         if node.kind is Kind.STAGED:
-            return self.staged[node].owner
+            return self.files.staged[node].owner
         assert node.pool is not None
         pool = self.engine.pool(node.pool)
         # A page shows its pool's owner and mode (without x bits), in cleancache too:
@@ -607,13 +538,10 @@ class Tree:
             # Times are not kept apart from the store time; touch on a page just succeeds.
             return
         if node.kind is Kind.STAGED:
-            if size > self.page_size:
-                raise PastPage(node)
-            data = self.staged[node].data
-            del data[size:]
-            data.extend(bytes(size - len(data)))
+            self.files.truncate_staged(node, size)
         elif node.kind is Kind.PAGE:
-            await self._truncate_page(node, size, open_file)
+            page_file = open_file if isinstance(open_file, OpenPage) else None
+            await self.files.truncate(node.page_key, size, page_file)
         elif node.kind is Kind.IMAGE:
             assert node.pool is not None
             await self.engine.resize_image(node.pool, size)
@@ -639,22 +567,6 @@ class Tree:
             if caller_uid != 0 and (new_uid != owner.uid or caller_uid != owner.uid):
                 raise NotPermitted(node)
             owner.uid, owner.gid = new_uid, new_gid
-
-    async def _truncate_page(self, node: Node, size: int, open_file: OpenFile | None) -> None:
-        """truncate(2) of a page: past the page is EFBIG; shorter zeroes the tail."""
-        if size > self.page_size:
-            raise PastPage(node)
-        if size == self.page_size:
-            return
-        if isinstance(open_file, OpenPage) and open_file.writable:
-            buffer = await self._write_buffer(open_file)
-            buffer[size:] = bytes(self.page_size - size)
-            open_file.dirty = True
-            return
-        page = await self.engine.load(node.page_key)
-        if page is None:
-            raise NoSuchNode(node)
-        await self.engine.store(node.page_key, page[:size].ljust(self.page_size, b"\0"))
 
     # -- control files: .max and .weight ----------------------------------------------------
 
@@ -749,7 +661,7 @@ class Tree:
                 raise NodeExists(name)
             node = self.child(parent, name)
             if node.kind is Kind.STAGED:
-                return node, self._create_staged(node, owner, exclusive, truncate)
+                return node, self.files.create_staged(node, owner, exclusive, truncate)
         elif parent.kind is Kind.FRONTSWAP and name.endswith(IMAGE_SUFFIX):
             return await self._create_image(self.child(parent, name), owner, exclusive, truncate)
         else:
@@ -757,21 +669,7 @@ class Tree:
         key = node.page_key
         if self.engine.entry(key) is not None and exclusive:
             raise NodeExists(name)
-        return node, self.open_created(key)
-
-    def _create_staged(
-        self, node: Node, owner: Owner, exclusive: bool, truncate: bool
-    ) -> OpenStaged:
-        if node in self.staged:
-            if exclusive:
-                raise NodeExists(node.name)
-            if truncate:
-                self.staged[node].data.clear()
-        else:
-            if len(self.staged) >= MAX_STAGED:
-                raise TooManyStaged(node.name)
-            self.staged[node] = Staged(owner)
-        return OpenStaged(node)
+        return node, self.files.open_created(key)
 
     async def _create_image(
         self, node: Node, owner: Owner, exclusive: bool, truncate: bool
@@ -790,13 +688,6 @@ class Tree:
             callback()
         return node, OpenImage(node.pool)
 
-    def open_created(self, key: PageKey) -> OpenPage:
-        """An open file of a new page: zeros until written, stored at close."""
-        handle = OpenPage(key, writable=True, created=True)
-        handle.buffer = bytearray(self.page_size)
-        self._creators.setdefault(key, []).append(handle)
-        return handle
-
     async def open(self, inode: int, writable: bool, truncate: bool, caller_uid: int) -> OpenFile:
         """open(2) of an existing node (or of a page that went since its lookup)."""
         vanished = self.inodes.node(inode)
@@ -810,7 +701,7 @@ class Tree:
             # The page went (unlink, eviction) between the kernel's lookup and this open.
             # The kernel keeps O_CREAT to itself, so a write must find a new page here,
             # as its create would have: a store never fails with ENOENT.
-            return self.open_created(vanished.page_key)
+            return self.files.open_created(vanished.page_key)
         node = self.node(inode)
         if node.kind in CONTROL_KINDS:
             if writable or truncate:
@@ -827,15 +718,10 @@ class Tree:
             return OpenImage(node.pool)
         if node.kind is Kind.STAGED:
             if writable and truncate:
-                self.staged[node].data.clear()
+                self.files.staged[node].data.clear()
             return OpenStaged(node)
         if node.kind is Kind.PAGE:
-            handle = OpenPage(node.page_key, writable)
-            if writable and truncate:
-                # `echo hi > page`: the page becomes what is written, zero-padded.
-                handle.buffer = bytearray(self.page_size)
-                handle.dirty = True
-            return handle
+            return self.files.open(node.page_key, writable, truncate)
         raise IsDirectory(node)
 
     async def unlink(self, parent: Node, name: bytes) -> None:
@@ -843,7 +729,7 @@ class Tree:
         node = self.named(parent, name)
         if node.kind is Kind.PAGE:
             key = node.page_key
-            created = self._forget_creating(key)
+            created = self.files.forget_creating(key)
             self._unlinking = node
             try:
                 if not await self.engine.invalidate_page(key) and not created:
@@ -853,7 +739,7 @@ class Tree:
         elif not self.exists(node):
             raise NoSuchNode(name)
         elif node.kind is Kind.STAGED:
-            del self.staged[node]
+            del self.files.staged[node]
         elif node.kind is Kind.IMAGE:
             assert node.pool is not None
             await self.engine.remove_image(node.pool)
@@ -883,149 +769,4 @@ class Tree:
             raise NotPermitted(name_new)
         if flags & RENAME_NOREPLACE and self.exists(target):
             raise NodeExists(name_new)
-        staged = self.staged.pop(node)
-        page = bytes(staged.data).ljust(self.page_size, b"\0")
-        self._forget_creating(target.page_key)
-        await self._store(target.page_key, page)
-
-    # -- staged copies: read and write ------------------------------------------------------
-
-    def staged_data(self, handle: OpenStaged) -> bytearray:
-        staged = self.staged.get(handle.node)
-        if staged is None:  # renamed or unlinked while open
-            raise StaleFile(handle.node)
-        return staged.data
-
-    def write_staged(self, handle: OpenStaged, off: int, buf: bytes) -> int:
-        if off + len(buf) > self.page_size:
-            raise PastPage(handle.node)
-        data = self.staged_data(handle)
-        if off > len(data):
-            data.extend(bytes(off - len(data)))
-        data[off : off + len(buf)] = buf
-        return len(buf)
-
-    # -- page files: read, write, flush, release ------------------------------------------
-
-    async def read_page(self, handle: OpenPage, off: int, size: int) -> bytes:
-        if off >= self.page_size:
-            return b""
-        if handle.dirty and handle.buffer is not None:
-            # A writer reads back what it wrote, as it would from the page cache.
-            return bytes(handle.buffer[off : off + size])
-        if off == 0 or handle.loaded is None:
-            # A read from the start is a fresh get; later offsets continue the same copy.
-            page = await self.engine.load(handle.key)
-            if page is None:
-                if not (handle.created or handle.key in self._closed_creations):
-                    raise NoSuchNode(handle.key)
-                # A new page, empty: zeros for its creator, and for everyone once the
-                # creator has closed it (its store lands at release).
-                page = bytes(self.page_size)
-            handle.loaded = page
-        return handle.loaded[off : off + size]
-
-    async def write_page(self, handle: OpenPage, off: int, buf: bytes) -> int:
-        if off + len(buf) > self.page_size:
-            raise PastPage(handle.key)
-        if off == 0 and len(buf) == self.page_size:
-            # A whole page is a store at once; nothing is left to assemble.
-            handle.dirty = False
-            handle.buffer = None
-            try:
-                await self._store(handle.key, bytes(buf))
-            finally:
-                # Only now: until the store lands, the created page must still exist.
-                self._stop_creating(handle)
-            return len(buf)
-        buffer = await self._write_buffer(handle)
-        buffer[off : off + len(buf)] = buf
-        handle.dirty = True
-        return len(buf)
-
-    async def _write_buffer(self, handle: OpenPage) -> bytearray:
-        """The page being assembled: its stored content (read-modify-write) or zeros."""
-        if handle.buffer is None:
-            page = await self.engine.load(handle.key)
-            handle.buffer = bytearray(page if page is not None else bytes(self.page_size))
-        return handle.buffer
-
-    async def _store(self, key: PageKey, page: bytes) -> None:
-        try:
-            await self.engine.store(key, page)
-        except StoreRejected:
-            log.debug("store of %s refused", key)
-            raise
-
-    async def _store_pending(self, handle: OpenPage) -> None:
-        if not (handle.dirty or handle.created):
-            return
-        page = bytes(handle.buffer) if handle.buffer is not None else bytes(self.page_size)
-        handle.dirty = False
-        try:
-            await self._store(handle.key, page)
-        finally:
-            self._stop_creating(handle)
-
-    def _forget_creating(self, key: PageKey) -> bool:
-        """Unlink of a page still being created: its open files will not store it."""
-        creators = self._creators.pop(key, None)
-        if creators is None:
-            return False
-        self._closed_creations.discard(key)
-        for handle in creators:
-            handle.created = False
-        return True
-
-    def _stop_creating(self, handle: OpenPage) -> None:
-        if handle.created:
-            handle.created = False
-            creators = self._creators.get(handle.key)
-            if creators is not None:
-                creators.remove(handle)
-                if not creators:
-                    del self._creators[handle.key]
-                    self._closed_creations.discard(handle.key)
-
-    async def flush_page(self, handle: OpenPage) -> None:
-        """close(2) of a page file: what was assembled is stored now."""
-        if handle.dirty:
-            await self._store_pending(handle)
-        elif handle.created and handle.key in self._creators:
-            # A created page with nothing written yet is stored at release, not here:
-            # shell redirections and dd close a dup of the file before they write, and
-            # that close must not store a zero page first. Meanwhile the page exists and
-            # reads as zeros. Whether it will fit is answered now, so that close() is
-            # where a full budget says ENOSPC, as for any other store.
-            if not self.engine.room_for_page(handle.key.pool):
-                self._forget_creating(handle.key)
-                self._page_gone(handle.key)
-                raise StoreRejected(str(handle.key))
-            self._closed_creations.add(handle.key)
-
-    async def release_page(self, handle: OpenPage) -> None:
-        """The last close of a page file: a created page is stored (zeros) now."""
-        try:
-            await self._store_pending(handle)
-        finally:
-            self._stop_creating(handle)
-
-    async def fallocate_page(self, handle: OpenPage, mode: int, off: int, end: int) -> None:
-        """A page file is one page: a range past it is EFBIG, as a write past it is."""
-        psize = self.page_size
-        if end > psize:
-            raise PastPage(handle.key)
-        if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
-            return
-        # What this open file has assembled is stored first; the range applies to it.
-        await self._store_pending(handle)
-        handle.buffer = handle.loaded = None
-        key = handle.key
-        if mode & FALLOC_FL_PUNCH_HOLE and off == 0 and end == psize:
-            await self.engine.invalidate_page(key)
-            return
-        (page,) = await self.engine.load_many(key.pool, key.object, [key.index], exclusive=False)
-        if page is None and mode & FALLOC_FL_PUNCH_HOLE:
-            return
-        page = page or bytes(psize)
-        await self._store(key, page[:off] + bytes(end - off) + page[end:])
+        await self.files.store_staged(node, target.page_key)
