@@ -245,3 +245,18 @@ def test_no_pyfuse3_in_the_model() -> None:
 def test_node_values_are_keys() -> None:
     assert Node(Kind.PAGE, SWAP0, "0", 1) == Node(Kind.PAGE, SWAP0, "0", 1)
     assert CACHE.kind is PoolKind.EPHEMERAL
+
+
+def test_every_refusal_is_one_errno_in_the_adapter() -> None:
+    import errno
+
+    from tmemfs.fs import errno_for
+    from tmemfs.image import UnsupportedMode
+    from tmemfs.nodes import TreeError
+
+    refusals = TreeError.__subclasses__()
+    codes = {cls: errno_for(cls("x")) for cls in refusals}
+    assert errno.EIO not in codes.values(), codes
+    assert codes[NotPermitted] == errno.EPERM and codes[PastPage] == errno.EFBIG
+    assert errno_for(UnsupportedMode("0x8")) == errno.EOPNOTSUPP
+    assert errno_for(RuntimeError("a bug")) == errno.EIO
