@@ -11,8 +11,6 @@ the adapter hands it a pool and a range and answers with what it returns or rais
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from tmemfs.engine import SWAP_OBJECT, BadValue, Engine, PoolId, StoreRejected
 
 # fallocate(2) modes (linux/falloc.h). The loop device sends PUNCH_HOLE|KEEP_SIZE for
@@ -26,25 +24,6 @@ ZERO_BATCH = 1 << 20
 
 class UnsupportedMode(Exception):
     """A fallocate mode tmemfs does not do (EOPNOTSUPP)."""
-
-
-class PageSpan(NamedTuple):
-    """The pages a byte range [off, end) touches: `first` to `last` inclusive, and
-    where the range starts within page `first`."""
-
-    first: int
-    last: int
-    start: int
-
-    @property
-    def count(self) -> int:
-        return self.last - self.first + 1
-
-
-def page_span(off: int, end: int, page_size: int) -> PageSpan:
-    """The pages under the non-empty byte range [off, end)."""
-    first, last = off // page_size, (end - 1) // page_size
-    return PageSpan(first, last, off - first * page_size)
 
 
 def partial_pages(off: int, end: int, page_size: int) -> list[int]:
@@ -101,16 +80,18 @@ class ImageView:
         if off >= end:
             return b""
         psize = self.page_size
-        span = page_span(off, end, psize)
-        run = self.engine.load_run(pool_id, SWAP_OBJECT, span.first, span.count)
+        # Inline arithmetic, not a helper: this runs once per request on swap's path.
+        first, last = off // psize, (end - 1) // psize
+        start = off - first * psize
+        run = self.engine.load_run(pool_id, SWAP_OBJECT, first, last - first + 1)
         if run is not None:
-            return memoryview(run)[span.start : span.start + end - off]
+            return memoryview(run)[start : start + end - off]
         pages = await self.engine.load_many(
-            pool_id, SWAP_OBJECT, range(span.first, span.last + 1), exclusive=False
+            pool_id, SWAP_OBJECT, range(first, last + 1), exclusive=False
         )
         zero = bytes(psize)
         data = b"".join(zero if page is None else page for page in pages)
-        return data[span.start : span.start + end - off]
+        return data[start : start + end - off]
 
     async def write(self, pool_id: PoolId, off: int, buf: bytes) -> int:
         """One request, one batch; pages the request only partly covers are read first."""
@@ -119,18 +100,19 @@ class ImageView:
         end = off + len(buf)
         if not buf:
             return 0
-        span = page_span(off, end, psize)
+        first = off // psize
         data: bytes | bytearray = buf
         if off % psize or end % psize:
+            last = (end - 1) // psize
             partial = partial_pages(off, end, psize)
             loaded = await self.engine.load_many(pool_id, SWAP_OBJECT, partial, exclusive=False)
-            data = bytearray(span.count * psize)
+            data = bytearray((last - first + 1) * psize)
             for index, page in zip(partial, loaded, strict=True):
                 if page is not None:
-                    at = (index - span.first) * psize
+                    at = (index - first) * psize
                     data[at : at + psize] = page
-            data[span.start : span.start + len(buf)] = buf
-        stored = await self.engine.store_run(pool_id, SWAP_OBJECT, span.first, data)
+            data[off - first * psize : end - first * psize] = buf
+        stored = await self.engine.store_run(pool_id, SWAP_OBJECT, first, data)
         if pool.image_size is not None and end > pool.image_size:
             await self.engine.resize_image(pool_id, end)
         if not stored:
