@@ -130,7 +130,8 @@ def translate_errors(
 
 # Names a request made go, held back to be dropped from the kernel before it is answered.
 _HELD_BACK: contextvars.ContextVar[list[tuple[int, bytes]] | None] = contextvars.ContextVar(
-    "held_back", default=None)
+    "held_back", default=None
+)
 # How long a reply may wait for the kernel to drop names (it never should for long).
 _INVALIDATE_TIMEOUT = 2.0
 

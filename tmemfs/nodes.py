@@ -22,7 +22,7 @@ class Kind(enum.Enum):
     CLEANCACHE = "cleancache"
     POOL = "pool"
     POOL_STATS = "pool-stats"
-    POOL_MAX = "pool-max"        # .max: the pool's own limit, writable by its owner
+    POOL_MAX = "pool-max"  # .max: the pool's own limit, writable by its owner
     POOL_WEIGHT = "pool-weight"  # .weight: its weight in eviction and writeback
     OBJECT = "object"
     PAGE = "page"
