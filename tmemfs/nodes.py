@@ -1,4 +1,4 @@
-"""What each inode of the tree is, and the table that numbers them.
+"""What each inode of the tree is, the table that numbers them, and what the tree refuses.
 
 A node is a value (its kind and key), so the same path always gets the same
 inode number while the kernel remembers it, and a pool made anew under an old name
@@ -11,8 +11,6 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-import pyfuse3
-
 from tmemfs.engine import PageKey, PoolId
 
 
@@ -24,7 +22,7 @@ class Kind(enum.Enum):
     CLEANCACHE = "cleancache"
     POOL = "pool"
     POOL_STATS = "pool-stats"
-    POOL_MAX = "pool-max"        # .max: the pool's own limit, writable by its owner
+    POOL_MAX = "pool-max"  # .max: the pool's own limit, writable by its owner
     POOL_WEIGHT = "pool-weight"  # .weight: its weight in eviction and writeback
     OBJECT = "object"
     PAGE = "page"
@@ -58,12 +56,14 @@ STATS = Node(Kind.STATS)
 DAEMON = Node(Kind.DAEMON)
 FRONTSWAP = Node(Kind.FRONTSWAP)
 CLEANCACHE = Node(Kind.CLEANCACHE)
+# The root's inode number in the FUSE protocol (FUSE_ROOT_ID, pyfuse3.ROOT_INODE).
+ROOT_INODE = 1
 _FIXED = {
-    pyfuse3.ROOT_INODE: ROOT,
-    pyfuse3.ROOT_INODE + 1: STATS,
-    pyfuse3.ROOT_INODE + 2: FRONTSWAP,
-    pyfuse3.ROOT_INODE + 3: CLEANCACHE,
-    pyfuse3.ROOT_INODE + 4: DAEMON,
+    ROOT_INODE: ROOT,
+    ROOT_INODE + 1: STATS,
+    ROOT_INODE + 2: FRONTSWAP,
+    ROOT_INODE + 3: CLEANCACHE,
+    ROOT_INODE + 4: DAEMON,
 }
 
 
@@ -113,3 +113,46 @@ class InodeTable:
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+
+# -- what the tree refuses: each is one errno in fs.errno_for ---------------------------
+
+
+class TreeError(Exception):
+    """A request the tree's rules refuse."""
+
+
+class NoSuchNode(TreeError):
+    """Nothing of that name, or an inode that no longer exists (ENOENT)."""
+
+
+class NodeExists(TreeError):
+    """The name is taken (EEXIST)."""
+
+
+class NotPermitted(TreeError):
+    """The tree has no such operation there, or the caller is not the owner (EPERM)."""
+
+
+class AccessDenied(TreeError):
+    """A read-only file opened for writing, or a control file written by another (EACCES)."""
+
+
+class IsDirectory(TreeError):
+    """A file operation on a directory (EISDIR)."""
+
+
+class NotDirectory(TreeError):
+    """rmdir of a file (ENOTDIR)."""
+
+
+class PastPage(TreeError):
+    """A page file is one page: nothing lies past its end (EFBIG)."""
+
+
+class StaleFile(TreeError):
+    """An open staged file that was renamed or unlinked meanwhile (ESTALE)."""
+
+
+class TooManyStaged(TreeError):
+    """Too many rsync copies coming in at once (ENOSPC)."""
