@@ -1,20 +1,34 @@
 """The tmem engine: every tmem operation and rule, with no knowledge of FUSE.
 
-A store is decided in one place, `_admit`, top to bottom as zswap_store does it:
-replace the old copy, refuse poor compression if asked, make room (evicting
-ephemeral pages first), then keep the page here, send it down to the writeback
-tier, or refuse it. The budget counts real memory: the backend's payloads and
-handles plus the page index (a compiled table per object, tmemfs/_pagetable.pyx),
-charged at what a page costs it in a full leaf.
+`Engine` holds the pools and their index, and runs each tmem operation: store, load,
+invalidate, flush, and the shared pools' and the block image's. A store is decided
+in one place, `Engine._admit`, top to bottom as zswap_store does it: replace the old
+copy, refuse poor compression if asked, make room (evicting ephemeral pages first),
+then keep the page here, send it down to the writeback tier, or refuse it. `_keep`
+then carries the decision out and `_insert_many` indexes what was kept. The budget
+counts real memory: the backend's payloads and handles plus the page index (a
+compiled table per object, tmemfs/_pagetable.pyx), charged at what a page costs it
+in a full leaf.
 
 Pages may live in three places: the backend in this process (lz4, raw), a remote
 backend (redis), or the writeback tier under a local backend. The index here is
 the truth for what a mount has stored; a remote backend is asked only for data.
+An entry's handle says which (handles.py: `held_here`, `in_tier`, `is_lost`).
+
+The other jobs live beside it, each with the state it owns:
+
+- budget.py: `Budget`, the limits (--max-pool, --max-pool-per-user, `.max`), the
+  fair shares by `.weight`, making room, and which pool loses a page;
+- writeback.py: `WritebackTier`, its lock and worker, moving cold pages down;
+- copies.py: `CopiesElsewhere`, deleting the remote's and the tier's copies of
+  released pages, now or at the end of a pool's mutation;
+- inspection.py: what a page costs and the counters (`pool_stats`, `stats`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -55,6 +69,14 @@ log = logging.getLogger(__name__)
 REFUSAL_LOG_INTERVAL = 10.0
 
 
+class Decision(enum.Enum):
+    """What `Engine._admit` decides for one page."""
+
+    KEEP = "keep"  # held by the backend (here, or remotely)
+    LOWER = "lower"  # sent straight down to the writeback tier
+    REFUSE = "refuse"  # not stored; its old copy is gone too
+
+
 class Engine:
     """Pools of pages over one backend (and optionally a writeback tier), within a budget."""
 
@@ -78,7 +100,7 @@ class Engine:
         self.accept_threshold = accept_threshold
         self.pools: dict[PoolId, Pool] = {}
         # --max-pool, --max-pool-per-user, the pools' .max and .weight (budget.py).
-        self.budget = Budget(self.pools, max_pool=max_pool,
+        self._budget = Budget(self.pools, max_pool=max_pool,
                              max_pool_per_user=max_pool_per_user,
                              total=self.pool_total_size, evict=self._evict)
         # Moves the coldest frontswap pages down when full (writeback.py).
@@ -139,20 +161,20 @@ class Engine:
     @property
     def max_pool(self) -> int:
         """--max-pool: what every pool's pages and the index may hold together."""
-        return self.budget.max_pool
+        return self._budget.max_pool
 
     @max_pool.setter
     def max_pool(self, size: int) -> None:
-        self.budget.max_pool = size
+        self._budget.max_pool = size
 
     @property
     def max_pool_per_user(self) -> int | None:
         """--max-pool-per-user: what the pools of one non-root owner may hold together."""
-        return self.budget.max_pool_per_user
+        return self._budget.max_pool_per_user
 
     @max_pool_per_user.setter
     def max_pool_per_user(self, size: int | None) -> None:
-        self.budget.max_pool_per_user = size
+        self._budget.max_pool_per_user = size
 
     # -- pools and objects -------------------------------------------------------------
 
@@ -208,7 +230,7 @@ class Engine:
         """A pool's limits, weight and what they count: `max_size` (None: no limit of its
         own), `user_max_size` (its owner's; None: none), `weight`, `charged_size`, and
         `weighted_share` (bytes its weight entitles it to of what pools of its kind hold)."""
-        return self.budget.shares(self.pool(pool_id))
+        return self._budget.shares(self.pool(pool_id))
 
     # -- shared pools --------------------------------------------------------------------
 
@@ -348,11 +370,11 @@ class Engine:
                     for (index, _), enc in zip(run_pages, run_encoded, strict=True)
                 ]
                 reserved = sum(enc.cost + ENTRY_OVERHEAD for enc, d
-                               in zip(run_encoded, decisions, strict=True) if d == self._KEEP)
+                               in zip(run_encoded, decisions, strict=True) if d is Decision.KEEP)
                 try:
                     kept += await self._keep(pool, tobj, run_pages, run_encoded, decisions, now)
                 finally:
-                    self.budget.release(pool, reserved)
+                    self._budget.release(pool, reserved)
             if not all(kept):
                 # A refused store leaves no page, not even the old one.
                 self._gone(pool, tobj, [index for (index, _), k in zip(pages, kept, strict=True)
@@ -376,7 +398,7 @@ class Engine:
         pool = self.pools[pool_id]
         batch = backend.encode_run(data)
         cost = backend.run_cost(batch) + count * ENTRY_OVERHEAD
-        if not self.budget.fits(cost) or self.budget.limit_refusing(pool, cost) is not None:
+        if not self._budget.fits(cost) or self._budget.limit_refusing(pool, cost) is not None:
             # Eviction and refusal are decided page by page.
             return await self._store_pages(pool_id, obj, first, data, count)
         # The duplicate-store rule: the old copies go first (they are never returned again).
@@ -399,27 +421,14 @@ class Engine:
         pages = [(first + i, bytes(data[i * psize : (i + 1) * psize])) for i in range(count)]
         return all(await self.store_many(pool_id, obj, pages))
 
-    def load_run(self, pool_id: PoolId, obj: str, first: int, count: int) -> bytearray | None:
-        """Consecutive pages in one buffer, zeros where nothing is stored (an image read).
+    def _admit(self, pool: Pool, tobj: TmemObject, key: PageKey, enc: Encoded) -> Decision:
+        """Where a store is decided: keep the page, send it down to the tier, or refuse it.
 
-        None when the backend cannot do it in one call (the caller then takes load_many).
+        Every store but the image path's fast case (`store_run`, taken only when this
+        would keep every page of the batch) comes here, one page at a time, in the
+        order zswap_store checks. Room is made here (`Budget` evicts); a page kept is
+        reserved in the budget until `_keep` has it indexed.
         """
-        backend = self.backend
-        if not backend.batches or self.writeback is not None:
-            return None
-        pool = self.pool(pool_id)
-        handles = self.get_object(pool_id, obj).pages.run_handles(first, count)
-        out = bytearray(count * self.page_size)
-        backend.load_into(handles, out)
-        misses = handles.count(-1)
-        self._count(pool, "loads", count - misses)
-        self._count(pool, "load_misses", misses)
-        return out
-
-    # What _admit decides for one page.
-    _KEEP, _LOWER, _REFUSE = "keep", "lower", "refuse"
-
-    def _admit(self, pool: Pool, tobj: TmemObject, key: PageKey, enc: Encoded) -> str:
         # 1. A store replaces the old copy; if this store is refused, the old copy must
         #    not be returned either (frontswap's duplicate-store rule), so drop it first.
         old = tobj.pages.pop(key.index, None)
@@ -433,31 +442,33 @@ class Engine:
         # 2. Poor compression: kept raw by default, refused with --reject-poor (compress_poor).
         if enc.poor and self.reject_poor:
             self._refused(pool, "reject_compress_poor")
-            return self._REFUSE
+            return Decision.REFUSE
         # 3. The pool's own limit (.max) and its owner's (--max-pool-per-user): room is
         #    made from their own cleancache pages only; an over-limit frontswap page goes
         #    down to the tier, as zswap sends a cgroup over memory.zswap.max to swap.
         need = enc.cost + ENTRY_OVERHEAD
+        # (A same-filled page, whose encoded value is its word as an int, costs only its
+        # index entry and stays here.)
         lowerable = (self.writeback is not None and pool.persistent
                      and not isinstance(enc.value, int))
-        limit = self.budget.make_room_within_limits(pool, need)
+        limit = self._budget.make_room_within_limits(pool, need)
         if limit is not None:
             if lowerable:
-                return self._LOWER
+                return Decision.LOWER
             self._refused(pool, "pool_limit_hit", why=limit)
-            return self._REFUSE
+            return Decision.REFUSE
         # 4. The budget: evict cleancache pages, pools over their weighted share first;
         #    below a full pool a persistent page goes straight to the writeback tier.
-        if not self.budget.make_room(need):
+        if not self._budget.make_room(need):
             if lowerable:
                 assert self._tier is not None
                 self._tier.wake()
-                return self._LOWER
+                return Decision.LOWER
             self._refused(pool, "pool_limit_hit",
                           why=f"--max-pool {format_size(self.max_pool)}")
-            return self._REFUSE
-        self.budget.reserve(pool, need)
-        return self._KEEP
+            return Decision.REFUSE
+        self._budget.reserve(pool, need)
+        return Decision.KEEP
 
     async def _keep(
         self,
@@ -465,13 +476,13 @@ class Engine:
         tobj: TmemObject,
         pages: Sequence[tuple[int, bytes]],
         encoded: Sequence[Encoded],
-        decisions: Sequence[str],
+        decisions: Sequence[Decision],
         now: int,
     ) -> list[bool]:
         """5. Keep what was admitted: here, in the remote backend, or in the tier below."""
-        keep = [i for i, d in enumerate(decisions) if d == self._KEEP]
-        lower = [i for i, d in enumerate(decisions) if d == self._LOWER]
-        kept = [d == self._KEEP for d in decisions]
+        keep = [i for i, d in enumerate(decisions) if d is Decision.KEEP]
+        lower = [i for i, d in enumerate(decisions) if d is Decision.LOWER]
+        kept = [d is Decision.KEEP for d in decisions]
         if keep:
             # Locations name pages outside this process; a local backend needs none.
             locations = (locations_of(pool, tobj, [pages[i][0] for i in keep])
@@ -543,9 +554,9 @@ class Engine:
         """Whether one more same-filled page fits (evicting ephemeral pages if need be),
         in the budget and, given a pool, under its limits and its owner's."""
         pool = self.pools.get(pool_id) if pool_id is not None else None
-        if pool is not None and self.budget.make_room_within_limits(pool, ENTRY_OVERHEAD):
+        if pool is not None and self._budget.make_room_within_limits(pool, ENTRY_OVERHEAD):
             return False
-        return self.budget.make_room(ENTRY_OVERHEAD)
+        return self._budget.make_room(ENTRY_OVERHEAD)
 
     def _evict(self, pool: Pool) -> None:
         """Evict the least recently used page of a cleancache pool."""
@@ -588,6 +599,23 @@ class Engine:
         """Load one page; None on a miss."""
         (page,) = await self.load_many(key.pool, key.object, [key.index])
         return page
+
+    def load_run(self, pool_id: PoolId, obj: str, first: int, count: int) -> bytearray | None:
+        """Consecutive pages in one buffer, zeros where nothing is stored (an image read).
+
+        None when the backend cannot do it in one call (the caller then takes load_many).
+        """
+        backend = self.backend
+        if not backend.batches or self.writeback is not None:
+            return None
+        pool = self.pool(pool_id)
+        handles = self.get_object(pool_id, obj).pages.run_handles(first, count)
+        out = bytearray(count * self.page_size)
+        backend.load_into(handles, out)
+        misses = handles.count(-1)
+        self._count(pool, "loads", count - misses)
+        self._count(pool, "load_misses", misses)
+        return out
 
     async def load_many(
         self, pool_id: PoolId, obj: str, indexes: Iterable[int], *, exclusive: bool = True

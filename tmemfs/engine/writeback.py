@@ -79,7 +79,7 @@ class WritebackTier:
         would. Without it, requests that follow each other with no await between them
         never let the worker run, and the index entries of pages stored straight to the
         tier pushed pool_total_size past --max-pool."""
-        budget = self._engine.budget
+        budget = self._engine._budget
         while not budget.fits(room) and self._movable():
             try:
                 if not await self.write_back(WRITEBACK_BATCH):
