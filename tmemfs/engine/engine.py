@@ -351,8 +351,7 @@ class Engine:
     ) -> list[bool]:
         """Store full pages of one object; returns, per page, whether it was kept."""
         self.get_object(pool_id, obj)
-        if self.writeback is not None:
-            assert self._tier is not None
+        if self._tier is not None:
             await self._tier.reclaim(len(pages) * (self.page_size + ENTRY_OVERHEAD))
         encoded = await self.backend.encode_many([page for _, page in pages])
         async with self._mutating(pool_id):
