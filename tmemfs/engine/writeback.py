@@ -1,12 +1,12 @@
 """The writeback tier: moving the coldest frontswap pages down, out of the budget.
 
-With --writeback, frontswap pages are never refused for want of room while the tier
-has some: `Engine._admit` sends a page that does not fit straight down, and this
+With --writeback, frontswap pages are not refused for want of room while the tier
+takes them: `Engine._admit` sends a page that does not fit straight down, and this
 module moves pages already held here down when the mount is full, as zswap's
 shrinker writes back to swap:
 
-- in the background (`WritebackTier.run`), while the mount holds more than
-  --accept-threshold of --max-pool, as zswap's accept_threshold_percent;
+- in the background (`WritebackTier.run`), while the mount holds more than the
+  engine's accept_threshold (0.9) of --max-pool, as zswap's accept_threshold_percent;
 - directly (`WritebackTier.reclaim`), before a store that may not fit.
 
 Pages go coldest first, from the pool furthest over its weighted share first. A page
