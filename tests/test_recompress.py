@@ -93,7 +93,7 @@ async def test_recompressed_pages_go_down_to_the_tier_in_the_codec_format(
         backend = slabs(engine)
         await backend.recompress_sweep()
         assert await backend.recompress_sweep() == 300
-        assert await engine._write_back(len(PAGES)) == 300
+        assert await engine._tier.write_back(len(PAGES)) == 300
         assert engine.stats()["written_back_pages"] == 300
         assert engine.stats()["recompressed_pages"] == 0
         assert await load_all(engine, len(PAGES)) == PAGES

@@ -35,7 +35,7 @@ from tmemfs.engine import (
     PoolKind,
     StoreRejected,
 )
-from tmemfs.engine.engine import Lowered
+from tmemfs.engine.handles import Lowered
 
 SWAP1 = PoolId(PoolKind.PERSISTENT, "1")
 CC_A = PoolId(PoolKind.EPHEMERAL, "a")
@@ -274,13 +274,13 @@ async def test_writeback_moves_the_pool_over_its_share_down_first(tmp_path: Path
             await engine.store(swap(SWAP0, i), noise(i))
         for i in range(14):
             await engine.store(swap(SWAP1, i), noise(100 + i))
-        moved = await engine._write_back(4)
+        moved = await engine._tier.write_back(4)
         assert moved == 4
         assert engine.pool_stats(SWAP1)["written_back_pages"] == 4
         assert engine.pool_stats(SWAP0)["written_back_pages"] == 0
         # With a weight that entitles it to more, SWAP1 is no longer over its share.
         engine.set_weight(SWAP1, 1000)
-        await engine._write_back(2)
+        await engine._tier.write_back(2)
         assert engine.pool_stats(SWAP0)["written_back_pages"] == 2
         for i in range(4):
             assert await engine.load(swap(SWAP0, i)) == noise(i)

@@ -1,4 +1,8 @@
-"""The tmem engine: pools, keys, semantics, budget and statistics. No FUSE here."""
+"""The tmem engine: pools, keys, semantics, budget and statistics. No FUSE here.
+
+Start at engine.py: `Engine` runs every tmem operation, and `Engine._admit` is where
+a store is decided. The modules beside it are named by what they do there.
+"""
 
 from tmemfs.engine.engine import ENTRY_OVERHEAD, Engine
 from tmemfs.engine.errors import (

@@ -1,32 +1,53 @@
 """The tmem engine: every tmem operation and rule, with no knowledge of FUSE.
 
-A store is decided in one place, `_admit`, top to bottom as zswap_store does it:
-replace the old copy, refuse poor compression if asked, make room (evicting
-ephemeral pages first), then keep the page here, send it down to the writeback
-tier, or refuse it. The budget counts real memory: the backend's payloads and
-handles plus the page index (a compiled table per object, tmemfs/_pagetable.pyx),
-charged at what a page costs it in a full leaf.
+`Engine` holds the pools and their index, and runs each tmem operation: store, load,
+invalidate, flush, and the shared pools' and the block image's. A store is decided
+in one place, `Engine._admit`, top to bottom as zswap_store does it: replace the old
+copy, refuse poor compression if asked, make room (evicting ephemeral pages first),
+then keep the page here, send it down to the writeback tier, or refuse it. `_keep`
+then carries the decision out and `_insert_many` indexes what was kept. The budget
+counts real memory: the backend's payloads and handles plus the page index (a
+compiled table per object, tmemfs/_pagetable.pyx), charged at what a page costs it
+in a full leaf.
 
 Pages may live in three places: the backend in this process (lz4, raw), a remote
 backend (redis), or the writeback tier under a local backend. The index here is
 the truth for what a mount has stored; a remote backend is asked only for data.
+An entry's handle says which (handles.py: `held_here`, `in_tier`, `is_lost`).
+
+The other jobs live beside it, each with the state it owns:
+
+- budget.py: `Budget`, the limits (--max-pool, --max-pool-per-user, `.max`), the
+  fair shares by `.weight`, making room, and which pool loses a page;
+- writeback.py: `WritebackTier`, its lock and worker, moving cold pages down;
+- copies.py: `CopiesElsewhere`, deleting the remote's and the tier's copies of
+  released pages, now or at the end of a pool's mutation;
+- inspection.py: what a page costs and the counters (`pool_stats`, `stats`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any
 
 import trio
 
-from tmemfs._pagetable import PAGE_BYTES
 from tmemfs.backends.base import Backend, Encoded
 from tmemfs.backends.codec import decode_payloads, payload_of
-from tmemfs.backends.store import Location, PageStore, StoreUnavailable
+from tmemfs.backends.store import PageStore, StoreUnavailable
+from tmemfs.engine import inspection
+from tmemfs.engine.budget import (
+    DEFAULT_WEIGHT,
+    ENTRY_OVERHEAD,
+    MAX_WEIGHT,
+    MIN_WEIGHT,
+    Budget,
+    check_weight,
+)
+from tmemfs.engine.copies import CopiesElsewhere, location_of, locations_of
 from tmemfs.engine.errors import (
     BadValue,
     NoSuchObject,
@@ -35,43 +56,25 @@ from tmemfs.engine.errors import (
     PoolExists,
     StoreRejected,
 )
+from tmemfs.engine.handles import LOST, Handle, Lost, Lowered, held_here, in_tier, is_lost
 from tmemfs.engine.keys import SWAP_OBJECT, PageKey, PoolId, PoolKind
 from tmemfs.engine.pool import Entry, IndexMemory, Owner, PageTable, Pool, TmemObject
 from tmemfs.engine.stats import new_counters
+from tmemfs.engine.writeback import WritebackTier
 from tmemfs.sizes import format_size
 
 log = logging.getLogger(__name__)
 
-# What one page costs the index (tmemfs/_pagetable.pyx) in a full leaf of 32 pages, as
-# the budget and the limits charge it: a fixed cost per page keeps them exact and the
-# same whichever page goes first. Swap areas and files are dense runs, so this is what
-# the index really holds within a leaf a run; `index_size` in the stats is the real
-# figure (a sparse object costs up to a leaf, 536 bytes, for its first page).
-ENTRY_OVERHEAD = PAGE_BYTES
 # At most one log line about refused stores in this many seconds.
 REFUSAL_LOG_INTERVAL = 10.0
-# How many pages the writeback worker moves down at a time.
-WRITEBACK_BATCH = 256
-# The range of `.weight`, and its default, as cgroup v2's cpu.weight.
-MIN_WEIGHT, DEFAULT_WEIGHT, MAX_WEIGHT = 1, 100, 10000
 
 
-class Lowered:
-    """The handle of a page that lives in the writeback tier: what it costs there."""
+class Decision(enum.Enum):
+    """What `Engine._admit` decides for one page."""
 
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-
-class Lost:
-    """The handle of a persistent page the remote backend no longer has (EIO on load)."""
-
-    __slots__ = ()
-
-
-LOST = Lost()
+    KEEP = "keep"  # held by the backend (here, or remotely)
+    LOWER = "lower"  # sent straight down to the writeback tier
+    REFUSE = "refuse"  # not stored; its old copy is gone too
 
 
 class Engine:
@@ -90,15 +93,20 @@ class Engine:
     ) -> None:
         self.backend = backend
         self.page_size = backend.page_size
-        self.max_pool = max_pool
         self.exclusive_gets = exclusive_gets
         self.reject_poor = reject_poor
         self.writeback = writeback
         # Like zswap's accept_threshold_percent: once full, write back down to this.
         self.accept_threshold = accept_threshold
-        # What the pools of one non-root owner may hold together (None: no such limit).
-        self.max_pool_per_user = max_pool_per_user
         self.pools: dict[PoolId, Pool] = {}
+        # --max-pool, --max-pool-per-user, the pools' .max and .weight (budget.py).
+        self._budget = Budget(self.pools, max_pool=max_pool,
+                             max_pool_per_user=max_pool_per_user,
+                             total=self.pool_total_size, evict=self._evict)
+        # Moves the coldest frontswap pages down when full (writeback.py).
+        self._tier = WritebackTier(writeback, self) if writeback is not None else None
+        # The remote's and the tier's copies of released pages (copies.py).
+        self._copies = CopiesElsewhere(backend, writeback)
         self.counters = new_counters()
         self.counters["lost_pages"] = 0
         # Every page table of this engine counts its bytes and pages here.
@@ -106,17 +114,10 @@ class Engine:
         self._last_stamp = 0
         self._refusals = 0
         self._refusals_logged = -REFUSAL_LOG_INTERVAL
-        # Bytes admitted but not yet kept (a batch is admitted whole, then kept).
-        self._reserved = 0
         # Counts uses of pages: the eviction and writeback orders live in each pool
         # (Pool.order), and a page's tick there tells which pool's oldest is oldest.
         self._tick = 0
-        self._writeback_wanted = trio.Event()
-        self._writeback_lock = trio.Lock()
         self._locks: dict[PoolId, trio.Lock] = {}
-        # Remote copies to delete once the pool's current mutation is done.
-        self._pending_deletes: list[Location] = []
-        self._pending_lower_deletes: list[Location] = []
         self._serialize = backend.remote or writeback is not None
         # Told of every page, object and pool that goes away, whatever the reason, so
         # that whoever shows them (the FUSE adapter: the kernel's name cache) forgets
@@ -150,25 +151,30 @@ class Engine:
 
     async def run_writeback(self) -> None:
         """Move the coldest persistent pages down while the pool is over the threshold."""
-        if self.writeback is None:
-            return
-        while True:
-            await self._writeback_wanted.wait()
-            self._writeback_wanted = trio.Event()
-            while (self.pool_total_size() > self.accept_threshold * self.max_pool
-                   and any(p.order for p in self.pools.values() if p.persistent)):
-                try:
-                    moved = await self._write_back(WRITEBACK_BATCH)
-                except StoreUnavailable as exc:
-                    log.warning("writeback tier unavailable (%s); retrying in 1 s", exc)
-                    await trio.sleep(1)
-                    continue
-                if not moved:
-                    break
+        if self._tier is not None:
+            await self._tier.run()
 
     async def run_recompress(self) -> None:
         """Recompress cold pages in the background, if the backend does (lz4: zstd)."""
         await self.backend.run_recompress()
+
+    @property
+    def max_pool(self) -> int:
+        """--max-pool: what every pool's pages and the index may hold together."""
+        return self._budget.max_pool
+
+    @max_pool.setter
+    def max_pool(self, size: int) -> None:
+        self._budget.max_pool = size
+
+    @property
+    def max_pool_per_user(self) -> int | None:
+        """--max-pool-per-user: what the pools of one non-root owner may hold together."""
+        return self._budget.max_pool_per_user
+
+    @max_pool_per_user.setter
+    def max_pool_per_user(self, size: int | None) -> None:
+        self._budget.max_pool_per_user = size
 
     # -- pools and objects -------------------------------------------------------------
 
@@ -217,24 +223,14 @@ class Engine:
 
     def set_weight(self, pool_id: PoolId, weight: int) -> None:
         """A pool's weight (`.weight`): how much of what is shared it may keep."""
-        if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
-            raise BadValue(f"{pool_id}/.weight: {weight} not in {MIN_WEIGHT}..{MAX_WEIGHT}")
+        check_weight(pool_id, weight)
         self.pool(pool_id).weight = weight
 
     def pool_shares(self, pool_id: PoolId) -> dict[str, int | None]:
         """A pool's limits, weight and what they count: `max_size` (None: no limit of its
         own), `user_max_size` (its owner's; None: none), `weight`, `charged_size`, and
         `weighted_share` (bytes its weight entitles it to of what pools of its kind hold)."""
-        pool = self.pool(pool_id)
-        kin = [p for p in self.pools.values() if p.persistent == pool.persistent]
-        held = sum(p.charged for p in kin)
-        return {
-            "max_size": pool.max_size,
-            "user_max_size": self._user_limit(pool),
-            "weight": pool.weight,
-            "charged_size": pool.charged,
-            "weighted_share": held * pool.weight // max(sum(p.weight for p in kin), 1),
-        }
+        return self._budget.shares(self.pool(pool_id))
 
     # -- shared pools --------------------------------------------------------------------
 
@@ -246,7 +242,7 @@ class Engine:
         pool = self.pool(pool_id)
         if self._remote_shared(pool):
             try:
-                await self.backend.publish_object(self._location(pool, pool.objects[obj], 0))
+                await self.backend.publish_object(location_of(pool, pool.objects[obj], 0))
             except StoreUnavailable as exc:
                 log.warning("could not share %s/%s: %s", pool_id, obj, exc)
 
@@ -273,7 +269,7 @@ class Engine:
             tobj = pool.objects.get(obj)
             if tobj is None:
                 return
-            remote = set(await self.backend.object_pages(self._location(pool, tobj, 0)))
+            remote = set(await self.backend.object_pages(location_of(pool, tobj, 0)))
         except StoreUnavailable as exc:
             log.debug("shared pool %s not refreshed: %s", pool_id, exc)
             return
@@ -321,7 +317,7 @@ class Engine:
             if self._remote_shared(pool):
                 try:
                     await self.backend.unpublish_object(
-                        self._location(pool, pool.objects[obj], 0))
+                        location_of(pool, pool.objects[obj], 0))
                 except StoreUnavailable as exc:
                     log.warning("could not invalidate shared %s/%s: %s", pool_id, obj, exc)
             del pool.objects[obj]
@@ -355,8 +351,8 @@ class Engine:
     ) -> list[bool]:
         """Store full pages of one object; returns, per page, whether it was kept."""
         self.get_object(pool_id, obj)
-        if self.writeback is not None:
-            await self._reclaim(len(pages) * (self.page_size + ENTRY_OVERHEAD))
+        if self._tier is not None:
+            await self._tier.reclaim(len(pages) * (self.page_size + ENTRY_OVERHEAD))
         encoded = await self.backend.encode_many([page for _, page in pages])
         async with self._mutating(pool_id):
             # The pool may have been flushed (or flushed and made anew) while we encoded.
@@ -373,12 +369,11 @@ class Engine:
                     for (index, _), enc in zip(run_pages, run_encoded, strict=True)
                 ]
                 reserved = sum(enc.cost + ENTRY_OVERHEAD for enc, d
-                               in zip(run_encoded, decisions, strict=True) if d == self._KEEP)
+                               in zip(run_encoded, decisions, strict=True) if d is Decision.KEEP)
                 try:
                     kept += await self._keep(pool, tobj, run_pages, run_encoded, decisions, now)
                 finally:
-                    self._reserved -= reserved
-                    pool.reserved -= reserved
+                    self._budget.release(pool, reserved)
             if not all(kept):
                 # A refused store leaves no page, not even the old one.
                 self._gone(pool, tobj, [index for (index, _), k in zip(pages, kept, strict=True)
@@ -402,8 +397,7 @@ class Engine:
         pool = self.pools[pool_id]
         batch = backend.encode_run(data)
         cost = backend.run_cost(batch) + count * ENTRY_OVERHEAD
-        if (self.pool_total_size() + self._reserved + cost > self.max_pool
-                or self._limit_refusing(pool, cost) is not None):
+        if not self._budget.fits(cost) or self._budget.limit_refusing(pool, cost) is not None:
             # Eviction and refusal are decided page by page.
             return await self._store_pages(pool_id, obj, first, data, count)
         # The duplicate-store rule: the old copies go first (they are never returned again).
@@ -426,27 +420,14 @@ class Engine:
         pages = [(first + i, bytes(data[i * psize : (i + 1) * psize])) for i in range(count)]
         return all(await self.store_many(pool_id, obj, pages))
 
-    def load_run(self, pool_id: PoolId, obj: str, first: int, count: int) -> bytearray | None:
-        """Consecutive pages in one buffer, zeros where nothing is stored (an image read).
+    def _admit(self, pool: Pool, tobj: TmemObject, key: PageKey, enc: Encoded) -> Decision:
+        """Where a store is decided: keep the page, send it down to the tier, or refuse it.
 
-        None when the backend cannot do it in one call (the caller then takes load_many).
+        Every store but the image path's fast case (`store_run`, taken only when this
+        would keep every page of the batch) comes here, one page at a time, in the
+        order zswap_store checks. Room is made here (`Budget` evicts); a page kept is
+        reserved in the budget until `_keep` has it indexed.
         """
-        backend = self.backend
-        if not backend.batches or self.writeback is not None:
-            return None
-        pool = self.pool(pool_id)
-        handles = self.get_object(pool_id, obj).pages.run_handles(first, count)
-        out = bytearray(count * self.page_size)
-        backend.load_into(handles, out)
-        misses = handles.count(-1)
-        self._count(pool, "loads", count - misses)
-        self._count(pool, "load_misses", misses)
-        return out
-
-    # What _admit decides for one page.
-    _KEEP, _LOWER, _REFUSE = "keep", "lower", "refuse"
-
-    def _admit(self, pool: Pool, tobj: TmemObject, key: PageKey, enc: Encoded) -> str:
         # 1. A store replaces the old copy; if this store is refused, the old copy must
         #    not be returned either (frontswap's duplicate-store rule), so drop it first.
         old = tobj.pages.pop(key.index, None)
@@ -454,37 +435,39 @@ class Engine:
             self._count(pool, "duplicate_entry")
             self._count(pool, "invalidates")
             self._release_here(pool, key, old)
-            if isinstance(old.handle, Lowered):
+            if in_tier(old.handle):
                 # The new copy may land here, so the old one below must go.
-                self._schedule_lower_delete(pool, tobj, key)
+                self._copies.defer_tier(location_of(pool, tobj, key.index))
         # 2. Poor compression: kept raw by default, refused with --reject-poor (compress_poor).
         if enc.poor and self.reject_poor:
             self._refused(pool, "reject_compress_poor")
-            return self._REFUSE
+            return Decision.REFUSE
         # 3. The pool's own limit (.max) and its owner's (--max-pool-per-user): room is
         #    made from their own cleancache pages only; an over-limit frontswap page goes
         #    down to the tier, as zswap sends a cgroup over memory.zswap.max to swap.
         need = enc.cost + ENTRY_OVERHEAD
+        # (A same-filled page, whose encoded value is its word as an int, costs only its
+        # index entry and stays here.)
         lowerable = (self.writeback is not None and pool.persistent
                      and not isinstance(enc.value, int))
-        limit = self._make_room_within_limits(pool, need)
+        limit = self._budget.make_room_within_limits(pool, need)
         if limit is not None:
             if lowerable:
-                return self._LOWER
+                return Decision.LOWER
             self._refused(pool, "pool_limit_hit", why=limit)
-            return self._REFUSE
+            return Decision.REFUSE
         # 4. The budget: evict cleancache pages, pools over their weighted share first;
         #    below a full pool a persistent page goes straight to the writeback tier.
-        if not self._make_room(need):
+        if not self._budget.make_room(need):
             if lowerable:
-                self._writeback_wanted.set()
-                return self._LOWER
+                assert self._tier is not None
+                self._tier.wake()
+                return Decision.LOWER
             self._refused(pool, "pool_limit_hit",
                           why=f"--max-pool {format_size(self.max_pool)}")
-            return self._REFUSE
-        self._reserved += need
-        pool.reserved += need
-        return self._KEEP
+            return Decision.REFUSE
+        self._budget.reserve(pool, need)
+        return Decision.KEEP
 
     async def _keep(
         self,
@@ -492,33 +475,33 @@ class Engine:
         tobj: TmemObject,
         pages: Sequence[tuple[int, bytes]],
         encoded: Sequence[Encoded],
-        decisions: Sequence[str],
+        decisions: Sequence[Decision],
         now: int,
     ) -> list[bool]:
         """5. Keep what was admitted: here, in the remote backend, or in the tier below."""
-        keep = [i for i, d in enumerate(decisions) if d == self._KEEP]
-        lower = [i for i, d in enumerate(decisions) if d == self._LOWER]
-        kept = [d == self._KEEP for d in decisions]
+        keep = [i for i, d in enumerate(decisions) if d is Decision.KEEP]
+        lower = [i for i, d in enumerate(decisions) if d is Decision.LOWER]
+        kept = [d is Decision.KEEP for d in decisions]
         if keep:
             # Locations name pages outside this process; a local backend needs none.
-            locations = (self._locations(pool, tobj, [pages[i][0] for i in keep])
+            locations = (locations_of(pool, tobj, [pages[i][0] for i in keep])
                          if self.backend.remote else [])
-            self._unschedule_deletes(locations)
+            self._copies.about_to_write(locations)
             try:
                 handles = await self.backend.store_many(locations, [encoded[i] for i in keep])
             except StoreUnavailable as exc:
                 log.debug("store of %d pages refused: %s", len(keep), exc)
                 self._refused(pool, "reject_alloc_fail", len(keep))
-                await self._forget_remote(locations)
+                await self._copies.forget_remote(locations)
                 for i in keep:
                     kept[i] = False
             else:
                 self._insert_many(pool, tobj, [pages[i][0] for i in keep], handles, now)
         if lower:
             assert self.writeback is not None
-            items = [(self._location(pool, tobj, pages[i][0]), payload_of(encoded[i].value))
+            items = [(location_of(pool, tobj, pages[i][0]), payload_of(encoded[i].value))
                      for i in lower]
-            self._unschedule_deletes([loc for loc, _ in items])
+            self._copies.about_to_write([loc for loc, _ in items])
             try:
                 await self.writeback.put_many(items)
             except StoreUnavailable as exc:
@@ -533,7 +516,7 @@ class Engine:
         return kept
 
     def _insert_many(
-        self, pool: Pool, tobj: TmemObject, indexes: Sequence[int], handles: Sequence[Any],
+        self, pool: Pool, tobj: TmemObject, indexes: Sequence[int], handles: Sequence[Handle],
         now: int, *, charged: int | None = None,
     ) -> None:
         """Index stored pages. The hot path of every store: kept lean on purpose.
@@ -562,7 +545,7 @@ class Engine:
             cold = pool.order
             same_filled = self.backend.is_same_filled
             for index, handle in zip(indexes, handles, strict=True):
-                if not isinstance(handle, Lowered) and not same_filled(handle):
+                if not in_tier(handle) and not same_filled(handle):
                     cold[PageKey(pool.id, tobj.name, index)] = tick
         self._count(pool, "stores", len(indexes))
 
@@ -570,53 +553,9 @@ class Engine:
         """Whether one more same-filled page fits (evicting ephemeral pages if need be),
         in the budget and, given a pool, under its limits and its owner's."""
         pool = self.pools.get(pool_id) if pool_id is not None else None
-        if pool is not None and self._make_room_within_limits(pool, ENTRY_OVERHEAD):
+        if pool is not None and self._budget.make_room_within_limits(pool, ENTRY_OVERHEAD):
             return False
-        return self._make_room(ENTRY_OVERHEAD)
-
-    def _make_room(self, cost: int) -> bool:
-        while self.pool_total_size() + self._reserved + cost > self.max_pool:
-            victim = _pick_victim(self.pools.values())
-            if victim is None:
-                return False
-            self._evict(victim)
-        return True
-
-    def _make_room_within_limits(self, pool: Pool, cost: int) -> str | None:
-        """Fit `cost` more bytes under the pool's limit and its owner's, evicting their
-        own cleancache pages if need be; which limit refuses it, or None if it fits."""
-        if pool.max_size is not None:
-            while pool.charged + pool.reserved + cost > pool.max_size:
-                if pool.persistent or not pool.order:
-                    return f"{pool.id}/.max {format_size(pool.max_size)}"
-                self._evict(pool)
-        per_user = self._user_limit(pool)
-        if per_user is not None:
-            theirs = [p for p in self.pools.values() if p.owner.uid == pool.owner.uid]
-            while sum(p.charged + p.reserved for p in theirs) + cost > per_user:
-                victim = _pick_victim(theirs)
-                if victim is None:
-                    return (f"--max-pool-per-user {format_size(per_user)} "
-                            f"of uid {pool.owner.uid}")
-                self._evict(victim)
-        return None
-
-    def _limit_refusing(self, pool: Pool, cost: int) -> str | None:
-        """Which limit of the pool or its owner `cost` more bytes would break, if any
-        (without evicting: the image path's one check per batch)."""
-        if pool.max_size is not None and pool.charged + pool.reserved + cost > pool.max_size:
-            return f"{pool.id}/.max"
-        per_user = self._user_limit(pool)
-        if per_user is not None and cost + sum(
-                p.charged + p.reserved for p in self.pools.values()
-                if p.owner.uid == pool.owner.uid) > per_user:
-            return "--max-pool-per-user"
-        return None
-
-    def _user_limit(self, pool: Pool) -> int | None:
-        """--max-pool-per-user, for pools not owned by root (root's are bound by --max-pool
-        and their own .max only: swap set up by the administrator is not a user's)."""
-        return None if pool.owner.uid == 0 else self.max_pool_per_user
+        return self._budget.make_room(ENTRY_OVERHEAD)
 
     def _evict(self, pool: Pool) -> None:
         """Evict the least recently used page of a cleancache pool."""
@@ -628,13 +567,13 @@ class Engine:
         self._gone(pool, tobj, (key.index,))
         if self.backend.remote:
             # Evicted from the local index; the remote copy goes in the background.
-            self._schedule_remote_delete([self._location(pool, tobj, key.index)])
+            self._copies.defer_remote([location_of(pool, tobj, key.index)])
 
     # -- release: what an invalidated or replaced page gives back -------------------------
 
     def _release_here(self, pool: Pool, key: PageKey, entry: Entry) -> None:
         """Forget an entry removed from its object's index: memory held in this process."""
-        if not isinstance(entry.handle, Lowered | Lost):
+        if held_here(entry.handle):
             pool.charged -= self._charge(entry.handle)
             self.backend.invalidate(entry.handle)
         pool.order.pop(key, None)
@@ -651,61 +590,7 @@ class Engine:
         for key, entry in gone:
             self._release_here(pool, key, entry)
         self.backend.trim()
-        await self._delete_copies(pool, tobj, gone, remote=remote)
-
-    async def _delete_copies(
-        self,
-        pool: Pool,
-        tobj: TmemObject,
-        gone: Sequence[tuple[PageKey, Entry]],
-        *,
-        remote: bool = True,
-    ) -> None:
-        """Delete what released pages left outside this process: in the tier, remotely."""
-        lowered = [k.index for k, e in gone if isinstance(e.handle, Lowered)]
-        if remote and self.backend.remote:
-            elsewhere = [k.index for k, e in gone if not isinstance(e.handle, Lowered)]
-            await self._forget_remote(self._locations(pool, tobj, elsewhere))
-        if lowered:
-            assert self.writeback is not None
-            try:
-                await self.writeback.delete_many(self._locations(pool, tobj, lowered))
-            except StoreUnavailable as exc:
-                log.warning("could not delete %d pages from the tier: %s", len(lowered), exc)
-
-    async def _forget_remote(self, locations: Sequence[Location]) -> None:
-        """Delete remote copies; if the remote cannot, the index has forgotten them anyway."""
-        if not self.backend.remote or not locations:
-            return
-        try:
-            await self.backend.delete_many(locations)
-        except StoreUnavailable as exc:
-            log.warning("could not delete %d remote pages: %s", len(locations), exc)
-
-    def _unschedule_deletes(self, locations: Sequence[Location]) -> None:
-        """A location about to be written must not be deleted after the write."""
-        if not (self._pending_deletes or self._pending_lower_deletes):
-            return
-        written = set(locations)
-        self._pending_deletes = [x for x in self._pending_deletes if x not in written]
-        self._pending_lower_deletes = [
-            x for x in self._pending_lower_deletes if x not in written]
-
-    def _schedule_remote_delete(self, locations: list[Location]) -> None:
-        self._pending_deletes.extend(locations)
-
-    def _schedule_lower_delete(self, pool: Pool, tobj: TmemObject, key: PageKey) -> None:
-        self._pending_lower_deletes.append(self._location(pool, tobj, key.index))
-
-    async def _flush_pending_deletes(self) -> None:
-        deletes, self._pending_deletes = self._pending_deletes, []
-        lower, self._pending_lower_deletes = self._pending_lower_deletes, []
-        await self._forget_remote(deletes)
-        if lower and self.writeback is not None:
-            try:
-                await self.writeback.delete_many(lower)
-            except StoreUnavailable as exc:
-                log.warning("could not delete %d pages from the tier: %s", len(lower), exc)
+        await self._copies.delete(pool, tobj, gone, remote=remote)
 
     # -- load --------------------------------------------------------------------------
 
@@ -713,6 +598,23 @@ class Engine:
         """Load one page; None on a miss."""
         (page,) = await self.load_many(key.pool, key.object, [key.index])
         return page
+
+    def load_run(self, pool_id: PoolId, obj: str, first: int, count: int) -> bytearray | None:
+        """Consecutive pages in one buffer, zeros where nothing is stored (an image read).
+
+        None when the backend cannot do it in one call (the caller then takes load_many).
+        """
+        backend = self.backend
+        if not backend.batches or self.writeback is not None:
+            return None
+        pool = self.pool(pool_id)
+        handles = self.get_object(pool_id, obj).pages.run_handles(first, count)
+        out = bytearray(count * self.page_size)
+        backend.load_into(handles, out)
+        misses = handles.count(-1)
+        self._count(pool, "loads", count - misses)
+        self._count(pool, "load_misses", misses)
+        return out
 
     async def load_many(
         self, pool_id: PoolId, obj: str, indexes: Iterable[int], *, exclusive: bool = True
@@ -747,10 +649,10 @@ class Engine:
                     if d is not None]
             for _key, entry in gone:
                 # Already out of the index and its counts (_take); release the rest.
-                if not isinstance(entry.handle, Lowered | Lost):
+                if held_here(entry.handle):
                     self.backend.invalidate(entry.handle)
             self._gone(pool, tobj, [key.index for key, _ in gone])
-            await self._delete_copies(pool, tobj, gone)
+            await self._copies.delete(pool, tobj, gone)
             self._count(pool, "invalidates", len(gone))
         found = iter(data)
         result = [None if e is None else next(found) for e in entries]
@@ -763,15 +665,14 @@ class Engine:
         self, pool: Pool, tobj: TmemObject, hits: Sequence[tuple[int, Entry]]
     ) -> list[bytes | None]:
         """The data of index entries, wherever they live; misses and losses sorted out."""
-        if any(isinstance(e.handle, Lost) for _, e in hits) and pool.persistent:
+        if pool.persistent and any(is_lost(e.handle) for _, e in hits):
             raise PageLost(f"{pool.id}: a page the remote no longer has")
-        here = [(n, i, e) for n, (i, e) in enumerate(hits)
-                if not isinstance(e.handle, Lowered | Lost)]
-        below = [(n, i, e) for n, (i, e) in enumerate(hits) if isinstance(e.handle, Lowered)]
+        here = [(n, i, e) for n, (i, e) in enumerate(hits) if held_here(e.handle)]
+        below = [(n, i, e) for n, (i, e) in enumerate(hits) if in_tier(e.handle)]
         data: list[bytes | None] = [None] * len(hits)
         try:
             if here:
-                locations = (self._locations(pool, tobj, [i for _, i, _ in here])
+                locations = (locations_of(pool, tobj, [i for _, i, _ in here])
                              if self.backend.remote else [])
                 pages = await self.backend.load_many(locations, [e.handle for _, _, e in here])
                 for (n, _, _), page in zip(here, pages, strict=True):
@@ -779,7 +680,7 @@ class Engine:
             if below:
                 assert self.writeback is not None
                 payloads = await self.writeback.get_many(
-                    self._locations(pool, tobj, [i for _, i, _ in below]))
+                    locations_of(pool, tobj, [i for _, i, _ in below]))
                 present = [(n, p) for (n, _, _), p in zip(below, payloads, strict=True)
                            if p is not None]
                 pages = decode_payloads([p for _, p in present], self.page_size)
@@ -791,7 +692,7 @@ class Engine:
             log.debug("remote load missed: %s", exc)
             return [None] * len(hits)
         for n, (index, entry) in enumerate(hits):
-            if data[n] is None and not isinstance(entry.handle, Lost):
+            if data[n] is None and not is_lost(entry.handle):
                 self._lost(pool, tobj, index, entry)
         if pool.persistent and any(d is None for d in data):
             raise PageLost(f"{pool.id}: a page the remote no longer has")
@@ -803,8 +704,7 @@ class Engine:
             self._count(pool, "lost_pages")
             log.error("%s page %d is lost: its store no longer has it", pool.id, index)
             if tobj.pages.get(index) == entry:
-                if not isinstance(entry.handle, Lowered | Lost):
-                    pool.charged -= self._charge(entry.handle)
+                pool.charged -= self._charge(entry.handle)
                 tobj.pages.set_handle(index, LOST)
             entry.handle = LOST
         elif tobj.pages.get(index) == entry:
@@ -834,7 +734,7 @@ class Engine:
                 pool.charged += self._charge(entry.handle)
                 if not pool.persistent:
                     self._use(pool, PageKey(pool.id, name, index))
-            elif not isinstance(entry.handle, Lowered | Lost):
+            elif held_here(entry.handle):
                 # Flushed, or stored anew, meanwhile: this copy is no longer wanted.
                 self.backend.invalidate(entry.handle)
 
@@ -883,69 +783,6 @@ class Engine:
             self._count(pool, "invalidates", len(gone))
             self._gone(pool, tobj, indexes)
             return len(gone)
-
-    # -- writeback ---------------------------------------------------------------------
-
-    async def _reclaim(self, room: int) -> None:
-        """Direct reclaim: before a store that may not fit, move the coldest persistent
-        pages down until it does (or nothing is left to move), as the background worker
-        would. Without it, requests that follow each other with no await between them
-        never let the worker run, and the index entries of pages stored straight to the
-        tier pushed pool_total_size past --max-pool."""
-        while (self.pool_total_size() + self._reserved + room > self.max_pool
-               and any(p.order for p in self.pools.values() if p.persistent)):
-            try:
-                if not await self._write_back(WRITEBACK_BATCH):
-                    return
-            except StoreUnavailable as exc:
-                log.debug("direct reclaim stopped: %s", exc)
-                return
-
-    async def _write_back(self, limit: int) -> int:
-        """Move up to `limit` of the coldest persistent pages held here to the tier.
-
-        One at a time (the background worker and a store's direct reclaim would
-        otherwise pick the same coldest pages and move them twice)."""
-        async with self._writeback_lock:
-            return await self._write_back_locked(limit)
-
-    async def _write_back_locked(self, limit: int) -> int:
-        assert self.writeback is not None
-        batch: list[tuple[PageKey, Entry, Location, bytes]] = []
-        for key in self._writeback_order(limit):
-            pool = self.pools[key.pool]
-            tobj = pool.objects[key.object]
-            entry = tobj.pages[key.index]
-            payload = self.backend.payload_of(entry.handle)
-            batch.append((key, entry, self._location(pool, tobj, key.index), payload))
-        if not batch:
-            return 0
-        await self.writeback.put_many([(loc, payload) for _, _, loc, payload in batch])
-        moved = 0
-        for key, entry, _, payload in batch:
-            pool = self.pools.get(key.pool)
-            tobj = pool.objects.get(key.object) if pool else None
-            if pool is None or tobj is None or tobj.pages.get(key.index) != entry:
-                continue  # invalidated or stored anew while it was being written
-            pool.charged -= self._charge(entry.handle)
-            self.backend.invalidate(entry.handle)
-            tobj.pages.set_handle(key.index, Lowered(len(payload)))
-            pool.order.pop(key, None)
-            self._count(pool, "written_back_pages")
-            moved += 1
-        return moved
-
-    def _writeback_order(self, limit: int) -> list[PageKey]:
-        """Up to `limit` pages to move down: the coldest of the pool furthest over its
-        weighted share first (bytes held here per unit of weight), then the next."""
-        pools = sorted((p for p in self.pools.values() if p.persistent and p.order),
-                       key=lambda p: p.charged / p.weight, reverse=True)
-        keys: list[PageKey] = []
-        for pool in pools:
-            keys += itertools.islice(pool.order, limit - len(keys))
-            if len(keys) >= limit:
-                break
-        return keys
 
     # -- the block image ---------------------------------------------------------------
 
@@ -997,12 +834,7 @@ class Engine:
 
     def page_cost(self, entry: Entry) -> float:
         """Compressed bytes charged to one page; what st_blocks reports."""
-        handle = entry.handle
-        if isinstance(handle, Lowered):
-            return handle.size
-        if isinstance(handle, Lost):
-            return 0
-        return self.backend.payload_share(handle)
+        return inspection.page_cost(self, entry)
 
     @property
     def index_size(self) -> int:
@@ -1016,90 +848,13 @@ class Engine:
 
     def pool_stats(self, pool_id: PoolId) -> dict[str, int]:
         """A pool's counters. The gauges are summed over its pages when asked."""
-        pool = self.pool(pool_id)
-        backend = self.backend
-        stored = same = shared = recompressed = 0
-        compressed = here = 0.0
-        if backend.batches and self.writeback is None:
-            # Every handle is the compiled store's: one call sums them, over native int64s
-            # from the page tables (a 1 GiB image's 262,144 pages in 5 ms; a list of
-            # Python ints took 42 ms, a Python loop most of a second).
-            handles = b"".join(tobj.pages.handle_bytes() for tobj in pool.objects.values())
-            stored = len(handles) // 8
-            same, shared, compressed, recompressed = backend.summarize(handles)
-            here = compressed
-        else:
-            for tobj in pool.objects.values():
-                for entry in tobj.pages.values():
-                    handle: Any = entry.handle
-                    stored += 1
-                    cost = self.page_cost(entry)
-                    compressed += cost
-                    if not isinstance(handle, Lowered | Lost):
-                        same += backend.is_same_filled(handle)
-                        shared += backend.is_shared(handle)
-                        recompressed += backend.is_recompressed(handle)
-                        if not backend.remote:
-                            here += cost
-        # What this process holds for the pool: payloads kept here, and the index.
-        total = round(here) + stored * ENTRY_OVERHEAD
-        if stored and not backend.remote:
-            # The pool's share of per-handle overhead, pro rata by pages.
-            overhead = backend.memory_used() - backend.stats()["compr_data_size"]
-            total += round(overhead * stored / max(self._index.pages, 1))
-        totals = backend.stats()
-        gauges = {
-            "stored_pages": stored,
-            "orig_data_size": stored * self.page_size,
-            "compr_data_size": round(compressed),
-            "pool_total_size": total,
-            "same_filled_pages": same,
-            "dedup_pages": shared,
-            "recompressed_pages": recompressed,
-            # The pool's share of what recompression saves, pro rata by its pages.
-            "recompress_saved_bytes": _share(totals.get("recompress_saved_bytes", 0),
-                                             recompressed, totals.get("recompressed_pages", 0)),
-        }
-        return gauges | pool.counters
+        return inspection.pool_stats(self, pool_id)
 
     def stats(self) -> dict[str, int]:
         """Global counters: gauges of the whole backend, events summed over all pools ever."""
-        backend = self.backend.stats()
-        gauges = {
-            "stored_pages": self._index.pages,
-            "orig_data_size": self._index.pages * self.page_size,
-            "compr_data_size": backend["compr_data_size"],
-            "pool_total_size": self.pool_total_size(),
-            "same_filled_pages": backend["same_filled_pages"],
-            "dedup_pages": backend["dedup_pages"],
-            "recompressed_pages": backend.get("recompressed_pages", 0),
-            "recompress_saved_bytes": backend.get("recompress_saved_bytes", 0),
-        }
-        codecs = {name: value for name, value in backend.items() if name.startswith("codec_")}
-        return gauges | self.counters | codecs | {
-            "max_pool_size": self.max_pool,
-            "page_size": self.page_size,
-            "pools": len(self.pools),
-            # What the page index really holds (pool_total_size charges ENTRY_OVERHEAD a page).
-            "index_size": self._index.nbytes,
-        }
+        return inspection.engine_stats(self)
 
     # -- helpers -----------------------------------------------------------------------
-
-    def _locations(self, pool: Pool, tobj: TmemObject, indexes: Sequence[int]) -> list[Location]:
-        """The locations of many pages of one object: the name is worked out once."""
-        name, generation, obj, _ = self._location(pool, tobj, 0)
-        return [Location(name, generation, obj, index) for index in indexes]
-
-    def _location(self, pool: Pool, tobj: TmemObject, index: int) -> Location:
-        """Where a page lives outside this process: named by its pool's or object's generation.
-
-        Every mount of a shared pool names its pages alike, so they have no generation.
-        """
-        generation = pool.generation if pool.persistent else tobj.generation
-        if pool.shared:
-            generation = 0
-        return Location(str(pool.id), generation, tobj.name, index)
 
     @contextlib.asynccontextmanager
     async def _mutating(self, pool_id: PoolId) -> AsyncIterator[None]:
@@ -1110,7 +865,7 @@ class Engine:
         lock = self._locks.setdefault(pool_id, trio.Lock())
         async with lock:
             yield
-            await self._flush_pending_deletes()
+            await self._copies.flush()
 
     def _refused(self, pool: Pool, reason: str, n: int = 1, *, why: str = "") -> None:
         """Count refused stores, and say so in the log once per burst, not once per page.
@@ -1125,13 +880,13 @@ class Engine:
                         self._refusals, reason, pool.id, f", by {why}" if why else "")
             self._refusals, self._refusals_logged = 0, now
 
-    def _charge(self, handle: Any) -> int:
+    def _charge(self, handle: Handle) -> int:
         """What a page held here costs its pool's limits: its payload at its own size (a
         deduplicated payload is charged to every pool holding it) and its index entry.
         A page moved down to the tier, or lost, costs its pool nothing here."""
-        if isinstance(handle, Lowered | Lost):
-            return 0
-        return ENTRY_OVERHEAD + self.backend.page_charge(handle)
+        if held_here(handle):
+            return ENTRY_OVERHEAD + self.backend.page_charge(handle)
+        return 0
 
     def _stamp(self) -> int:
         """The time of a store, in ns, later than every earlier one: an index entry's
@@ -1152,24 +907,6 @@ class Engine:
         if n:
             pool.counters[name] = pool.counters.get(name, 0) + n
             self.counters[name] = self.counters.get(name, 0) + n
-
-
-def _pick_victim(pools: Iterable[Pool]) -> Pool | None:
-    """The cleancache pool to evict from: of those over their weighted share of what the
-    pools hold (as Xen tmem's client_over_quota), the one whose oldest page is oldest;
-    if none is over, the oldest page of all. None when none of them holds a page."""
-    pools = [p for p in pools if not p.persistent]
-    held = [p for p in pools if p.order]
-    if not held:
-        return None
-    total_weight = sum(p.weight for p in pools)
-    total = sum(p.charged for p in held)
-    over = [p for p in held if p.charged * total_weight > total * p.weight] or held
-    return min(over, key=lambda p: next(iter(p.order.values())))
-
-
-def _share(total: int, part: int, whole: int) -> int:
-    return round(total * part / whole) if whole else 0
 
 
 def _distinct_runs(indexes: Sequence[int]) -> list[range]:
