@@ -375,8 +375,8 @@ cdef inline int slot_size(int length) noexcept nogil:
 
 # A trained dictionary must save at least this share of plain zstd's slots on the
 # pages held out of its training sample, or the batch goes without it.
-DEF DICT_MIN_SAVING = 0.01
-DEF TRAIN_MIN_PAGES = 256       # fewer idle pages than this: no training yet
+DICT_MIN_SAVING = 0.01
+DEF TRAIN_MIN_PAGES = 16        # fewer than this: no training (the caller asks for more)
 DEF PROBE_EVERY = 8             # a batch with a dictionary also tries every 8th page without
 
 
@@ -436,6 +436,7 @@ cdef class RecompressBatch:
     #: Its slot in the store; -1 for one this batch trained (or none).
     cdef readonly int dict_slot
     cdef int train_capacity     # > 0: train a dictionary of at most this many bytes first
+    cdef double min_saving      # what it must save on the held-out pages
     #: A dictionary was trained and it paid on the held-out pages.
     cdef readonly bint trained
     #: Slot bytes of the probed pages, zstd without and with the dictionary.
@@ -515,7 +516,7 @@ cdef class RecompressBatch:
                     for i in range(0, self.count, 4):
                         if ok[i]:
                             self._compress(i, pages + <size_t>i * ps, cctx, cdict, True)
-                    if self.probe_dict > self.probe_plain * (1.0 - DICT_MIN_SAVING):
+                    if self.probe_dict > self.probe_plain * (1.0 - self.min_saving):
                         ZSTD_freeCDict(<ZSTD_CDict*>cdict)
                         cdict = NULL
                     else:
@@ -853,7 +854,7 @@ cdef class SlabStore:
         cdef int ps = self.page_size
         cdef char* page = self.scratch
         cdef char* other = self.scratch + ps
-        if r.live_flags & CODEC_MASK != CODEC_ZSTD:
+        if r.live_flags & CODEC_MASK == CODEC_NATIVE:
             return r.length == length and (
                 length == 0 or memcmp(self._slot_ptr(r), payload, length) == 0)
         if length == 0 or not self._unzstd(r, page):
@@ -1045,6 +1046,8 @@ cdef class SlabStore:
 
     def dictionary_slots(self) -> list:
         """(slot, records using it, its bytes) of each dictionary kept."""
+        if self.dict_dead:
+            self._reap_dictionaries()
         return [(k, self.dict_records[k], len((<Dictionary>d).data))
                 for k, d in enumerate(self.dictionaries) if d is not None]
 
@@ -1219,12 +1222,14 @@ cdef class SlabStore:
     # -- recompression: a sweep over the records ------------------------------------------
 
     def recompress_begin(self, int max_pages, int level, long scan_limit=65536,
-                         bint dictionary=False, int train=0) -> RecompressBatch:
+                         bint dictionary=False, int train=0,
+                         double min_saving=DICT_MIN_SAVING) -> RecompressBatch:
         """The next up to `max_pages` idle lz4 or raw payloads of the sweep, copied out.
 
         With `dictionary` the batch uses the current dictionary, if there is one; with
         `train` (bytes) its `run` trains a new one of at most that size from the pages
-        first, which the commit makes current if it paid on the pages held out.
+        first, which the commit makes current if it saved `min_saving` of plain zstd's
+        slots on the pages held out of its sample.
 
         The sweep visits at most `scan_limit` records per call. A visited record that is
         not idle is marked idle; one that still is (neither loaded nor stored since the
@@ -1244,6 +1249,7 @@ cdef class SlabStore:
         batch.dict_slot = -1
         if train > 0:
             batch.train_capacity = train
+            batch.min_saving = min_saving
         elif dictionary and self.current_dict >= 0:
             batch.dictionary = self.dictionaries[self.current_dict]
             batch.dict_slot = self.current_dict
@@ -1354,6 +1360,11 @@ cdef class SlabStore:
         if r.live_flags & CODEC_MASK != CODEC_NATIVE:
             return "zstd"
         return "raw" if r.length == self.page_size else "lz4"
+
+    def dictionary_of(self, long handle) -> int:
+        """The dictionary slot a page's zstd payload was made with; -1 for none."""
+        self._check(handle)
+        return max((self.records[handle].live_flags & CODEC_MASK) - CODEC_DICT, -1)
 
     def length(self, long handle) -> int:
         """Payload bytes behind a handle (0 for a same-filled page)."""
