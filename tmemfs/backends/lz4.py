@@ -87,6 +87,9 @@ TRAIN_BATCH = 1024              # pages of the training batch: a 3 MiB sample, 1
 # the 3% (30 B a page) it saves on anon it pays for itself from some 3000 pages.
 DICT_MIN_PAGES = 8192
 MAX_TRAIN_WAIT = 64             # sweeps
+# Plain zstd's slots over the pages a sweep probed (every 8th it took) below which
+# its saving is too noisy to call a drift: some 40 pages of a process's memory.
+PROBE_MIN_BYTES = 32 * 1024
 
 
 class Lz4Backend(Backend):
@@ -261,8 +264,8 @@ class Lz4Backend(Backend):
 
     def _check_drift(self, probe_plain: int, probe_dict: int) -> None:
         """Retrain at the next sweep when the current dictionary saves less than half
-        what it did at first (judged on at least 64 pages' worth of probes)."""
-        if probe_plain < 64 * 1024 or self._dict_saving <= 0:
+        what it did at first (judged on at least PROBE_MIN_BYTES of probed pages)."""
+        if probe_plain < PROBE_MIN_BYTES or self._dict_saving <= 0:
             return
         saving = 1 - probe_dict / probe_plain
         if saving < self._dict_saving / 2:
