@@ -20,14 +20,14 @@ waits at most for one copy-out or one swap-in.
 
 With --recompress-dict (the default) zstd uses a dictionary trained on the store's own
 idle pages (one per store, not per pool: the store is mount-wide and payloads are
-shared across pools). Once the store holds DICT_MIN_PAGES pages, a sweep's first batch
-is a larger one from which the recompression thread trains a DICT_BYTES dictionary; it
-is kept only if it saves DICT_MIN_SAVING of plain zstd's slots on pages held out of
-its sample. Every batch after tries some pages without it too; when a whole sweep's
-saving falls under half of what the held-out pages showed, the next sweep retrains.
-Pages keep the dictionary they were compressed with, which lives until its last page
-goes. A training that did not pay waits twice as many sweeps as the last before the
-next (at most MAX_TRAIN_WAIT).
+shared across pools). Once the store holds DICT_MIN_PAGES pages, a sweep starts with
+a training batch: TRAIN_BATCH idle pages spread evenly over the store, from which the
+recompression thread trains a DICT_BYTES dictionary; it is kept only if it saves 1% of
+plain zstd's slots on the pages held out of its sample (every 4th). Every batch after
+tries some pages without it too; when a whole sweep's saving falls under half of what
+the held-out pages showed, the next sweep retrains. Pages keep the dictionary they
+were compressed with, which lives until its last page goes. A training that did not
+pay waits twice as many sweeps as the last before the next (at most MAX_TRAIN_WAIT).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ DEFAULT_RECOMPRESS_LEVEL = 3
 # sample keeps 0.969x of plain zstd (16 KiB: 0.989x, 112 KiB: 0.967x; a 1 MiB sample
 # 0.977x, 16 MiB 0.964x); on files 0.986x (112 KiB: 0.981x); on random pages nothing.
 DICT_BYTES = 64 * 1024
-TRAIN_BATCH = 1024              # pages of the training batch: a 3 MiB sample, 1 held out
+TRAIN_BATCH = 1024              # pages of the training batch: a 3 MiB sample, 1/4 held out
 # A dictionary costs its bytes and decompression tables (about 92 KiB for 64 KiB); at
 # the 3% (30 B a page) it saves on anon it pays for itself from some 3000 pages.
 DICT_MIN_PAGES = 8192
@@ -230,10 +230,14 @@ class Lz4Backend(Backend):
                 self.trim()
                 if train:
                     self._trained(batch)
-                    train = False
                 elif batch.dictionary is not None:
                     probe_plain += batch.probe_plain
                     probe_dict += batch.probe_dict
+            if train:
+                # A training batch is a sample from the whole store, apart from the
+                # sweep: the sweep proper starts now (none idle yet: the next one trains).
+                train = False
+                continue
             if batch.sweep_done:
                 self._check_drift(probe_plain, probe_dict)
                 return pages
