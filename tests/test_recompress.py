@@ -150,11 +150,11 @@ async def test_a_trained_dictionary_is_used_retrained_and_old_ones_kept(monkeypa
     monkeypatch.setattr(lz4, "DICT_MIN_PAGES", 256)
     engine = lz4_engine()
     backend = slabs(engine)
+    backend.recompress_dict = True
     groups = [[records(1000 * g + i) for i in range(400)] for g in range(3)]
     assert await engine.store_run(SWAP0, SWAP_OBJECT, 0, b"".join(groups[0]))
     plain = lz4_engine()
     assert await plain.store_run(SWAP0, SWAP_OBJECT, 0, b"".join(groups[0]))
-    slabs(plain).recompress_dict = False
     for e in (engine, plain):
         assert await slabs(e).recompress_sweep() == 0
         assert await slabs(e).recompress_sweep() == 400
@@ -198,6 +198,8 @@ async def test_no_dictionary_below_the_minimum_or_when_turned_off() -> None:
     assert await engine.store_run(SWAP0, SWAP_OBJECT, 0, b"".join(
         records(i) for i in range(400)))
     backend = slabs(engine)
+    assert not backend.recompress_dict  # off by default
+    backend.recompress_dict = True
     await backend.recompress_sweep()
     assert await backend.recompress_sweep() == 400
     assert backend.slabs.current_dict == -1

@@ -80,9 +80,9 @@ def build_parser() -> Parser:
                    metavar="zstd[:LEVEL]",
                    help="the codec of recompressed pages "
                         f"(default zstd:{DEFAULT_RECOMPRESS_LEVEL})")
-    m.add_argument("--recompress-dict", action=argparse.BooleanOptionalAction, default=True,
+    m.add_argument("--recompress-dict", action=argparse.BooleanOptionalAction, default=False,
                    help="lz4: recompress with a zstd dictionary trained on the mount's own "
-                        "idle pages, once it holds 32 MiB of pages (default: on)")
+                        "idle pages, once it holds 32 MiB of pages (default: off)")
     m.add_argument("--no-recompress", action="store_true",
                    help="keep every page in lz4 (no background recompression)")
     m.add_argument("--exclusive-gets", action="store_true",

@@ -61,7 +61,7 @@ class MountOptions:
     reject_poor: bool = False
     recompress_after: float | None = DEFAULT_RECOMPRESS_AFTER  # None: never
     recompress_level: int = DEFAULT_RECOMPRESS_LEVEL
-    recompress_dict: bool = True  # zstd with a dictionary trained on the store's pages
+    recompress_dict: bool = False  # zstd with a dictionary trained on the store's pages
     exclusive_gets: bool = False
     allow_other: bool = False
     foreground: bool = False

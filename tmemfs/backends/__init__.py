@@ -62,7 +62,7 @@ def open_backend(
     reject_ratio: float,
     recompress_after: float | None = None,
     recompress_level: int = 3,
-    recompress_dict: bool = True,
+    recompress_dict: bool = False,
     namespace: str = "tmemfs",
     timeout: float = 2.0,
 ) -> Backend:

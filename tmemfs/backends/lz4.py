@@ -18,16 +18,17 @@ millisecond), recompressed in a thread of its own at nice 19 with the GIL releas
 and swapped in on the trio thread; the task yields between batches, so a FUSE request
 waits at most for one copy-out or one swap-in.
 
-With --recompress-dict (the default) zstd uses a dictionary trained on the store's own
-idle pages (one per store, not per pool: the store is mount-wide and payloads are
-shared across pools). Once the store holds DICT_MIN_PAGES pages, a sweep starts with
-a training batch: TRAIN_BATCH idle pages spread evenly over the store, from which the
-recompression thread trains a DICT_BYTES dictionary; it is kept only if it saves 1% of
-plain zstd's slots on the pages held out of its sample (every 4th). Every batch after
-tries some pages without it too; when a whole sweep's saving falls under half of what
-the held-out pages showed, the next sweep retrains. Pages keep the dictionary they
-were compressed with, which lives until its last page goes. A training that did not
-pay waits twice as many sweeps as the last before the next (at most MAX_TRAIN_WAIT).
+With --recompress-dict (off by default: see the man page) zstd uses a dictionary
+trained on the store's own idle pages (one per store, not per pool: the store is
+mount-wide and payloads are shared across pools). Once the store holds DICT_MIN_PAGES
+pages, a sweep starts with a training batch: TRAIN_BATCH idle pages spread evenly over
+the store, from which the recompression thread trains a DICT_BYTES dictionary; it is
+kept only if it saves 1% of plain zstd's slots on the pages held out of its sample
+(every 4th). Every batch after tries some pages without it too; when a whole sweep's
+saving falls under half of what the held-out pages showed, the next sweep retrains.
+Pages keep the dictionary they were compressed with, which lives until its last page
+goes. A training that did not pay waits twice as many sweeps as the last before the
+next (at most MAX_TRAIN_WAIT).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Lz4Backend(Backend):
     def __init__(self, *args: object, reject_ratio: float = 0.875, threads: int = 2,
                  recompress_after: float | None = DEFAULT_RECOMPRESS_AFTER,
                  recompress_level: int = DEFAULT_RECOMPRESS_LEVEL,
-                 recompress_dict: bool = True,
+                 recompress_dict: bool = False,
                  **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if not 0 < reject_ratio <= 1:
