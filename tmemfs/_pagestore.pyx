@@ -542,12 +542,6 @@ cdef class RecompressBatch:
             free(sample)
             free(sizes)
             free(dict_buffer)
-            if self.train_capacity:
-                # ZDICT's tables (some 20 MB for a 3 MiB sample) raise malloc's mmap
-                # threshold as they are freed, and stay in this thread's arena: the
-                # budget honesty test saw RSS 20 MB above pool_total_size without this.
-                with nogil:
-                    malloc_trim(0)
         self.ran = True
         return shrunk
 
