@@ -410,6 +410,9 @@ async def test_lz4_backend_accounting_directly() -> None:
         "codec_lz4_data_size": lz4_size(page) + PAGE,
         "codec_zstd_pages": 0,
         "codec_zstd_data_size": 0,
+        "codec_zstd_dict_pages": 0,
+        "codec_zstd_dict_data_size": 0,
+        "codec_zstd_dict_dictionary_size": 0,
     }
     assert backend.is_shared(handles[0]) and backend.is_shared(handles[1])
     assert backend.is_same_filled(handles[2]) and not backend.is_shared(handles[2])

@@ -8,7 +8,9 @@ Hypothesis drives both with the same batches of stores, loads, releases, range
 releases, flushes and compactions over same-filled, duplicate, incompressible and
 ordinary pages, and through background recompression: sweeps that begin, run (the
 worker's part, forced to happen between other steps) and commit in any interleaving
-with stores, loads and releases of the same pages.
+with stores, loads and releases of the same pages; with and without the store's zstd
+dictionary, training new ones (also while another batch is out, whose commit must then
+change nothing), and old ones given back once no page uses them.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def check_payload(store: SlabStore, handle: int, page: bytes) -> None:
     """A kept payload is the codec's: the word, the raw page, or an lz4 block of it; a
     recompressed page gives the very payload it had before."""
     payload = store.payload(handle)
-    if store.codec(handle) == "zstd":
+    if store.codec(handle).startswith("zstd"):
         assert payload == store.encode(page).payload(0)
     if Model.word_page(page):
         assert payload == page[:8]
@@ -111,6 +113,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.pending: RecompressBatch | None = None
         self.pending_ran = False
         self.touched: set[int] = set()
+        # A dictionary was installed while the pending batch was out.
+        self.stale = False
 
     def _put(self, key: int, handle: int, page: bytes) -> None:
         old = self.keys.pop(key, None)
@@ -152,15 +156,39 @@ class StoreMachine(RuleBasedStateMachine):
     # Recompression, in the three steps the engine takes: begin on the store's thread,
     # run in a worker (here: whenever hypothesis says), commit on the store's thread.
     @precondition(lambda self: self.pending is None)
-    @rule(max_pages=st.integers(1, 64), level=st.sampled_from([1, 3, 9]), settle=st.booleans())
-    def recompress_begin(self, max_pages: int, level: int, settle: bool) -> None:
+    @rule(max_pages=st.integers(1, 64), level=st.sampled_from([1, 3, 9]), settle=st.booleans(),
+          dictionary=st.booleans(), train=st.sampled_from([0, 0, 1024, 8192]))
+    def recompress_begin(self, max_pages: int, level: int, settle: bool, dictionary: bool,
+                         train: int) -> None:
         if settle:
             # A sweep whose batches are dropped: it only marks every page idle.
             while not self.store.recompress_begin(64, 1).sweep_done:
                 pass
-        self.pending = self.store.recompress_begin(max_pages, level, scan_limit=97)
+        # Any dictionary that trains is taken (min_saving -1): the point is to use them.
+        self.pending = self.store.recompress_begin(max_pages, level, scan_limit=97,
+                                                   dictionary=dictionary, train=train,
+                                                   min_saving=-1.0)
         self.pending_ran = False
         self.touched = set()
+
+    @precondition(lambda self: self.pending is not None)
+    @rule()
+    def train_while_a_batch_is_out(self) -> None:
+        """Another batch trains and installs a new dictionary: the one out, if it used
+        the old dictionary, must change nothing when it commits."""
+        # Enough distinct pages for ZDICT to train from (16), at keys of their own.
+        fresh = [ordinary(1000 + i) for i in range(20)]
+        for key, handle in enumerate(self.store.keep_all(self.store.encode(b"".join(fresh))),
+                                     start=220):
+            self._put(key, handle, fresh[key - 220])
+        for _ in range(2):  # the rest of the sweep under way, then a whole one: all idle
+            while not self.store.recompress_begin(64, 1).sweep_done:
+                pass
+        batch = self.store.recompress_begin(64, 3, train=2048, min_saving=-1.0)
+        batch.run()
+        self.store.recompress_commit(batch)
+        if batch.trained:
+            self.stale = True
 
     def _pending_keys(self) -> list[int]:
         assert self.pending is not None
@@ -197,20 +225,35 @@ class StoreMachine(RuleBasedStateMachine):
         recompressed = self.store.recompress_commit(self.pending)
         after = {h: self.store.codec(h) for h, _ in self.keys.values()}
         changed = {h for h in before if before[h] != after[h]}
-        assert all(before[h] in ("lz4", "raw") and after[h] == "zstd" for h in changed)
+        assert all(before[h] in ("lz4", "raw") and after[h].startswith("zstd") for h in changed)
         # A page used since the batch began stays as it is.
         assert not changed & self.touched
         assert recompressed == sum(self.store.refs(h) for h in changed)
+        batch = self.pending
+        if batch.dictionary is not None and batch.dict_slot >= 0 and self.stale:
+            # Its dictionary is no longer the current one.
+            assert not changed
+        for h in changed:
+            slot = self.store.dictionary_of(h)
+            assert after[h] == ("zstd+dict" if slot >= 0 else "zstd")
+            if slot >= 0:
+                assert slot == self.store.current_dict
+                assert batch.dictionary is not None
         self.pending = None
+        self.stale = False
 
-    @rule()
-    def recompress_sweeps(self) -> None:
+    @rule(dictionary=st.booleans(), train=st.booleans())
+    def recompress_sweeps(self, dictionary: bool, train: bool) -> None:
         """Whole sweeps, as the background task runs them: idle pages end up in zstd."""
         self.pending = None
+        self.stale = False
         # The first finishes the sweep that a begun batch left half done.
-        for _ in range(3):
+        for n in range(3):
             while True:
-                batch = self.store.recompress_begin(64, 3)
+                batch = self.store.recompress_begin(64, 3, dictionary=dictionary,
+                                                    train=4096 if train and n == 1 else 0,
+                                                    min_saving=-1.0)
+                train = train and n != 1
                 batch.run()
                 self.store.recompress_commit(batch)
                 if batch.sweep_done:
@@ -265,12 +308,26 @@ class StoreMachine(RuleBasedStateMachine):
         lengths = [store.length(h) for h in handles]
         assert store.payload_bytes == sum(lengths)
         assert store.slot_bytes == sum(-(-n // GRAIN) * GRAIN for n in lengths)
-        assert store.memory_used() == store.slot_bytes + len(handles) * RECORD_OVERHEAD
+        assert store.memory_used() == (store.slot_bytes + len(handles) * RECORD_OVERHEAD
+                                       + store.dictionary_bytes)
         assert store.chunk_bytes >= store.slot_bytes
         if not handles:
             assert store.chunk_bytes == 0
-        zstd = [h for h in handles if store.codec(h) == "zstd"]
+        zstd = [h for h in handles if store.codec(h).startswith("zstd")]
         assert store.recompressed_pages == sum(store.refs(h) for h in zstd)
+        # Dictionaries: each kept one is used by the records that say so, or current;
+        # they are counted in memory_used.
+        slots = {slot: (records, size) for slot, records, size in store.dictionary_slots()}
+        by_slot = [store.dictionary_of(h) for h in zstd]
+        for slot, (records, _) in slots.items():
+            assert records == by_slot.count(slot)
+            assert records or slot == store.current_dict
+        assert set(by_slot) - {-1} <= set(slots)
+        assert store.current_dict == -1 or store.current_dict in slots
+        assert (store.dictionary_bytes > sum(size for _, size in slots.values())) == bool(slots)
+        dict_handles = [h for h in zstd if store.dictionary_of(h) >= 0]
+        assert store.dict_pages == sum(store.refs(h) for h in dict_handles)
+        assert store.dict_payload_bytes == sum(store.length(h) for h in dict_handles)
         assert store.zstd_payload_bytes == sum(store.length(h) for h in zstd)
         assert store.recompress_saved_bytes == sum(
             store.encode(self.page_of(h)).length(0) - store.length(h) for h in zstd)
@@ -357,6 +414,120 @@ def test_a_page_used_while_its_batch_is_out_is_left_alone(use: str) -> None:
         ["zstd"] * len(live) if use == "compact" else ["lz4"] + ["zstd"] * 7)
     for i in live:
         assert store.load(handles[i]) == batch[i]
+
+
+def settle(store: SlabStore) -> None:
+    """Finish the sweep under way and make a whole one: every untouched page is idle."""
+    for _ in range(2):
+        while not store.recompress_begin(64, 1).sweep_done:
+            pass
+
+
+def train(store: SlabStore, pages: list[bytes], min_saving: float = -1.0) -> list[int]:
+    """Keep pages, and recompress them with a dictionary trained from them."""
+    handles = store.keep_all(store.encode(b"".join(pages)))
+    settle(store)
+    batch = store.recompress_begin(len(pages), 3, train=4096, min_saving=min_saving)
+    batch.run()
+    assert batch.trained
+    store.recompress_commit(batch)
+    return handles
+
+
+def test_dictionary_pages_load_dedup_and_give_their_lz4_payload() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    pages = [ordinary(seed) for seed in range(64)]
+    handles = train(store, pages)
+    codecs = [store.codec(h) for h in handles]
+    # Every 4th page was held out and judged both ways: it keeps the smaller.
+    assert codecs.count("zstd+dict") >= 40 and set(codecs) <= {"zstd", "zstd+dict"}
+    assert store.dict_pages == codecs.count("zstd+dict")
+    ((slot, records, size),) = store.dictionary_slots()
+    assert slot == store.current_dict and records == store.dict_pages and size <= 4096
+    assert store.memory_used() == (store.slot_bytes + 64 * RECORD_OVERHEAD
+                                   + store.dictionary_bytes)
+    out = bytearray(64 * PAGE)
+    store.load_into(handles, out)
+    assert bytes(out) == b"".join(pages)
+    for h, page in zip(handles, pages, strict=True):
+        assert store.payload(h) == store.encode(page).payload(0)
+    # Stored again (as a page, or as a tier's payload), each is found by dedup.
+    assert store.keep_all(store.encode(b"".join(pages))) == handles
+    assert [store.keep(store.encode_payload(store.encode(p).payload(0)), 0) for p in pages] == (
+        handles)
+    assert store.dict_pages == 3 * codecs.count("zstd+dict")
+    for _ in range(3):
+        store.release_many(handles)
+    assert store.payload_bytes == store.dict_pages == 0
+    # The current dictionary stays, counted, for the next batches.
+    assert store.dictionary_slots() == [(slot, 0, size)]
+    assert store.memory_used() == store.dictionary_bytes > size
+
+
+def test_an_old_dictionary_lives_while_pages_use_it() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    first = train(store, [ordinary(seed) for seed in range(40)])
+    one = store.current_dict
+    one_bytes = store.dictionary_bytes
+    second = train(store, [ordinary(seed) for seed in range(100, 140)])
+    two = store.current_dict
+    assert two != one
+    assert [s for s, _, _ in store.dictionary_slots()] == sorted([one, two])
+    assert {store.dictionary_of(h) for h in first} <= {one, -1}
+    assert {store.dictionary_of(h) for h in second} <= {two, -1}
+    two_bytes = store.dictionary_bytes - one_bytes
+    assert two_bytes > 0
+    # The first one's pages still load after the second one came.
+    for h, seed in zip(first, range(40), strict=True):
+        assert store.load(h) == ordinary(seed)
+    store.release_many(first)
+    assert [s for s, _, _ in store.dictionary_slots()] == [two]
+    assert store.dictionary_bytes == two_bytes
+    for h, seed in zip(second, range(100, 140), strict=True):
+        assert store.load(h) == ordinary(seed)
+    # A third takes the freed slot; the second is given back with its last page.
+    third = train(store, [ordinary(seed) for seed in range(200, 240)])
+    store.release_many(second)
+    assert [s for s, _, _ in store.dictionary_slots()] == [store.current_dict]
+    store.release_many(third)
+    assert store.memory_used() == store.dictionary_bytes
+
+
+def test_a_batch_whose_dictionary_was_replaced_changes_nothing() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    train(store, [ordinary(seed) for seed in range(40)])
+    pages = [ordinary(seed) for seed in range(100, 140)]
+    handles = store.keep_all(store.encode(b"".join(pages)))
+    settle(store)
+    out = store.recompress_begin(64, 3, dictionary=True)
+    assert out.dictionary is not None and out.dict_slot == store.current_dict
+    out.run()
+    train(store, [ordinary(seed) for seed in range(200, 240)])
+    before = [store.codec(h) for h in handles]
+    assert store.recompress_commit(out) == 0
+    assert [store.codec(h) for h in handles] == before
+    # Taken again by the next sweep, with the new dictionary.
+    settle(store)
+    batch = store.recompress_begin(64, 3, dictionary=True)
+    batch.run()
+    assert store.recompress_commit(batch) > 0
+    assert {store.dictionary_of(h) for h in handles} <= {store.current_dict, -1}
+    for h, page in zip(handles, pages, strict=True):
+        assert store.load(h) == page
+
+
+def test_a_dictionary_that_does_not_pay_is_dropped() -> None:
+    store = SlabStore(PAGE, LIMIT, 2)
+    pages = [incompressible(seed) for seed in range(8)] + [ordinary(s) for s in range(24)]
+    store.keep_all(store.encode(b"".join(pages)))
+    settle(store)
+    batch = store.recompress_begin(64, 3, train=4096, min_saving=0.5)
+    batch.run()
+    assert not batch.trained and batch.dictionary is None
+    assert batch.probe_plain > 0
+    store.recompress_commit(batch)
+    assert store.current_dict == -1 and store.dictionary_bytes == 0
+    assert store.recompressed_pages > 0 and store.dict_pages == 0
 
 
 def test_a_batch_that_did_not_run_cannot_be_committed() -> None:

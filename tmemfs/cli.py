@@ -80,6 +80,9 @@ def build_parser() -> Parser:
                    metavar="zstd[:LEVEL]",
                    help="the codec of recompressed pages "
                         f"(default zstd:{DEFAULT_RECOMPRESS_LEVEL})")
+    m.add_argument("--recompress-dict", action=argparse.BooleanOptionalAction, default=False,
+                   help="lz4: recompress with a zstd dictionary trained on the mount's own "
+                        "idle pages, once it holds 32 MiB of pages (default: off)")
     m.add_argument("--no-recompress", action="store_true",
                    help="keep every page in lz4 (no background recompression)")
     m.add_argument("--exclusive-gets", action="store_true",
@@ -166,6 +169,7 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
         reject_poor=args.reject_poor,
         recompress_after=None if args.no_recompress else args.recompress_after,
         recompress_level=int(level) if level else DEFAULT_RECOMPRESS_LEVEL,
+        recompress_dict=args.recompress_dict,
         exclusive_gets=args.exclusive_gets,
         allow_other=args.allow_other,
         foreground=args.foreground,
@@ -276,8 +280,10 @@ def format_codecs(total: dict[str, int]) -> str:
         rows.append([name, str(total.get(f"codec_{name}_pages", 0)),
                      format_size(total.get(f"codec_{name}_data_size", 0))])
     saved = format_size(total.get("recompress_saved_bytes", 0))
+    dictionaries = total.get("codec_zstd_dict_dictionary_size", 0)
     return (f"{_align(rows)}\nrecompressed {total.get('recompressed_pages', 0)} pages, "
-            f"saving {saved}")
+            f"saving {saved}"
+            + (f" (zstd dictionaries: {format_size(dictionaries)})" if dictionaries else ""))
 
 
 def _align(rows: list[list[str]]) -> str:

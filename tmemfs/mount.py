@@ -61,6 +61,7 @@ class MountOptions:
     reject_poor: bool = False
     recompress_after: float | None = DEFAULT_RECOMPRESS_AFTER  # None: never
     recompress_level: int = DEFAULT_RECOMPRESS_LEVEL
+    recompress_dict: bool = False  # zstd with a dictionary trained on the store's pages
     exclusive_gets: bool = False
     allow_other: bool = False
     foreground: bool = False
@@ -86,7 +87,9 @@ class MountOptions:
             "reject_ratio": str(self.reject_ratio),
             "reject_poor": str(int(self.reject_poor)),
             "recompress": ("none" if self.recompress_after is None else
-                           f"zstd:{self.recompress_level} after {self.recompress_after:g}s"),
+                           f"zstd:{self.recompress_level}"
+                           f"{'+dict' if self.recompress_dict else ''} "
+                           f"after {self.recompress_after:g}s"),
             "exclusive_gets": str(int(self.exclusive_gets)),
             "allow_other": str(int(self.allow_other)),
             "discard": "on" if discard_supported() else "off",
@@ -227,6 +230,7 @@ def serve(opts: MountOptions, ready: int | None) -> int:
             reject_ratio=opts.reject_ratio,
             recompress_after=opts.recompress_after,
             recompress_level=opts.recompress_level,
+            recompress_dict=opts.recompress_dict,
             namespace=opts.namespace,
             timeout=opts.remote_timeout,
         )

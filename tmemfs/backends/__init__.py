@@ -62,6 +62,7 @@ def open_backend(
     reject_ratio: float,
     recompress_after: float | None = None,
     recompress_level: int = 3,
+    recompress_dict: bool = False,
     namespace: str = "tmemfs",
     timeout: float = 2.0,
 ) -> Backend:
@@ -72,7 +73,8 @@ def open_backend(
                             reject_ratio=reject_ratio)
     if spec == "lz4":
         return Lz4Backend(page_size, limiter, reject_ratio=reject_ratio,
-                          recompress_after=recompress_after, recompress_level=recompress_level)
+                          recompress_after=recompress_after, recompress_level=recompress_level,
+                          recompress_dict=recompress_dict)
     return _LOCAL[spec](page_size, limiter)
 
 
