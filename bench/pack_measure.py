@@ -17,6 +17,7 @@ import ctypes
 import time
 
 from bench import corpora
+from bench.dict_measure import distinct_pages
 
 PAGE = corpora.PAGE
 SLOT, RECORD, OFFSET = 32, 36, 2
@@ -27,19 +28,6 @@ lib.ZSTD_compress.restype = ctypes.c_size_t
 lib.ZSTD_compress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
                               ctypes.c_size_t, ctypes.c_int]
 OUT = ctypes.create_string_buffer(16 * PAGE)
-
-
-def kept_pages(corpus: corpora.Corpus) -> list[bytes]:
-    """The pages the store keeps a payload for, in corpus order."""
-    seen: set[bytes] = set()
-    pages = []
-    for i in range(corpus.pages):
-        page = corpus.page(i)
-        if page == page[:8] * (PAGE // 8) or page in seen:
-            continue
-        seen.add(page)
-        pages.append(page)
-    return pages
 
 
 def packed_cost(pages: list[bytes], per_pack: int, level: int) -> tuple[int, float]:
@@ -60,7 +48,7 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=3)
     args = parser.parse_args()
     for name in ("files", "anon"):
-        pages = kept_pages(getattr(corpora, name)(getattr(args, name) * MiB))
+        pages = distinct_pages(getattr(corpora, name)(getattr(args, name) * MiB))
         base, base_time = packed_cost(pages, 1, args.level)
         print(f"{name}: {len(pages)} pages keep a payload; zstd-{args.level} page by page "
               f"{base / MiB:.2f} MiB ({base_time * 1e6:.1f} us/page)")

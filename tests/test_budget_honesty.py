@@ -70,20 +70,6 @@ def store_corpus(corpus: Path, image: Path, first_mib: int, count_mib: int) -> N
                     f"count={count_mib}"], check=True, timeout=120)
 
 
-def wait_for_recompressed(mount: Mount, at_least: int, timeout: float = 180) -> dict[str, int]:
-    """The stats once at least `at_least` pages are recompressed and no more for 2 s."""
-    deadline = time.monotonic() + timeout
-    last, since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        stats = mount.stats()
-        if stats["recompressed_pages"] != last:
-            last, since = stats["recompressed_pages"], time.monotonic()
-        elif last >= at_least and time.monotonic() - since > 2:
-            return stats
-        time.sleep(0.2)
-    raise AssertionError(f"recompression did not settle in {timeout}s: {mount.stats()}")
-
-
 def test_pool_total_size_tracks_rss_growth(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
     corpus = tmp_path / "corpus"
     real_file_corpus(corpus, HONEST_MIB * MIB)
@@ -106,6 +92,8 @@ def test_pool_total_size_tracks_rss_growth(tmp_path: Path, mount_factory) -> Non
 
 def test_pool_total_size_tracks_rss_after_recompression(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
     """Recompression frees lz4 slots and takes zstd ones: RSS must follow the figure."""
+    from test_recompress import wait_for_recompression
+
     corpus = tmp_path / "corpus"
     real_file_corpus(corpus, HONEST_MIB * MIB)
     # Sweeps every 4 s: the first after the stores only marks them idle, so the RSS
@@ -114,15 +102,16 @@ def test_pool_total_size_tracks_rss_after_recompression(tmp_path: Path, mount_fa
     image = mount.path / "frontswap" / "0.img"
     subprocess.run(["truncate", "-s", f"{2 * HONEST_MIB}M", str(image)], check=True)
     store_corpus(corpus, image, 0, WARM_MIB)
-    warm = wait_for_recompressed(mount, 1)
+    warm = wait_for_recompression(mount, timeout=180)
     baseline = settle(mount.proc.pid)
     store_corpus(corpus, image, WARM_MIB, HONEST_MIB - WARM_MIB)
     stored = mount.stats()
     growth_before = settle(mount.proc.pid) - baseline
     assert mount.stats()["recompressed_pages"] == warm["recompressed_pages"]
     # Most of the new pages shrink by a size class or more under zstd.
-    stats = wait_for_recompressed(
-        mount, warm["recompressed_pages"] + (HONEST_MIB - WARM_MIB) * MIB // PAGE // 2)
+    stats = wait_for_recompression(
+        mount, timeout=180,
+        at_least=warm["recompressed_pages"] + (HONEST_MIB - WARM_MIB) * MIB // PAGE // 2)
     growth = settle(mount.proc.pid) - baseline
     total = stats["pool_total_size"] - warm["pool_total_size"]
     print(f"honesty after recompression: pool_total_size {stored['pool_total_size']} -> "

@@ -209,15 +209,18 @@ async def test_no_dictionary_below_the_minimum_or_when_turned_off() -> None:
 # -- a real mount ---------------------------------------------------------------------
 
 
-def wait_for_recompression(mount: Mount, timeout: float = 90) -> dict[str, int]:
-    """Poll the stats until recompressed_pages has stopped growing for 2 s."""
+def wait_for_recompression(
+    mount: Mount, timeout: float = 90, at_least: int = 1
+) -> dict[str, int]:
+    """Poll the stats until at least `at_least` pages are recompressed and
+    recompressed_pages has stopped growing for 2 s."""
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
         stats = mount.stats()
         if stats["recompressed_pages"] != last:
             last, since = stats["recompressed_pages"], time.monotonic()
-        elif last > 0 and time.monotonic() - since > 2:
+        elif last >= at_least and time.monotonic() - since > 2:
             return stats
         time.sleep(0.2)
     raise AssertionError(f"recompression did not settle in {timeout}s: {mount.stats()}")
