@@ -4,7 +4,7 @@ Each corpus is kept in a SlabStore (one thread), then swept as Lz4Backend sweeps
 a first sweep marks every page idle, the second recompresses them with zstd-3, in
 batches of 256; with the dictionary its first batch is a training batch of 1024
 pages (a 64 KiB dictionary). Printed: memory_used after the sweeps (payload slots,
-records, the dictionary), that plus the page index's 17 B/page (what pool_total_size
+records, the dictionary), that plus the page index's PAGE_BYTES a page (what pool_total_size
 adds), both against the per-page zstd-3 reference the bench uses (per-page zstd-3
 sizes + 70 B/page); and the CPU time (thread time, so other load does not count) per
 page to recompress (training apart) and to load (decompress) every page.

@@ -24,7 +24,7 @@ from tmemfs.sizes import format_size
 # the budget and the limits charge it: a fixed cost per page keeps them exact and the
 # same whichever page goes first. Swap areas and files are dense runs, so this is what
 # the index really holds within a leaf a run; `index_size` in the stats is the real
-# figure (a sparse object costs up to a leaf, 536 bytes, for its first page).
+# figure (a sparse object costs up to a leaf, 288 bytes, for its first page).
 ENTRY_OVERHEAD = PAGE_BYTES
 # The range of `.weight`, and its default, as cgroup v2's cpu.weight.
 MIN_WEIGHT, DEFAULT_WEIGHT, MAX_WEIGHT = 1, 100, 10000

@@ -699,7 +699,13 @@ class Engine:
         return data
 
     def _lost(self, pool: Pool, tobj: TmemObject, index: int, entry: Entry) -> None:
-        """A page the index has but its store had not: a persistent one stays, as lost."""
+        """A page the index has but its store had not: a persistent one stays, as lost.
+
+        Only if the index still holds `entry`: a page stored anew meanwhile is left as
+        it is. An Entry tells stores apart by leaf (tmemfs/_pagetable.pyx), so a store
+        to a neighbour page in the same leaf also leaves it as it is: conservative, the
+        next load that misses it marks it.
+        """
         if pool.persistent:
             self._count(pool, "lost_pages")
             log.error("%s page %d is lost: its store no longer has it", pool.id, index)
@@ -730,6 +736,7 @@ class Engine:
         alive = self.pools.get(pool.id) is pool and pool.objects.get(name) is tobj
         for index, entry in taken:
             if alive and index not in tobj.pages:
+                # Counts as a store into its leaf: older Entries of its pages go unequal.
                 tobj.pages[index] = entry
                 pool.charged += self._charge(entry.handle)
                 if not pool.persistent:

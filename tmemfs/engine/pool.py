@@ -41,7 +41,7 @@ class TmemObject:
 
     owner: Owner
     name: str
-    # The compiled index of its pages (16 bytes a page; tmemfs/_pagetable.pyx).
+    # The compiled index of its pages (9-10 bytes a page; tmemfs/_pagetable.pyx).
     pages: PageTable
     generation: int = field(default_factory=_next_generation)
 

@@ -111,7 +111,11 @@ class WritebackTier:
             pool = engine.pools.get(key.pool)
             tobj = pool.objects.get(key.object) if pool else None
             if pool is None or tobj is None or tobj.pages.get(key.index) != entry:
-                continue  # invalidated or stored anew while it was being written
+                # Invalidated or stored anew while it was being written; or a page of
+                # its leaf was stored (an Entry tells stores apart by leaf: a skip that
+                # is not needed, never a wrong move; the page goes on a later pass).
+                # Marking the batch's pages Lowered one by one does not count as a store.
+                continue
             # Its payload leaves this process; its entry stays, saying where it went.
             engine._release_here(pool, key, entry)
             tobj.pages.set_handle(key.index, Lowered(len(payload)))
