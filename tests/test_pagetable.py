@@ -336,3 +336,10 @@ def test_an_entry_made_by_hand_equals_no_stored_one() -> None:
     table.put(0, 0, 0)
     assert Entry(0, 0) == Entry(0, 0, 0) != table[0]
     assert table[0].changed > 0
+
+
+def test_an_empty_or_negative_run_does_nothing() -> None:
+    table = PageTable()
+    table.put_run(0, [1, 2], NOW)
+    assert table.pop_run(0, 0) == [] and table.pop_run(1, -3) == []
+    assert table.run_handles(0, -1) == [] and len(table) == 2

@@ -528,6 +528,8 @@ cdef class PageTable:
         cdef uint32_t bit
         cdef int slot
         out = []
+        if count <= 0:
+            return out
         while index < end:
             leafno = index >> LEAF_BITS
             stop = min((leafno + 1) << LEAF_BITS, end)
