@@ -8,11 +8,12 @@ paths in Cython). It is the zsmalloc of tmemfs:
 
 - A payload lives in a slot of its size class (16-byte steps up to a page, as
   zsmalloc's for 4 KiB pages). A class
-  takes memory in chunks of 1 to 8 pages, chosen per class to waste the least, carved
+  takes memory in chunks of 4 to 8 pages, chosen per class to waste the least, carved
   from 2 MiB arenas reserved with mmap. A chunk whose last slot is freed goes back to
   the system at once (a fresh mapping over it), so a flush lowers RSS, not a free list.
-- Every chunk starts with the record id of each slot's owner, so `compact` can move
-  payloads from sparse chunks into fuller ones and free the sparse ones.
+- Each slot's owner (the record id) is kept beside the chunks, in a table per class, so
+  `compact` can move payloads from sparse chunks into fuller ones and free the sparse
+  ones, and a page-sized payload takes exactly one page.
 - A handle is the id of a 16-byte record: 32 bits of the payload's hash, its slot
   (chunk and slot packed in 32 bits), its length and its reference count; its size
   class follows from its length. Identical payloads (equal hashes, confirmed byte for
@@ -158,6 +159,7 @@ cdef extern from *:
 DEF WORD = 8
 DEF GRAIN = 16                  # size classes step by this many bytes
 DEF ARENA_BYTES = 2 * 1024 * 1024
+DEF MIN_CHUNK_PAGES = 4
 DEF MAX_CHUNK_PAGES = 8
 DEF PARALLEL_MIN = 16           # below this many pages one thread is faster than two
 DEF MADV_POPULATE_WRITE = 23    # Linux 5.14+: fault a fresh chunk in at once
@@ -221,7 +223,9 @@ cdef struct SizeClass:
     uint32_t per_chunk
     uint32_t slot_bits   # a record's loc: chunk << slot_bits | slot
     uint32_t max_chunks  # chunk numbers that fit in the rest of loc's 32 bits
-    uint32_t header      # bytes of owner words at the start of a chunk (8-aligned)
+    uint32_t* owners     # per_chunk words per chunk: the record in each slot, or
+                         # FREE_SLOT | the next free slot (outside the chunks, so that a
+                         # page-sized payload takes exactly a page)
     Chunk* chunks
     uint32_t nchunks
     uint32_t cap_chunks
@@ -666,7 +670,7 @@ cdef class SlabStore:
 
     def __cinit__(self, int page_size, int reject_limit, int threads=2):
         cdef int c
-        cdef uint32_t size, pages, best_pages, per, header, most_pages
+        cdef uint32_t size, pages, best_pages, per, most_pages
         cdef double waste, best_waste
         if page_size < 64 or page_size % GRAIN or page_size > 65535:
             raise ValueError("page size must be a multiple of 16 from 64 to 65520")
@@ -680,32 +684,22 @@ cdef class SlabStore:
             raise MemoryError()
         for c in range(self.nclasses):
             size = (c + 1) * GRAIN
-            best_pages, best_waste = 1, 2.0
-            # Up to MAX_CHUNK_PAGES, or as many as one slot and its owner word take (the
-            # classes of a page size above 32 KiB).
-            most_pages = max(MAX_CHUNK_PAGES, (size + 8 + 4095) // 4096)
-            for pages in range(1, most_pages + 1):
-                per = (pages * 4096) // (size + 4)
-                if per == 0:
-                    continue
-                header = ((per * 4 + 7) // 8) * 8
-                while header + per * size > pages * 4096:
-                    per -= 1
-                    header = ((per * 4 + 7) // 8) * 8
+            best_pages, best_waste = MIN_CHUNK_PAGES, 2.0
+            # From MIN_CHUNK_PAGES (a chunk is one madvise to fault in: a page-sized class
+            # in 1-page chunks made keep_all 10% slower) up to MAX_CHUNK_PAGES, or as many
+            # as one slot takes (the classes of a page size above 32 KiB).
+            most_pages = max(MAX_CHUNK_PAGES, (size + 4095) // 4096)
+            for pages in range(MIN_CHUNK_PAGES, most_pages + 1):
+                per = (pages * 4096) // size
                 if per == 0:
                     continue
                 waste = 1.0 - <double>(per * size) / (pages * 4096)
                 if waste < best_waste - 0.005:
                     best_pages, best_waste = pages, waste
-            per = (best_pages * 4096) // (size + 4)
-            header = ((per * 4 + 7) // 8) * 8
-            while header + per * size > best_pages * 4096:
-                per -= 1
-                header = ((per * 4 + 7) // 8) * 8
+            per = (best_pages * 4096) // size
             self.classes[c].size = size
             self.classes[c].chunk_bytes = best_pages * 4096
             self.classes[c].per_chunk = per
-            self.classes[c].header = header
             self.classes[c].chunks_per_arena = ARENA_BYTES // (best_pages * 4096)
             # Just the bits the class's slot numbers need, so every class has room in
             # loc for at least 2^31 slots (more than records there can be).
@@ -728,6 +722,7 @@ cdef class SlabStore:
                     if self.classes[c].arenas[a] != NULL:
                         munmap(self.classes[c].arenas[a], ARENA_BYTES)
                 free(self.classes[c].arenas)
+                free(self.classes[c].owners)
                 free(self.classes[c].chunks)
                 free(self.classes[c].partial)
             free(self.classes)
@@ -955,10 +950,10 @@ cdef class SlabStore:
     cdef inline char* _slot_ptr(self, Record* r) noexcept nogil:
         cdef SizeClass* sc = &self.classes[class_of(r.length)]
         cdef uint32_t slot = r.loc & ((1u << sc.slot_bits) - 1)
-        return sc.chunks[r.loc >> sc.slot_bits].base + sc.header + <size_t>slot * sc.size
+        return sc.chunks[r.loc >> sc.slot_bits].base + <size_t>slot * sc.size
 
     cdef inline uint32_t* _owners(self, SizeClass* sc, uint32_t chunk) noexcept nogil:
-        return <uint32_t*>sc.chunks[chunk].base
+        return sc.owners + <size_t>chunk * sc.per_chunk
 
     cdef bint _alloc_slot(self, uint32_t rec, int length) noexcept nogil:
         cdef SizeClass* sc = &self.classes[class_of(length)]
@@ -995,6 +990,7 @@ cdef class SlabStore:
         """A chunk number for the class (its memory is taken when first used)."""
         cdef uint32_t cap
         cdef Chunk* grown
+        cdef uint32_t* owners
         cdef char** arenas
         cdef void* arena
         cdef uint32_t a = sc.nchunks // sc.chunks_per_arena
@@ -1018,7 +1014,11 @@ cdef class SlabStore:
             grown = <Chunk*>realloc(sc.chunks, cap * sizeof(Chunk))
             if grown == NULL:
                 return False
-            sc.chunks, sc.cap_chunks = grown, cap
+            sc.chunks = grown
+            owners = <uint32_t*>realloc(sc.owners, <size_t>cap * sc.per_chunk * 4)
+            if owners == NULL:
+                return False
+            sc.owners, sc.cap_chunks = owners, cap
         memset(&sc.chunks[sc.nchunks], 0, sizeof(Chunk))
         sc.chunks[sc.nchunks].free_head = NO_SLOT
         if not self._push_partial(sc, sc.nchunks):
@@ -1541,7 +1541,7 @@ cdef class SlabStore:
                             + (<long>self.table_mask + 1) * 4)
         cdef int c
         for c in range(self.nclasses):
-            tables += self.classes[c].cap_chunks * sizeof(Chunk)
+            tables += self.classes[c].cap_chunks * (sizeof(Chunk) + self.classes[c].per_chunk * 4)
             tables += self.classes[c].cap_partial * 4
         return self.chunk_bytes + tables + self.dictionary_bytes
 
@@ -1600,6 +1600,13 @@ cdef class SlabStore:
         cdef Chunk* s
         cdef Chunk* d
         cdef long free_slots = 0
+        for i in range(sc.nchunks):
+            if sc.chunks[i].base != NULL:
+                break
+        else:
+            # Nothing kept in the class (a flush): its tables and arenas go too.
+            self._release_class(sc)
+            return
         # Live partial chunks: the sparsest are emptied into the fullest.
         cdef uint32_t n = 0
         for i in range(sc.npartial):
@@ -1642,8 +1649,7 @@ cdef class SlabStore:
             else:
                 nslot = d.fresh
                 d.fresh += 1
-            memcpy(d.base + sc.header + <size_t>nslot * sc.size,
-                   s.base + sc.header + <size_t>slot * sc.size, sc.size)
+            memcpy(d.base + <size_t>nslot * sc.size, s.base + <size_t>slot * sc.size, sc.size)
             self._owners(sc, dst)[nslot] = rec
             d.used += 1
             self.records[rec].loc = dst << sc.slot_bits | nslot
@@ -1663,6 +1669,18 @@ cdef class SlabStore:
                 sc.chunks[sc.partial[i]].partial = 0
         sc.npartial = n
         self._relist_empty(sc)
+
+    cdef void _release_class(self, SizeClass* sc) noexcept nogil:
+        cdef uint32_t a
+        for a in range(sc.narenas):
+            munmap(sc.arenas[a], ARENA_BYTES)
+        self.arena_count -= sc.narenas
+        free(sc.arenas)
+        free(sc.owners)
+        free(sc.chunks)
+        free(sc.partial)
+        sc.arenas, sc.owners, sc.chunks, sc.partial = NULL, NULL, NULL, NULL
+        sc.narenas = sc.nchunks = sc.cap_chunks = sc.npartial = sc.cap_partial = 0
 
     cdef void _relist_empty(self, SizeClass* sc) noexcept nogil:
         cdef uint32_t k
