@@ -1,7 +1,7 @@
 """Does a trained zstd dictionary pay for page-by-page recompression? (issue 13, item 2)
 
 For each bench corpus: the sum over distinct, not same-filled pages of each page's zstd
-size rounded up to the store's 32-byte slots (a page that does not shrink costs 4096),
+size rounded up to the store's 16-byte slots (a page that does not shrink costs 4096),
 without a dictionary and with one trained (ZDICT_trainFromBuffer) on an evenly spaced
 sample of the corpus's own distinct pages; the dictionary's own bytes are added.
 libzstd through ctypes, so nothing has to be installed.
@@ -18,7 +18,7 @@ import time
 from bench import corpora
 
 PAGE = corpora.PAGE
-SLOT = 32
+SLOT = 16  # tmemfs/_pagestore.pyx's CLASS_STEP
 MiB = 1 << 20
 
 lib = ctypes.CDLL("libzstd.so.1")

@@ -3,8 +3,8 @@
 For each bench corpus, in the order its pages would sit in an image: the pages that
 keep a payload (not same-filled, not a duplicate of an earlier page, which dedup keeps
 once) are compressed with zstd-3 one by one, and in packs of 2, 4 and 8 consecutive
-ones (a swap cluster's neighbours). Each payload is rounded up to the store's 32-byte
-slots and pays one 36-byte record; a pack pays one record, plus 2 bytes per page for
+ones (a swap cluster's neighbours). Each payload is rounded up to the store's 16-byte
+slots and pays one 28-byte record; a pack pays one record, plus 2 bytes per page for
 its offset in the pack. libzstd through ctypes, so nothing has to be installed.
 
     python -m bench.pack_measure [--files MiB] [--anon MiB]
@@ -20,7 +20,7 @@ from bench import corpora
 from bench.dict_measure import distinct_pages
 
 PAGE = corpora.PAGE
-SLOT, RECORD, OFFSET = 32, 36, 2
+SLOT, RECORD, OFFSET = 16, 28, 2  # _pagestore's CLASS_STEP and RECORD_OVERHEAD
 MiB = 1 << 20
 
 lib = ctypes.CDLL("libzstd.so.1")

@@ -19,19 +19,26 @@ import random
 import resource
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lz4.block
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from tmemfs._pagestore import RECORD_OVERHEAD, RecompressBatch, SlabStore
+from tmemfs._pagestore import (
+    CLASS_STEP,
+    RECORD_OVERHEAD,
+    REFS_LIMIT,
+    RecompressBatch,
+    SlabStore,
+)
 
 PAGE = 4096
 LIMIT = PAGE * 7 // 8
-GRAIN = 32
+GRAIN = CLASS_STEP
 
 
 def same_filled(word: int) -> bytes:
@@ -50,8 +57,13 @@ def incompressible(seed: int) -> bytes:
     return random.Random(seed).randbytes(PAGE)
 
 
+# Same-filled words: a record keeps the low half in its hash field and the high half in
+# its slot field, so words that agree in one half must still be told apart.
+WORDS = [0, 1, 0xFFFFFFFFFFFFFFFF, 0x0101, 0xFFFFFFFF, 0xFFFFFFFF00000000, 1 << 32,
+         0x0123456789ABCDEF]
+
 pages = st.one_of(
-    st.integers(0, 3).map(lambda w: same_filled([0, 1, 0xFFFFFFFFFFFFFFFF, 0x0101][w])),
+    st.sampled_from(WORDS).map(same_filled),
     st.integers(0, 40).map(ordinary),
     st.integers(0, 5).map(incompressible),
     # Two pages that differ in one byte must never share a payload.
@@ -103,9 +115,15 @@ def check_payload(store: SlabStore, handle: int, page: bytes) -> None:
 
 
 class StoreMachine(RuleBasedStateMachine):
+    #: References a record holds; None: the store's own (REFS_LIMIT).
+    refs_limit: int | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.store = SlabStore(PAGE, LIMIT, 2)
+        if self.refs_limit is not None:
+            self.store._limit_refs(self.refs_limit)
+        self.cap = self.refs_limit or REFS_LIMIT
         self.model = Model()
         self.keys: dict[int, tuple[int, bytes]] = {}  # key -> (handle, page)
         # A recompression batch begun, maybe run, not yet committed; and the handles
@@ -115,6 +133,28 @@ class StoreMachine(RuleBasedStateMachine):
         self.touched: set[int] = set()
         # A dictionary was installed while the pending batch was out.
         self.stale = False
+
+    def _keep(self, batch: list[bytes]) -> list[int]:
+        handles = self.store.keep_all(self.store.encode(b"".join(batch)))
+        self._check_sharing(batch, handles)
+        return handles
+
+    def _check_sharing(self, batch: list[bytes], handles: list[int]) -> None:
+        """Pages just kept (not yet put): each shares a record of the same page that
+        has room for one more reference, and takes a new one only when all are full."""
+        held = Counter(h for h, _ in self.keys.values())
+        page_of = {h: p for h, p in self.keys.values()}
+        for handle, page in zip(handles, batch, strict=True):
+            if handle in held:
+                assert page_of[handle] == page
+                assert held[handle] < self.cap
+            else:
+                full = [h for h, p in page_of.items() if p == page]
+                assert all(held[h] == self.cap for h in full)
+                if full:
+                    event("a page past its records' full counts")
+                page_of[handle] = page
+            held[handle] += 1
 
     def _put(self, key: int, handle: int, page: bytes) -> None:
         old = self.keys.pop(key, None)
@@ -131,7 +171,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert encoded.count == len(batch)
         for i, page in enumerate(batch):
             assert encoded.is_same_filled(i) == Model.word_page(page)
-        handles = self.store.keep_all(encoded)
+        handles = self._keep(batch)
         for i, (handle, page) in enumerate(zip(handles, batch, strict=True)):
             self._put(first + i, handle, page)
             check_payload(self.store, handle, page)
@@ -141,6 +181,7 @@ class StoreMachine(RuleBasedStateMachine):
         """A page coming back up from a tier arrives as a payload, and dedups alike."""
         payload = self.store.encode(page).payload(0)
         handle = self.store.keep(self.store.encode_payload(payload), 0)
+        self._check_sharing([page], [handle])
         self._put(key, handle, page)
 
     @rule(first=st.integers(0, 240), count=st.integers(1, 40))
@@ -178,8 +219,7 @@ class StoreMachine(RuleBasedStateMachine):
         the old dictionary, must change nothing when it commits."""
         # Enough distinct pages for ZDICT to train from (16), at keys of their own.
         fresh = [ordinary(1000 + i) for i in range(20)]
-        for key, handle in enumerate(self.store.keep_all(self.store.encode(b"".join(fresh))),
-                                     start=220):
+        for key, handle in enumerate(self._keep(fresh), start=220):
             self._put(key, handle, fresh[key - 220])
         for _ in range(2):  # the rest of the sweep under way, then a whole one: all idle
             while not self.store.recompress_begin(64, 1).sweep_done:
@@ -205,7 +245,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert self.store.load(handle) == page
             self.touched.add(handle)
         elif how == "store again":
-            self._put(key, self.store.keep_all(self.store.encode(page))[0], page)
+            self._put(key, self._keep([page])[0], page)
         else:
             self.store.release(handle)
             self.model.release(self.keys.pop(key)[1])
@@ -289,6 +329,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.keys.clear()
         self.store.compact()
         assert self.store.chunk_bytes == 0
+        # Empty classes give back their owner tables and arenas too.
+        assert self.store.arena_count == 0
 
     @rule()
     def compact(self) -> None:
@@ -300,11 +342,19 @@ class StoreMachine(RuleBasedStateMachine):
         assert store.same_filled_pages == model.same_filled_pages()
         assert store.payload_pages == sum(n for p, n in model.refs.items()
                                           if not Model.word_page(p))
-        assert store.dedup_pages == model.dedup_pages()
+        if self.cap >= REFS_LIMIT:
+            assert store.dedup_pages == model.dedup_pages()
+        # Each handle counts the keys that hold it, up to the cap; past the cap a page
+        # has more than one record (the cap is only reached with a lowered one).
+        held = Counter(h for h, _ in self.keys.values())
+        for handle, n in held.items():
+            assert store.refs(handle) == n <= self.cap
         handles = {h for h, p in self.keys.values() if not Model.word_page(p)}
-        assert len(handles) == model.payloads()
-        for handle in handles:
-            assert store.refs(handle) == model.refs[self.page_of(handle)]
+        assert store.dedup_pages == sum(held[h] for h in handles if held[h] > 1)
+        if self.cap >= REFS_LIMIT:  # one record per page
+            assert len(handles) == model.payloads()
+            for handle in handles:
+                assert store.refs(handle) == model.refs[self.page_of(handle)]
         lengths = [store.length(h) for h in handles]
         assert store.payload_bytes == sum(lengths)
         assert store.slot_bytes == sum(-(-n // GRAIN) * GRAIN for n in lengths)
@@ -347,6 +397,20 @@ StoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_store_matches_model = StoreMachine.TestCase
+
+
+class SaturatingStoreMachine(StoreMachine):
+    """The same with records that hold three references: what happens past a full
+    count (a new record, found by the next identical page) is reached all the time."""
+
+    refs_limit = 3
+
+
+SaturatingStoreMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_store_matches_model_past_full_counts = SaturatingStoreMachine.TestCase
 
 
 def sweep(store: SlabStore, level: int = 3) -> int:
@@ -662,3 +726,69 @@ def test_a_missing_compiled_store_is_one_clear_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "compiled page store is missing" in lines[0]
+
+
+@pytest.mark.parametrize("length", [16, 17, 1000, PAGE])
+def test_every_slot_of_a_chunk_holds_its_payload_until_chunk_numbers_run_out(
+        length: int) -> None:
+    """A record packs its chunk and slot in 32 bits, with just the slot bits its class
+    needs: the last slot of a chunk and the chunks past the first come back intact,
+    through a compaction too, and a class whose chunk numbers ran out fails a keep
+    cleanly (MemoryError, nothing changed) instead of wrapping around."""
+    store = SlabStore(PAGE, LIMIT, 2)
+    size, chunk_bytes, per_chunk, most_chunks = store.class_geometry(length)
+    assert size == -(-length // GRAIN) * GRAIN
+    assert per_chunk * size <= chunk_bytes < (per_chunk + 1) * size + 4096
+    assert most_chunks * per_chunk >= 1 << 31
+    store._limit_chunks(2)
+    rng = random.Random(length)
+    payloads = [rng.randbytes(length) for _ in range(2 * per_chunk + 1)]
+
+    def keep(payload: bytes) -> int:
+        return store.keep(store.encode_payload(payload), 0)
+
+    handles = [keep(p) for p in payloads[:-1]]
+    assert store.chunk_bytes == 2 * chunk_bytes
+    used = store.memory_used()
+    with pytest.raises(MemoryError):
+        keep(payloads[-1])
+    with pytest.raises(MemoryError):
+        store.keep_all(store.encode_payload(payloads[-1]))
+    assert store.memory_used() == used and store.payload_pages == 2 * per_chunk
+    assert [store.payload(h) for h in handles] == payloads[:-1]
+    # Empty the first chunk but for its last slot and thin the second: compaction moves
+    # payloads between them.
+    gone = handles[:per_chunk - 1] + handles[per_chunk:per_chunk + 3]
+    store.release_many(gone)
+    store.compact()
+    assert store.chunk_bytes == chunk_bytes
+    live = [h for h in handles if h not in gone]
+    assert [store.payload(h) for h in live] == [payloads[handles.index(h)] for h in live]
+    if length == PAGE:
+        assert [store.load(h) for h in live] == [store.payload(h) for h in live]
+    # The freed slots (and chunk numbers) are used again.
+    again = [keep(p) for p in payloads[-1:] + [rng.randbytes(length) for _ in gone[1:]]]
+    assert store.payload(again[0]) == payloads[-1]
+    store.release_many(live + again)
+    store.compact()
+    assert store.chunk_bytes == 0 and store.slot_bytes == 0
+
+
+def test_a_full_reference_count_starts_a_new_record() -> None:
+    """Past REFS_LIMIT references (24 bits) an identical page gets a record of its own,
+    and the next identical pages fill whichever record has room."""
+    assert REFS_LIMIT == (1 << 24) - 1
+    assert RECORD_OVERHEAD == 16 + 4 + 8
+    for page in (same_filled(0xFFFFFFFF00000001), ordinary(3)):
+        store = SlabStore(PAGE, LIMIT, 2)
+        store._limit_refs(2)
+        a, a2, b, b2, c = store.keep_all(store.encode(page * 5))
+        assert a == a2 and b == b2 and len({a, b, c}) == 3
+        assert [store.refs(h) for h in (a, b, c)] == [2, 2, 1]
+        store.release(a)
+        assert store.keep_all(store.encode(page * 2)) == [a, c]
+        assert store.dedup_pages == (0 if Model.word_page(page) else 6)
+        for h in (a, a, b, b, c, c):
+            assert store.load(h) == page
+            store.release(h)
+        assert store.live_records == 0

@@ -6,15 +6,20 @@ Python decides once per request; this module loops over the request's pages with
 GIL released, on both cores when the batch is large (as pyfuse3 and S3QL do their hot
 paths in Cython). It is the zsmalloc of tmemfs:
 
-- A payload lives in a slot of its size class (32-byte steps up to a page). A class
-  takes memory in chunks of 1 to 8 pages, chosen per class to waste the least, carved
+- A payload lives in a slot of its size class (16-byte steps up to a page, as
+  zsmalloc's for 4 KiB pages). A class
+  takes memory in chunks of 4 to 8 pages, chosen per class to waste the least, carved
   from 2 MiB arenas reserved with mmap. A chunk whose last slot is freed goes back to
   the system at once (a fresh mapping over it), so a flush lowers RSS, not a free list.
-- Every chunk starts with the record id of each slot's owner, so `compact` can move
-  payloads from sparse chunks into fuller ones and free the sparse ones.
-- A handle is the id of a 24-byte record: the payload's hash, its slot, its length and
-  its reference count. Identical payloads (a 64-bit hash, confirmed byte for byte) and
-  same-filled pages (the word kept in the record; no payload) share one record.
+- Each slot's owner (the record id) is kept beside the chunks, in a table per class, so
+  `compact` can move payloads from sparse chunks into fuller ones and free the sparse
+  ones, and a page-sized payload takes exactly one page.
+- A handle is the id of a 16-byte record: 32 bits of the payload's hash, its slot
+  (chunk and slot packed in 32 bits), its length and its reference count; its size
+  class follows from its length. Identical payloads (equal hashes, confirmed byte for
+  byte) and same-filled pages (the word kept in the record's hash and slot fields; no
+  payload) share one record, up to MAX_REFS references: a page past that starts a
+  record of its own.
 
 The encoding is the one codec.py describes for Redis and the writeback tiers: a
 same-filled page is its 8-byte word, a page that compresses worse than the reject
@@ -152,8 +157,9 @@ cdef extern from *:
     const uint32_t NO_RECORD "TMEMFS_NO_RECORD"
 
 DEF WORD = 8
-DEF GRAIN = 32                  # size classes step by this many bytes
+DEF GRAIN = 16                  # size classes step by this many bytes
 DEF ARENA_BYTES = 2 * 1024 * 1024
+DEF MIN_CHUNK_PAGES = 4
 DEF MAX_CHUNK_PAGES = 8
 DEF PARALLEL_MIN = 16           # below this many pages one thread is faster than two
 DEF MADV_POPULATE_WRITE = 23    # Linux 5.14+: fault a fresh chunk in at once
@@ -167,20 +173,40 @@ DEF MAX_DICTS = 14      # the codecs left in CODEC_MASK
 DEF IDLE = 0x80         # set by a sweep's visit, cleared by a load or a store
 DEF TRIED = 0x40        # zstd did not pay for this payload: the sweeps leave it alone
 
+DEF MAX_REFS = 0xFFFFFF        # what a record's 24-bit reference count holds
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* A kept payload (or same-filled word) and its references, 16 bytes: one per
+       distinct page, so each byte here is a byte per page. */
+    typedef struct {
+        uint32_t hash;          /* low 32 bits of the payload's hash; of a same-filled
+                                   page, the low half of its word */
+        uint32_t refs : 24;     /* 0: a free record, and `loc` is the next free one */
+        uint32_t live_flags : 8;    /* CODEC_* | IDLE | TRIED */
+        uint32_t loc;           /* chunk << class's slot_bits | slot; of a same-filled
+                                   page, the high half of its word */
+        uint16_t length;        /* payload bytes (its size class follows); 0: same-filled */
+        uint16_t native_length; /* a zstd record: the length of the payload it replaced */
+    } tmemfs_record;
+    _Static_assert(sizeof(tmemfs_record) == 16, "a record is 16 bytes");
+    """
+    ctypedef struct Record "tmemfs_record":
+        uint32_t hash
+        uint32_t refs
+        uint8_t live_flags
+        uint32_t loc
+        uint16_t length
+        uint16_t native_length
+
 # What one kept payload costs beyond its slot: its record, its owner word, its share of
 # the dedup table (kept at most half full: two 4-byte entries per record).
-RECORD_OVERHEAD = 24 + 4 + 8
-
-
-cdef struct Record:
-    uint64_t hash       # of the payload; the word itself for a same-filled page
-    uint32_t refs       # 0: a free record, and `chunk` is the next free one
-    uint32_t chunk      # chunk number within the size class
-    uint16_t slot       # slot within the chunk
-    uint16_t length     # payload bytes; 0 for a same-filled page
-    uint8_t size_class
-    uint8_t live_flags  # CODEC_* | IDLE
-    uint16_t native_length  # a zstd record: the length of the payload it replaced
+RECORD_OVERHEAD = sizeof(Record) + 4 + 8
+#: Size classes step by this many bytes: a payload's slot is its length rounded up to it.
+CLASS_STEP = GRAIN
+#: References one record holds; one more identical page is kept in a record of its own.
+REFS_LIMIT = MAX_REFS
 
 
 cdef struct Chunk:
@@ -195,7 +221,11 @@ cdef struct SizeClass:
     uint32_t size
     uint32_t chunk_bytes
     uint32_t per_chunk
-    uint32_t header      # bytes of owner words at the start of a chunk (8-aligned)
+    uint32_t slot_bits   # a record's loc: chunk << slot_bits | slot
+    uint32_t max_chunks  # chunk numbers that fit in the rest of loc's 32 bits
+    uint32_t* owners     # per_chunk words per chunk: the record in each slot, or
+                         # FREE_SLOT | the next free slot (outside the chunks, so that a
+                         # page-sized payload takes exactly a page)
     Chunk* chunks
     uint32_t nchunks
     uint32_t cap_chunks
@@ -371,6 +401,16 @@ def decode_payloads(payloads, int page_size, uint8_t[::1] out not None, int thre
 
 cdef inline int slot_size(int length) noexcept nogil:
     return (length + GRAIN - 1) // GRAIN * GRAIN
+
+
+cdef inline int class_of(int length) noexcept nogil:
+    """The size class of a payload of `length` bytes (> 0): records keep no class."""
+    return (length + GRAIN - 1) // GRAIN - 1
+
+
+cdef inline uint64_t record_word(const Record* r) noexcept nogil:
+    """The word of a same-filled page's record (it has no slot to locate)."""
+    return (<uint64_t>r.loc << 32) | r.hash
 
 
 # A trained dictionary must save at least this share of plain zstd's slots on the
@@ -596,6 +636,7 @@ cdef class SlabStore:
     cdef uint32_t nrecords      # records ever handed out (ids below this exist)
     cdef uint32_t cap_records
     cdef uint32_t free_record
+    cdef uint32_t refs_cap      # MAX_REFS; lower only in tests (_limit_refs)
     cdef uint32_t* table        # dedup: record id + 1, 0 for empty; linear probing
     cdef uint32_t table_mask
     cdef uint32_t table_used
@@ -629,11 +670,12 @@ cdef class SlabStore:
 
     def __cinit__(self, int page_size, int reject_limit, int threads=2):
         cdef int c
-        cdef uint32_t size, pages, best_pages, per, header
+        cdef uint32_t size, pages, best_pages, per, most_pages
         cdef double waste, best_waste
         if page_size < 64 or page_size % GRAIN or page_size > 65535:
-            raise ValueError("page size must be a multiple of 32 from 64 to 65504")
+            raise ValueError("page size must be a multiple of 16 from 64 to 65520")
         self.page_size = page_size
+        self.refs_cap = MAX_REFS
         self.reject_limit = min(reject_limit, page_size)
         self.threads = max(1, threads)
         self.nclasses = page_size // GRAIN
@@ -642,30 +684,29 @@ cdef class SlabStore:
             raise MemoryError()
         for c in range(self.nclasses):
             size = (c + 1) * GRAIN
-            best_pages, best_waste = 1, 2.0
-            for pages in range(1, MAX_CHUNK_PAGES + 1):
-                per = (pages * 4096) // (size + 4)
-                if per == 0:
-                    continue
-                header = ((per * 4 + 7) // 8) * 8
-                while header + per * size > pages * 4096:
-                    per -= 1
-                    header = ((per * 4 + 7) // 8) * 8
+            best_pages, best_waste = MIN_CHUNK_PAGES, 2.0
+            # From MIN_CHUNK_PAGES (a chunk is one madvise to fault in: a page-sized class
+            # in 1-page chunks made keep_all 10% slower) up to MAX_CHUNK_PAGES, or as many
+            # as one slot takes (the classes of a page size above 32 KiB).
+            most_pages = max(MAX_CHUNK_PAGES, (size + 4095) // 4096)
+            for pages in range(MIN_CHUNK_PAGES, most_pages + 1):
+                per = (pages * 4096) // size
                 if per == 0:
                     continue
                 waste = 1.0 - <double>(per * size) / (pages * 4096)
                 if waste < best_waste - 0.005:
                     best_pages, best_waste = pages, waste
-            per = (best_pages * 4096) // (size + 4)
-            header = ((per * 4 + 7) // 8) * 8
-            while header + per * size > best_pages * 4096:
-                per -= 1
-                header = ((per * 4 + 7) // 8) * 8
+            per = (best_pages * 4096) // size
             self.classes[c].size = size
             self.classes[c].chunk_bytes = best_pages * 4096
             self.classes[c].per_chunk = per
-            self.classes[c].header = header
             self.classes[c].chunks_per_arena = ARENA_BYTES // (best_pages * 4096)
+            # Just the bits the class's slot numbers need, so every class has room in
+            # loc for at least 2^31 slots (more than records there can be).
+            self.classes[c].slot_bits = 1
+            while (1u << self.classes[c].slot_bits) < per:
+                self.classes[c].slot_bits += 1
+            self.classes[c].max_chunks = 1u << (32 - self.classes[c].slot_bits)
         self.free_record = NO_RECORD
         self.dictionaries = [None] * MAX_DICTS
         self.current_dict = -1
@@ -681,6 +722,7 @@ cdef class SlabStore:
                     if self.classes[c].arenas[a] != NULL:
                         munmap(self.classes[c].arenas[a], ARENA_BYTES)
                 free(self.classes[c].arenas)
+                free(self.classes[c].owners)
                 free(self.classes[c].chunks)
                 free(self.classes[c].partial)
             free(self.classes)
@@ -798,13 +840,17 @@ cdef class SlabStore:
             free(out)
 
     cdef uint32_t _keep_one(self, const char* payload, int length, uint64_t hash) noexcept nogil:
-        cdef uint32_t pos = <uint32_t>hash & self.table_mask
+        cdef uint32_t hash32 = <uint32_t>hash
+        cdef uint32_t pos = hash32 & self.table_mask
         cdef uint32_t rec
         cdef Record* r
         while self.table[pos]:
             rec = self.table[pos] - 1
             r = &self.records[rec]
-            if r.hash == hash and self._same_payload(r, payload, length):
+            # A record whose count is full is passed over: the page gets a record of its
+            # own (put after it in the probe order, where the next such page finds it).
+            if (r.hash == hash32 and r.refs < self.refs_cap
+                    and self._same_payload(r, payload, length, hash)):
                 r.refs += 1
                 r.live_flags &= ~IDLE
                 if length == 0:
@@ -822,7 +868,7 @@ cdef class SlabStore:
         if rec == NO_RECORD:
             return NO_RECORD
         r = &self.records[rec]
-        r.hash = hash
+        r.hash = hash32
         r.refs = 1
         r.length = length
         r.live_flags = CODEC_NATIVE
@@ -830,13 +876,14 @@ cdef class SlabStore:
         if length:
             if not self._alloc_slot(rec, length):
                 r.refs = 0
-                r.chunk = self.free_record
+                r.loc = self.free_record
                 self.free_record = rec
                 return NO_RECORD
             memcpy(self._slot_ptr(r), payload, length)
             self.payload_bytes += length
             self.payload_pages += 1
         else:
+            r.loc = <uint32_t>(hash >> 32)
             self.same_filled_pages += 1
             self.word_records += 1
         self.live_records += 1
@@ -846,8 +893,10 @@ cdef class SlabStore:
             self._resize_table((self.table_mask + 1) * 2)
         return rec
 
-    cdef bint _same_payload(self, Record* r, const char* payload, int length) noexcept nogil:
-        """Whether a record (of an equal hash) holds this payload, confirmed byte for byte.
+    cdef bint _same_payload(self, Record* r, const char* payload, int length,
+                            uint64_t hash) noexcept nogil:
+        """Whether a record (of an equal hash) holds this payload, confirmed byte for byte
+        (a same-filled page by its whole word, `hash`).
 
         A zstd record is compared as pages: its payload decompressed against the given
         one decoded (raw, or an lz4 block)."""
@@ -855,8 +904,11 @@ cdef class SlabStore:
         cdef char* page = self.scratch
         cdef char* other = self.scratch + ps
         if r.live_flags & CODEC_MASK == CODEC_NATIVE:
-            return r.length == length and (
-                length == 0 or memcmp(self._slot_ptr(r), payload, length) == 0)
+            if r.length != length:
+                return False
+            if length == 0:
+                return record_word(r) == hash
+            return memcmp(self._slot_ptr(r), payload, length) == 0
         if length == 0 or not self._unzstd(r, page):
             return False
         if length == ps:
@@ -883,7 +935,7 @@ cdef class SlabStore:
         cdef Record* grown
         if self.free_record != NO_RECORD:
             rec = self.free_record
-            self.free_record = self.records[rec].chunk
+            self.free_record = self.records[rec].loc
             return rec
         if self.nrecords == self.cap_records:
             cap = max(1024, self.cap_records + self.cap_records // 2)
@@ -896,15 +948,15 @@ cdef class SlabStore:
         return rec
 
     cdef inline char* _slot_ptr(self, Record* r) noexcept nogil:
-        cdef SizeClass* sc = &self.classes[r.size_class]
-        return sc.chunks[r.chunk].base + sc.header + <size_t>r.slot * sc.size
+        cdef SizeClass* sc = &self.classes[class_of(r.length)]
+        cdef uint32_t slot = r.loc & ((1u << sc.slot_bits) - 1)
+        return sc.chunks[r.loc >> sc.slot_bits].base + <size_t>slot * sc.size
 
     cdef inline uint32_t* _owners(self, SizeClass* sc, uint32_t chunk) noexcept nogil:
-        return <uint32_t*>sc.chunks[chunk].base
+        return sc.owners + <size_t>chunk * sc.per_chunk
 
     cdef bint _alloc_slot(self, uint32_t rec, int length) noexcept nogil:
-        cdef int c = (length + GRAIN - 1) // GRAIN - 1
-        cdef SizeClass* sc = &self.classes[c]
+        cdef SizeClass* sc = &self.classes[class_of(length)]
         cdef uint32_t chunk, slot
         cdef Chunk* ch
         while True:
@@ -930,9 +982,7 @@ cdef class SlabStore:
         if ch.used == sc.per_chunk:
             sc.npartial -= 1
             ch.partial = 0
-        self.records[rec].size_class = c
-        self.records[rec].chunk = chunk
-        self.records[rec].slot = slot
+        self.records[rec].loc = chunk << sc.slot_bits | slot
         self.slot_bytes += sc.size
         return True
 
@@ -940,9 +990,12 @@ cdef class SlabStore:
         """A chunk number for the class (its memory is taken when first used)."""
         cdef uint32_t cap
         cdef Chunk* grown
+        cdef uint32_t* owners
         cdef char** arenas
         cdef void* arena
         cdef uint32_t a = sc.nchunks // sc.chunks_per_arena
+        if sc.nchunks >= sc.max_chunks:
+            return False        # no chunk number left in a record's loc: no memory
         if a >= sc.narenas:
             arena = mmap(NULL, ARENA_BYTES, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -961,7 +1014,11 @@ cdef class SlabStore:
             grown = <Chunk*>realloc(sc.chunks, cap * sizeof(Chunk))
             if grown == NULL:
                 return False
-            sc.chunks, sc.cap_chunks = grown, cap
+            sc.chunks = grown
+            owners = <uint32_t*>realloc(sc.owners, <size_t>cap * sc.per_chunk * 4)
+            if owners == NULL:
+                return False
+            sc.owners, sc.cap_chunks = owners, cap
         memset(&sc.chunks[sc.nchunks], 0, sizeof(Chunk))
         sc.chunks[sc.nchunks].free_head = NO_SLOT
         if not self._push_partial(sc, sc.nchunks):
@@ -1087,7 +1144,7 @@ cdef class SlabStore:
         else:
             self.word_records -= 1
         self.live_records -= 1
-        r.chunk = self.free_record
+        r.loc = self.free_record
         self.free_record = rec
 
     cdef void _unindex(self, uint32_t rec) noexcept nogil:
@@ -1118,16 +1175,18 @@ cdef class SlabStore:
         self.chunk_bytes -= sc.chunk_bytes
 
     cdef void _free_slot(self, Record* r) noexcept nogil:
-        cdef SizeClass* sc = &self.classes[r.size_class]
-        cdef Chunk* ch = &sc.chunks[r.chunk]
-        self._owners(sc, r.chunk)[r.slot] = FREE_SLOT | ch.free_head
-        ch.free_head = r.slot
+        cdef SizeClass* sc = &self.classes[class_of(r.length)]
+        cdef uint32_t chunk = r.loc >> sc.slot_bits
+        cdef uint32_t slot = r.loc & ((1u << sc.slot_bits) - 1)
+        cdef Chunk* ch = &sc.chunks[chunk]
+        self._owners(sc, chunk)[slot] = FREE_SLOT | ch.free_head
+        ch.free_head = slot
         ch.used -= 1
         self.slot_bytes -= sc.size
         if ch.used == 0:
             self._empty_chunk(sc, ch)
         if not ch.partial:
-            self._push_partial(sc, r.chunk)
+            self._push_partial(sc, chunk)
 
     # -- loading -------------------------------------------------------------------------
 
@@ -1183,7 +1242,7 @@ cdef class SlabStore:
             # of a shared record from two threads agree).
             r.live_flags &= ~IDLE
         if r.length == 0:
-            word = r.hash
+            word = record_word(r)
             i = 0
             while i < ps:
                 memcpy(out + i, &word, WORD)
@@ -1207,7 +1266,7 @@ cdef class SlabStore:
         self._check(handle)
         r = &self.records[handle]
         if r.length == 0:
-            word = r.hash
+            word = record_word(r)
             return PyBytes_FromStringAndSize(<char*>&word, WORD)
         if r.live_flags & CODEC_MASK != CODEC_NATIVE:
             # The codec's format has no zstd: give the payload it replaced, made again
@@ -1362,9 +1421,10 @@ cdef class SlabStore:
                 old = r[0]
                 if not self._alloc_slot(rec, zlen):
                     continue            # no memory for a smaller slot: it stays as it is
+                # The new length before the slot is reached: the class follows from it.
+                r.length = <uint16_t>zlen
                 memcpy(self._slot_ptr(r), batch.out + <size_t>i * batch.out_bound, zlen)
                 self._free_slot(&old)
-                r.length = <uint16_t>zlen
                 r.native_length = old.length
                 codec = CODEC_DICT + k if batch.out_dict[i] else CODEC_ZSTD
                 r.live_flags = codec | IDLE
@@ -1411,6 +1471,25 @@ cdef class SlabStore:
     def is_same_filled(self, long handle) -> bool:
         self._check(handle)
         return self.records[handle].length == 0
+
+    def class_geometry(self, int length) -> tuple:
+        """(slot bytes, chunk bytes, slots per chunk, chunks at most) of the size class
+        that keeps payloads of `length` bytes."""
+        if not 0 < length <= self.page_size:
+            raise ValueError(f"no size class for {length} bytes")
+        cdef SizeClass* sc = &self.classes[class_of(length)]
+        return sc.size, sc.chunk_bytes, sc.per_chunk, sc.max_chunks
+
+    def _limit_refs(self, int refs) -> None:
+        """Tests: hold at most `refs` references per record (MAX_REFS at most), so that
+        what happens past a full count is reached with a few pages."""
+        self.refs_cap = max(1, min(refs, MAX_REFS))
+
+    def _limit_chunks(self, int chunks) -> None:
+        """Tests: at most `chunks` chunks per class, as if their numbers ran out."""
+        cdef int c
+        for c in range(self.nclasses):
+            self.classes[c].max_chunks = min(self.classes[c].max_chunks, <uint32_t>max(chunks, 0))
 
     def summarize(self, handles) -> tuple:
         """(same-filled pages, shared pages, payload bytes charged to them, pages held in
@@ -1462,7 +1541,7 @@ cdef class SlabStore:
                             + (<long>self.table_mask + 1) * 4)
         cdef int c
         for c in range(self.nclasses):
-            tables += self.classes[c].cap_chunks * sizeof(Chunk)
+            tables += self.classes[c].cap_chunks * (sizeof(Chunk) + self.classes[c].per_chunk * 4)
             tables += self.classes[c].cap_partial * 4
         return self.chunk_bytes + tables + self.dictionary_bytes
 
@@ -1521,6 +1600,13 @@ cdef class SlabStore:
         cdef Chunk* s
         cdef Chunk* d
         cdef long free_slots = 0
+        for i in range(sc.nchunks):
+            if sc.chunks[i].base != NULL:
+                break
+        else:
+            # Nothing kept in the class (a flush): its tables and arenas go too.
+            self._release_class(sc)
+            return
         # Live partial chunks: the sparsest are emptied into the fullest.
         cdef uint32_t n = 0
         for i in range(sc.npartial):
@@ -1563,12 +1649,10 @@ cdef class SlabStore:
             else:
                 nslot = d.fresh
                 d.fresh += 1
-            memcpy(d.base + sc.header + <size_t>nslot * sc.size,
-                   s.base + sc.header + <size_t>slot * sc.size, sc.size)
+            memcpy(d.base + <size_t>nslot * sc.size, s.base + <size_t>slot * sc.size, sc.size)
             self._owners(sc, dst)[nslot] = rec
             d.used += 1
-            self.records[rec].chunk = dst
-            self.records[rec].slot = nslot
+            self.records[rec].loc = dst << sc.slot_bits | nslot
             owners[slot] = FREE_SLOT | s.free_head
             s.free_head = slot
             s.used -= 1
@@ -1585,6 +1669,18 @@ cdef class SlabStore:
                 sc.chunks[sc.partial[i]].partial = 0
         sc.npartial = n
         self._relist_empty(sc)
+
+    cdef void _release_class(self, SizeClass* sc) noexcept nogil:
+        cdef uint32_t a
+        for a in range(sc.narenas):
+            munmap(sc.arenas[a], ARENA_BYTES)
+        self.arena_count -= sc.narenas
+        free(sc.arenas)
+        free(sc.owners)
+        free(sc.chunks)
+        free(sc.partial)
+        sc.arenas, sc.owners, sc.chunks, sc.partial = NULL, NULL, NULL, NULL
+        sc.narenas = sc.nchunks = sc.cap_chunks = sc.npartial = sc.cap_partial = 0
 
     cdef void _relist_empty(self, SizeClass* sc) noexcept nogil:
         cdef uint32_t k
@@ -1606,7 +1702,7 @@ cdef class SlabStore:
             self.free_record = NO_RECORD
             for rec in range(top):
                 if self.records[rec].refs == 0:
-                    self.records[rec].chunk = self.free_record
+                    self.records[rec].loc = self.free_record
                     self.free_record = rec
             self.nrecords = top
             cap = max(1024, top)

@@ -78,10 +78,11 @@ DEFAULT_RECOMPRESS_AFTER = 60.0
 # zstd's own default: on the bench's files corpus it kept 2% less than level 1 for
 # 1.4x its CPU; level 5 kept 1.7% less again for twice the CPU (23 against 45 us/page).
 DEFAULT_RECOMPRESS_LEVEL = 3
-# Dictionaries (bench/dict_measure.py, distinct pages in 32-byte slots, zstd-3, the
-# dictionary's bytes included): on the anon corpus a 64 KiB dictionary from a 4 MiB
-# sample keeps 0.969x of plain zstd (16 KiB: 0.989x, 112 KiB: 0.967x; a 1 MiB sample
-# 0.977x, 16 MiB 0.964x); on files 0.986x (112 KiB: 0.981x); on random pages nothing.
+# Dictionaries (bench/dict_measure.py, distinct pages in 32-byte slots, the store's step
+# when measured, zstd-3, the dictionary's bytes included): on the anon corpus a 64 KiB
+# dictionary from a 4 MiB sample keeps 0.969x of plain zstd (16 KiB: 0.989x, 112 KiB:
+# 0.967x; a 1 MiB sample 0.977x, 16 MiB 0.964x); on files 0.986x (112 KiB: 0.981x); on
+# random pages nothing.
 DICT_BYTES = 64 * 1024
 TRAIN_BATCH = 1024              # pages of the training batch: a 3 MiB sample, 1/4 held out
 # A dictionary costs its bytes and decompression tables (about 92 KiB for 64 KiB); at
