@@ -67,7 +67,7 @@ def build_parser() -> Parser:
                         f"{DEFAULT_MAX_POOL_PER_USER.replace('%', '%%')} with --allow-other, "
                         "else max)")
     m.add_argument("--page-size", type=int, default=4096,
-                   help="page size in bytes, a power of two from 512 to 65536 (default 4096)")
+                   help="page size in bytes, a power of two from 512 to 32768 (default 4096)")
     m.add_argument("--reject-ratio", type=float, default=0.875,
                    help="pages compressing worse than this are stored raw (default 0.875)")
     m.add_argument("--reject-poor", action="store_true",
@@ -141,8 +141,8 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
     except ValueError as exc:
         parser.error(f"--max-pool: {exc}")
     size = args.page_size
-    if size < 512 or size > 65536 or size & (size - 1):
-        parser.error("--page-size must be a power of two from 512 to 65536")
+    if size < 512 or size > 32768 or size & (size - 1):
+        parser.error("--page-size must be a power of two from 512 to 32768")
     if max_pool < size:
         parser.error("--max-pool must hold at least one page")
     if not 0 < args.reject_ratio <= 1:
