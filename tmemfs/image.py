@@ -108,14 +108,16 @@ class ImageView:
 
     def write_now(self, pool_id: PoolId, off: int, buf: bytes | memoryview) -> int | None:
         """`write` without waiting: whole pages inside the image, kept as one batch
-        (`Engine.store_run_now`); None when the request must take `write`. `buf` is
-        only read during the call."""
+        (`Engine.store_run_now`) when they would fit however they compress; None when
+        the request must take `write`. `buf` is only read during the call."""
         psize = self.page_size
         end = off + len(buf)
         size = self.engine.pool(pool_id).image_size
         if not buf or off % psize or end % psize or size is None or end > size:
             return None
-        if not self.engine.store_run_now(pool_id, SWAP_OBJECT, off // psize, buf):
+        if not self.engine.store_run_now(
+            pool_id, SWAP_OBJECT, off // psize, buf, room_for_worst=True
+        ):
             return None
         return len(buf)
 
