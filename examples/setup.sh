@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up tmemfs on a Debian machine: system packages, a virtualenv in .venv, pyfuse3
-# built from its sdist with patches/pyfuse3-3.5.0-fallocate.patch (discard support,
-# see the patch header), and `pip install -e .[test,bench]`. Safe to run again; it
+# built from its sdist with patches/pyfuse3-3.5.0-fallocate.patch (discard support) and
+# patches/pyfuse3-3.5.0-fastpath.patch (synchronous image reads and writes; see the
+# patch headers), and `pip install -e .[test,bench]`. Safe to run again; it
 # installs only what is missing.
 set -euo pipefail
 
@@ -41,14 +42,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 # pyfuse3 3.5.0 registers no fallocate handler, so the kernel never passes a discard
-# on; we build it from the pinned sdist with our patch. The patched build is the one
-# whose Operations has a fallocate method.
+# on, and answers every request with a coroutine; we build it from the pinned sdist
+# with our two patches, in this order. The fully patched build is the one whose
+# Operations has a write_now attribute (the second patch); one with only the first
+# (an older setup) is rebuilt.
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-pyfuse3_patch=$here/patches/pyfuse3-$pyfuse3_version-fallocate.patch
-if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "fallocate"))' \
-        2>/dev/null; then
-    echo "setup: building pyfuse3 $pyfuse3_version with $(basename "$pyfuse3_patch")"
+pyfuse3_patches=("$here/patches/pyfuse3-$pyfuse3_version-fallocate.patch"
+                 "$here/patches/pyfuse3-$pyfuse3_version-fastpath.patch")
+patched='import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "write_now"))'
+if ! .venv/bin/python -c "$patched" 2>/dev/null; then
+    echo "setup: building pyfuse3 $pyfuse3_version with" \
+        "$(for p in "${pyfuse3_patches[@]}"; do basename "$p"; done | paste -sd' ')"
     build=$(mktemp -d)
     cleanup+=("rm -rf '$build'")
     .venv/bin/python -m pip download -q --no-binary :all: --no-deps -d "$build" \
@@ -56,10 +61,12 @@ if ! .venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Oper
     sdist=$build/pyfuse3-$pyfuse3_version.tar.gz
     echo "$pyfuse3_sha256  $sdist" | sha256sum -c --quiet -
     tar -xzf "$sdist" -C "$build"
-    patch -d "$build/pyfuse3-$pyfuse3_version" -p1 -s < "$pyfuse3_patch"
+    for p in "${pyfuse3_patches[@]}"; do
+        patch -d "$build/pyfuse3-$pyfuse3_version" -p1 -s < "$p"
+    done
     # The local version label shows in `pip list`; it still satisfies pyfuse3==3.5.0.
     # pip's build environment brings Cython, which turns the patched .pyx into C.
-    SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3="$pyfuse3_version+fallocate" \
+    SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3="$pyfuse3_version+fallocate.fastpath" \
         .venv/bin/python -m pip install -q --force-reinstall --no-deps \
         "$build/pyfuse3-$pyfuse3_version"
 fi
@@ -67,6 +74,6 @@ fi
 # Installing tmemfs after pyfuse3 keeps the patched build: it satisfies pyfuse3>=3.3,<4.
 # (Run every time: an editable install also rebuilds what tmemfs itself compiles.)
 .venv/bin/python -m pip install -q -e '.[test,bench]'
-.venv/bin/python -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "fallocate"))' ||
+.venv/bin/python -c "$patched" ||
     { echo "setup: pyfuse3 was replaced by an unpatched build; run setup.sh again" >&2; exit 1; }
 echo "setup: ready: $(.venv/bin/tmemfs --version)"

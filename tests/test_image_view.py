@@ -9,6 +9,7 @@ import pytest
 from engine_testlib import PAGE, SWAP0, make_engine
 from hypothesis import given
 from hypothesis import strategies as st
+from tmemfs_testlib import text_page
 
 from tmemfs.engine import SWAP_OBJECT, BadValue
 from tmemfs.image import (
@@ -128,3 +129,22 @@ async def test_zero_range_and_allocation_grow_the_image() -> None:
     assert bytes(await view.read(SWAP0, 0, 3 * PAGE)) == b"z" * 10 + bytes(3 * PAGE - 10)
     await view.fallocate(SWAP0, 0, 0, 5 * PAGE)
     assert view.engine.pool(SWAP0).image_size == 5 * PAGE
+
+
+async def test_write_now_takes_only_what_fits_however_it_compresses() -> None:
+    """The fast path (ImageView.write_now) stores a batch only if it would fit even raw;
+    a batch it declines changes nothing, and `write` then stores it as before."""
+    engine = make_engine("lz4", max_pool=128 << 10, pools=[SWAP0])
+    await engine.resize_image(SWAP0, 4 << 20)
+    view = ImageView(engine)
+    text = b"".join(text_page(i) for i in range(64))
+    assert view.write_now(SWAP0, 0, memoryview(text[: 16 * PAGE])) == 16 * PAGE
+    assert view.write_now(SWAP0, 100, text[:PAGE]) is None  # not page-aligned
+    assert view.write_now(SWAP0, 4 << 20, text[:PAGE]) is None  # past the image's end
+    # 256 KiB compresses to far less than the room left, but raw it would not fit.
+    before = engine.stats()
+    assert view.write_now(SWAP0, 16 * PAGE, text[16 * PAGE :]) is None
+    assert engine.stats() == before
+    assert await view.write(SWAP0, 16 * PAGE, text[16 * PAGE :]) == 48 * PAGE
+    assert view.read_now(SWAP0, 0, 64 * PAGE) == text
+    assert engine.stats()["stores"] == 64

@@ -20,7 +20,7 @@ from tmemfs.backends import BackendError, check_backend
 from tmemfs.backends.lz4 import DEFAULT_RECOMPRESS_AFTER, DEFAULT_RECOMPRESS_LEVEL
 from tmemfs.backends.redis import is_redis_url
 from tmemfs.engine import stats as statsfmt
-from tmemfs.fs import discard_supported
+from tmemfs.fs import discard_supported, fast_path_supported
 from tmemfs.mount import MountError, MountOptions, mount, umount
 from tmemfs.sizes import format_size, parse_limit, parse_size
 from tmemfs.swap import swap_list, swap_off, swap_on
@@ -42,8 +42,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     parser = Parser(prog="tmemfs", description="Transcendent memory as a FUSE filesystem.")
     discard = "on" if discard_supported() else "off"
+    fastpath = "on" if fast_path_supported() else "off"
     parser.add_argument("--version", action="version",
-                        version=f"tmemfs {__version__} (discard: {discard})")
+                        version=f"tmemfs {__version__} (discard: {discard}, fastpath: {fastpath})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     m = sub.add_parser("mount", help="mount a tmemfs")

@@ -73,8 +73,9 @@ class ImageView:
         self.engine = engine
         self.page_size = engine.page_size
 
-    async def read(self, pool_id: PoolId, off: int, size: int) -> bytes | memoryview:
-        """One request, one batch: every page it covers is loaded together."""
+    def read_now(self, pool_id: PoolId, off: int, size: int) -> bytes | memoryview | None:
+        """`read` without waiting, when the engine loads the run in one call (`load_run`:
+        every page held in this process, or a hole); None when it cannot."""
         pool = self.engine.pool(pool_id)
         end = min(off + size, pool.image_size or 0)
         if off >= end:
@@ -84,8 +85,20 @@ class ImageView:
         first, last = off // psize, (end - 1) // psize
         start = off - first * psize
         run = self.engine.load_run(pool_id, SWAP_OBJECT, first, last - first + 1)
-        if run is not None:
-            return memoryview(run)[start : start + end - off]
+        if run is None:
+            return None
+        return memoryview(run)[start : start + end - off]
+
+    async def read(self, pool_id: PoolId, off: int, size: int) -> bytes | memoryview:
+        """One request, one batch: every page it covers is loaded together."""
+        data = self.read_now(pool_id, off, size)
+        if data is not None:
+            return data
+        # Pages elsewhere (a remote backend, the writeback tier): loaded page by page.
+        psize = self.page_size
+        end = min(off + size, self.engine.pool(pool_id).image_size or 0)
+        first, last = off // psize, (end - 1) // psize
+        start = off - first * psize
         pages = await self.engine.load_many(
             pool_id, SWAP_OBJECT, range(first, last + 1), exclusive=False
         )
@@ -93,7 +106,22 @@ class ImageView:
         data = b"".join(zero if page is None else page for page in pages)
         return data[start : start + end - off]
 
-    async def write(self, pool_id: PoolId, off: int, buf: bytes) -> int:
+    def write_now(self, pool_id: PoolId, off: int, buf: bytes | memoryview) -> int | None:
+        """`write` without waiting: whole pages inside the image, kept as one batch
+        (`Engine.store_run_now`) when they would fit however they compress; None when
+        the request must take `write`. `buf` is only read during the call."""
+        psize = self.page_size
+        end = off + len(buf)
+        size = self.engine.pool(pool_id).image_size
+        if not buf or off % psize or end % psize or size is None or end > size:
+            return None
+        if not self.engine.store_run_now(
+            pool_id, SWAP_OBJECT, off // psize, buf, room_for_worst=True
+        ):
+            return None
+        return len(buf)
+
+    async def write(self, pool_id: PoolId, off: int, buf: bytes | memoryview) -> int:
         """One request, one batch; pages the request only partly covers are read first."""
         pool = self.engine.pool(pool_id)
         psize = self.page_size
@@ -101,7 +129,7 @@ class ImageView:
         if not buf:
             return 0
         first = off // psize
-        data: bytes | bytearray = buf
+        data: bytes | bytearray | memoryview = buf
         if off % psize or end % psize:
             last = (end - 1) // psize
             partial = partial_pages(off, end, psize)

@@ -31,7 +31,7 @@ from tmemfs.backends.lz4 import DEFAULT_RECOMPRESS_AFTER, DEFAULT_RECOMPRESS_LEV
 from tmemfs.backends.store import StoreUnavailable
 from tmemfs.engine import Engine
 from tmemfs.engine import stats as statsfmt
-from tmemfs.fs import TmemOperations, discard_supported
+from tmemfs.fs import TmemOperations, discard_supported, fast_path_supported
 from tmemfs.metrics import open_metrics_listeners, serve_metrics
 from tmemfs.sizes import format_limit
 from tmemfs.systemd import Notifier, status_line
@@ -93,6 +93,7 @@ class MountOptions:
             "exclusive_gets": str(int(self.exclusive_gets)),
             "allow_other": str(int(self.allow_other)),
             "discard": "on" if discard_supported() else "off",
+            "fastpath": "on" if fast_path_supported() else "off",
         }
 
 
@@ -290,6 +291,12 @@ async def _serve_mounted(
         log.warning("discard: off: this pyfuse3 (%s) passes no fallocate on, so a swap image "
                     "keeps every slot swap has used; examples/setup.sh builds it with "
                     "patches/pyfuse3-3.5.0-fallocate.patch", pyfuse3.__version__)
+    if not fast_path_supported():
+        log.info(
+            "fastpath: off: this pyfuse3 (%s) answers every request with a coroutine; "
+            "examples/setup.sh builds it with patches/pyfuse3-3.5.0-fastpath.patch",
+            pyfuse3.__version__,
+        )
     _tell(ready, "ok")
     if ready is not None:
         _detach_stdio()

@@ -151,6 +151,7 @@ class Tree:
         daemon_info: dict[str, str] | None = None,
         on_first_image: Callable[[], object] | None = None,
         forget_names: Callable[[list[tuple[int, bytes]]], None] | None = None,
+        daemon_counters: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.engine = engine
         # Tells the kernel to drop cached names (None when no kernel is listening).
@@ -159,6 +160,8 @@ class Tree:
         self.page_size = engine.page_size
         # What `.daemon` shows: pid, version, options; `tmemfs umount` reads the pid.
         self.daemon_info = daemon_info or {}
+        # What `.daemon` shows after it, read when it is opened: the FUSE side's counters.
+        self._daemon_counters = daemon_counters
         # Called once, when the first image is made (the daemon locks its memory then).
         self._on_first_image = on_first_image
         self.inodes = InodeTable()
@@ -486,7 +489,8 @@ class Tree:
         if node.kind is Kind.STATS:
             return statsfmt.render(dict(self.engine.stats()))
         if node.kind is Kind.DAEMON:
-            return statsfmt.render(dict(self.daemon_info))
+            counters = self._daemon_counters() if self._daemon_counters is not None else {}
+            return statsfmt.render(dict(self.daemon_info) | counters)
         assert node.pool is not None
         shares = self.engine.pool_shares(node.pool)
         if node.kind is Kind.POOL_MAX:

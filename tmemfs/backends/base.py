@@ -165,6 +165,11 @@ class Backend(ABC):
         """The sum of page_charge over handles (backends with `batches` only)."""
         raise NotImplementedError
 
+    def max_page_charge(self) -> int:
+        """The most page_charge can be for one page, however it compresses (backends
+        with `batches` only)."""
+        raise NotImplementedError
+
     def summarize(self, handles: Sequence[Any] | bytes) -> tuple[int, int, float, int]:
         """Same-filled pages, shared pages, payload bytes charged to them and recompressed
         pages (backends with `batches` only); `handles` may be native int64s in bytes

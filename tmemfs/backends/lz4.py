@@ -145,6 +145,10 @@ class Lz4Backend(Backend):
         """The sum of page_charge over handles, in one call."""
         return self.slabs.charge_of(handles)
 
+    def max_page_charge(self) -> int:
+        """A page kept raw: no payload is longer (one that compresses worse is kept raw)."""
+        return self.slabs.cost_of(self.page_size)
+
     def keep_run(self, batch: EncodedBatch) -> list[int]:
         """Keep every page of a batch; their handles."""
         return self.slabs.keep_all(batch)

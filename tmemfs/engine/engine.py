@@ -380,26 +380,54 @@ class Engine:
                                         if not k and index not in tobj.pages])
             return kept
 
-    async def store_run(self, pool_id: PoolId, obj: str, first: int, data: bytes) -> bool:
+    async def store_run(
+        self, pool_id: PoolId, obj: str, first: int, data: bytes | memoryview
+    ) -> bool:
         """Store consecutive whole pages from one buffer (an image write); False if refused.
 
         This is the image's hot path, decided once per request: compress the batch in
-        compiled code, check the budget once, replace the old copies, keep the batch.
-        A batch that does not fit as a whole, or a setup with rules that act page by
-        page (a writeback tier, --reject-poor, a remote backend), takes `store_many`.
+        compiled code, check the budget once, replace the old copies, keep the batch
+        (`store_run_now`). A batch that does not fit as a whole, or a setup with rules
+        that act page by page (a writeback tier, --reject-poor, a remote backend), takes
+        `store_many`.
+        """
+        if self.store_run_now(pool_id, obj, first, data):
+            return True
+        return await self._store_pages(pool_id, obj, first, data, len(data) // self.page_size)
+
+    def store_run_now(
+        self,
+        pool_id: PoolId,
+        obj: str,
+        first: int,
+        data: bytes | memoryview,
+        *,
+        room_for_worst: bool = False,
+    ) -> bool:
+        """`store_run`'s fast case, without waiting: True if the batch was kept whole.
+
+        False (nothing stored, nothing changed) when the batch must take `store_many`:
+        no batch calls, a rule that acts page by page, or no room for the whole batch
+        without eviction or refusal. `room_for_worst` declines before compressing
+        unless the batch would fit even if no page compressed: the image's fast path,
+        whose declined batch `store_run` compresses again. `data` is only read during
+        the call.
         """
         backend = self.backend
-        psize = self.page_size
-        count = len(data) // psize
         if not backend.batches or self.writeback is not None or self.reject_poor:
-            return await self._store_pages(pool_id, obj, first, data, count)
+            return False
+        count = len(data) // self.page_size
         tobj = self.get_object(pool_id, obj)
         pool = self.pools[pool_id]
+        if room_for_worst and not self._batch_fits(
+            pool, count * (backend.max_page_charge() + ENTRY_OVERHEAD)
+        ):
+            return False
         batch = backend.encode_run(data)
         cost = backend.run_cost(batch) + count * ENTRY_OVERHEAD
-        if not self._budget.fits(cost) or self._budget.limit_refusing(pool, cost) is not None:
+        if not self._batch_fits(pool, cost):
             # Eviction and refusal are decided page by page.
-            return await self._store_pages(pool_id, obj, first, data, count)
+            return False
         # The duplicate-store rule: the old copies go first (they are never returned again).
         old = tobj.pages.pop_run(first, count)
         if old:
@@ -413,8 +441,12 @@ class Engine:
                           self._stamp(), charged=cost)
         return True
 
+    def _batch_fits(self, pool: Pool, cost: int) -> bool:
+        """Whether a batch costing `cost` fits the budget and the pool's limits as it is."""
+        return self._budget.fits(cost) and self._budget.limit_refusing(pool, cost) is None
+
     async def _store_pages(
-        self, pool_id: PoolId, obj: str, first: int, data: bytes, count: int
+        self, pool_id: PoolId, obj: str, first: int, data: bytes | memoryview, count: int
     ) -> bool:
         psize = self.page_size
         pages = [(first + i, bytes(data[i * psize : (i + 1) * psize])) for i in range(count)]

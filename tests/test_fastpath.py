@@ -1,0 +1,99 @@
+"""pyfuse3's synchronous fast path (patches/pyfuse3-3.5.0-fastpath.patch), through a mount.
+
+With the patched pyfuse3, an image's reads and whole-page writes that the engine does
+without waiting are answered by `read_now`/`write_now`, with no coroutine; `.daemon`
+counts them as fastpath_requests. Whatever the fast path declines (a partial-page
+write, a write past the image's end, any request with a writeback tier below) takes
+the async path as before, and every request reads back the same bytes either way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Mount
+from tmemfs_testlib import PAGE, pread, random_page, text_page
+
+from tmemfs.engine import stats as statsfmt
+from tmemfs.fs import fast_path_supported
+
+pytestmark = [
+    pytest.mark.mount,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root"),
+]
+
+MountFactory = Callable[..., Mount]
+MiB = 1 << 20
+
+
+def image(mount: Mount, size: int = 4 * MiB) -> Path:
+    path = mount.path / "frontswap" / "0.img"
+    subprocess.run(["truncate", "-s", str(size), str(path)], check=True)
+    return path
+
+
+def answered_now(mount: Mount) -> int:
+    return statsfmt.counters((mount.path / ".daemon").read_text())["fastpath_requests"]
+
+
+def pwrite(path: Path, off: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, data, off) == len(data)
+    finally:
+        os.close(fd)
+
+
+def test_daemon_says_whether_the_fast_path_is_on(tmem: Mount) -> None:
+    info = statsfmt.parse((tmem.path / ".daemon").read_text())
+    assert info["fastpath"] == ("on" if fast_path_supported() else "off")
+    assert answered_now(tmem) == 0
+
+
+@pytest.mark.skipif(not fast_path_supported(), reason="pyfuse3 without the fastpath patch")
+def test_image_requests_are_answered_now_and_partial_writes_are_not(tmem: Mount) -> None:
+    img = image(tmem)
+    data = b"".join(text_page(i) if i % 2 else random_page(i) for i in range(32))
+    pwrite(img, 0, data)  # 128 KiB, whole pages: one request
+    assert answered_now(tmem) == 1
+    assert pread(img, 0, len(data)) == data
+    assert answered_now(tmem) == 2
+    stats = tmem.stats("frontswap/0")
+    assert (stats["stores"], stats["loads"]) == (32, 32)
+
+    # A partial-page write is a read-modify-write: the async path does it.
+    pwrite(img, 5 * PAGE + 100, b"x" * 300)
+    assert answered_now(tmem) == 2
+    expected = bytearray(data)
+    expected[5 * PAGE + 100 : 5 * PAGE + 400] = b"x" * 300
+    # Reads need not be aligned: they are still answered now.
+    assert pread(img, 5 * PAGE + 50, 400) == bytes(expected[5 * PAGE + 50 : 5 * PAGE + 450])
+    assert answered_now(tmem) == 3
+    assert pread(img, 0, len(data)) == bytes(expected)
+
+    # A write past the end grows the image: the async path again.
+    pwrite(img, 4 * MiB, random_page(99))
+    assert img.stat().st_size == 4 * MiB + PAGE
+    assert pread(img, 4 * MiB, PAGE) == random_page(99)
+    # Holes read as zeros, answered now.
+    assert pread(img, 2 * MiB, 2 * PAGE) == bytes(2 * PAGE)
+    assert tmem.stats()["stores"] == 32 + 1 + 1
+
+
+@pytest.mark.skipif(not fast_path_supported(), reason="pyfuse3 without the fastpath patch")
+def test_pages_in_the_writeback_tier_take_the_async_path(
+    tmp_path: Path, mount_factory: MountFactory
+) -> None:
+    """With a tier below, pages may be anywhere: nothing is answered now, nothing is lost."""
+    mount = mount_factory("--max-pool", "2M", "--writeback", str(tmp_path / "tier"))
+    img = image(mount, 16 * MiB)
+    data = os.urandom(8 * MiB)
+    for off in range(0, len(data), MiB):
+        pwrite(img, off, data[off : off + MiB])
+    assert mount.stats()["written_back_pages"] > 0
+    assert pread(img, 0, len(data)) == data
+    assert answered_now(mount) == 0
