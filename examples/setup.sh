@@ -43,14 +43,15 @@ fi
 
 # pyfuse3 3.5.0 registers no fallocate handler, so the kernel never passes a discard
 # on, and answers every request with a coroutine; we build it from the pinned sdist
-# with our two patches, in this order. The fully patched build is the one whose
-# Operations has a write_now attribute (the second patch); one with only the first
-# (an older setup) is rebuilt.
+# with our two patches, in this order. The build's local version label names the
+# patches' checksum, so a build from other (older) patches is rebuilt.
 pyfuse3_version=3.5.0
 pyfuse3_sha256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 pyfuse3_patches=("$here/patches/pyfuse3-$pyfuse3_version-fallocate.patch"
                  "$here/patches/pyfuse3-$pyfuse3_version-fastpath.patch")
-patched='import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Operations, "write_now"))'
+patches_sum=$(cat "${pyfuse3_patches[@]}" | sha256sum | cut -c1-8)
+pyfuse3_label=$pyfuse3_version+fallocate.fastpath.$patches_sum
+patched="import importlib.metadata as m, sys; sys.exit(m.version('pyfuse3') != '$pyfuse3_label')"
 if ! .venv/bin/python -c "$patched" 2>/dev/null; then
     echo "setup: building pyfuse3 $pyfuse3_version with" \
         "$(for p in "${pyfuse3_patches[@]}"; do basename "$p"; done | paste -sd' ')"
@@ -66,7 +67,7 @@ if ! .venv/bin/python -c "$patched" 2>/dev/null; then
     done
     # The local version label shows in `pip list`; it still satisfies pyfuse3==3.5.0.
     # pip's build environment brings Cython, which turns the patched .pyx into C.
-    SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3="$pyfuse3_version+fallocate.fastpath" \
+    SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3="$pyfuse3_label" \
         .venv/bin/python -m pip install -q --force-reinstall --no-deps \
         "$build/pyfuse3-$pyfuse3_version"
 fi
