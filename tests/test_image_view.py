@@ -148,3 +148,18 @@ async def test_write_now_takes_only_what_fits_however_it_compresses() -> None:
     assert await view.write(SWAP0, 16 * PAGE, text[16 * PAGE :]) == 48 * PAGE
     assert view.read_now(SWAP0, 0, 64 * PAGE) == text
     assert engine.stats()["stores"] == 64
+
+
+async def test_each_read_now_is_right_though_the_reply_buffer_is_reused() -> None:
+    """read_now answers from one reply buffer (no fresh 1 MiB per request): each answer
+    is right when it is used, smaller and larger reads alike, and after the buffer is
+    dropped (the last image closed)."""
+    engine = make_engine("lz4", pools=[SWAP0])
+    await engine.resize_image(SWAP0, 1 << 20)
+    view = ImageView(engine)
+    text = b"".join(text_page(i) for i in range(256))
+    await view.write(SWAP0, 0, text)
+    for off, size in ((0, 256 * PAGE), (PAGE, 8 * PAGE), (100, 5000), (0, 256 * PAGE)):
+        assert bytes(view.read_now(SWAP0, off, size)) == text[off : off + size]
+    view.drop_reply_buffer()
+    assert bytes(view.read_now(SWAP0, 3 * PAGE, 32 * PAGE)) == text[3 * PAGE : 35 * PAGE]

@@ -662,6 +662,25 @@ def test_batches_of_any_size_round_trip(size: int) -> None:
     assert bytes(out) == b"".join(batch)
 
 
+def test_large_batches_one_after_another_keep_their_own_pages() -> None:
+    """A large batch's scratch is reused by the next one: pages kept from the first
+    stay right while the second is encoded into the same memory, and a batch still
+    alive keeps its own scratch."""
+    store = SlabStore(PAGE, LIMIT, 2)
+    first = [ordinary(i) for i in range(256)]
+    handles = store.keep_all(store.encode(b"".join(first)))  # its scratch goes back
+    second = [ordinary(1000 + i) for i in range(300)]  # larger: a new scratch
+    alive = store.encode(b"".join(first[:128]))
+    third = store.encode(b"".join(second))
+    more = store.keep_all(third)
+    del third
+    kept_alive = store.keep_all(alive)
+    for pages, hs in ((first, handles), (second, more), (first[:128], kept_alive)):
+        out = bytearray(len(pages) * PAGE)
+        store.load_into(hs, out)
+        assert bytes(out) == b"".join(pages)
+
+
 def test_bad_arguments_are_errors_not_crashes() -> None:
     store = SlabStore(PAGE, LIMIT, 2)
     with pytest.raises(ValueError):

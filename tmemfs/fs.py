@@ -532,6 +532,11 @@ class TmemOperations(pyfuse3.Operations):
             except TmemError as exc:
                 # flush() already reported this to close(); release has no caller to tell.
                 log.warning("store at release of %s failed: %s", handle.key, type(exc).__name__)
+        elif isinstance(handle, OpenImage) and not any(
+            isinstance(h, OpenImage) for h in self._handles.values()
+        ):
+            # The last image closed: its reply buffer goes back too (memory after a flush).
+            self.image.drop_reply_buffer()
 
     @translate_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -72,10 +72,20 @@ class ImageView:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.page_size = engine.page_size
+        self._reply = bytearray()
+
+    def drop_reply_buffer(self) -> None:
+        """Give read_now's reply buffer back (no image is open)."""
+        self._reply = bytearray()
 
     def read_now(self, pool_id: PoolId, off: int, size: int) -> bytes | memoryview | None:
         """`read` without waiting, when the engine loads the run in one call (`load_run`:
-        every page held in this process, or a hole); None when it cannot."""
+        every page held in this process, or a hole); None when it cannot.
+
+        The view is into a reply buffer the next read_now reuses: a fresh 1 MiB buffer
+        per request was mapped, faulted in and zeroed whole under mlockall. Both read
+        paths reply with it before any other request runs (this load drops no names,
+        so `invalidates_before_reply` has nothing to await)."""
         pool = self.engine.pool(pool_id)
         end = min(off + size, pool.image_size or 0)
         if off >= end:
@@ -84,7 +94,12 @@ class ImageView:
         # Inline arithmetic, not a helper: this runs once per request on swap's path.
         first, last = off // psize, (end - 1) // psize
         start = off - first * psize
-        run = self.engine.load_run(pool_id, SWAP_OBJECT, first, last - first + 1)
+        count = last - first + 1
+        if len(self._reply) < count * psize:
+            # A new buffer, never a resize: the last reply's view may still be alive.
+            self._reply = bytearray(count * psize)
+        run = self.engine.load_run(pool_id, SWAP_OBJECT, first, count,
+                                   memoryview(self._reply)[: count * psize])
         if run is None:
             return None
         return memoryview(run)[start : start + end - off]

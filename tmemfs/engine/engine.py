@@ -631,8 +631,12 @@ class Engine:
         (page,) = await self.load_many(key.pool, key.object, [key.index])
         return page
 
-    def load_run(self, pool_id: PoolId, obj: str, first: int, count: int) -> bytearray | None:
-        """Consecutive pages in one buffer, zeros where nothing is stored (an image read).
+    def load_run(
+        self, pool_id: PoolId, obj: str, first: int, count: int,
+        into: bytearray | memoryview | None = None,
+    ) -> bytearray | memoryview | None:
+        """Consecutive pages in one buffer, zeros where nothing is stored (an image read):
+        `into` (count pages long, every byte written) or a new bytearray.
 
         None when the backend cannot do it in one call (the caller then takes load_many).
         """
@@ -641,7 +645,7 @@ class Engine:
             return None
         pool = self.pool(pool_id)
         handles = self.get_object(pool_id, obj).pages.run_handles(first, count)
-        out = bytearray(count * self.page_size)
+        out = bytearray(count * self.page_size) if into is None else into
         backend.load_into(handles, out)
         misses = handles.count(-1)
         self._count(pool, "loads", count - misses)
