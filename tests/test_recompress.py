@@ -232,16 +232,22 @@ def image_pages() -> bytes:
     return files + bytes(1 << 20) + files[: 1 << 20]
 
 
-@pytest.mark.mount
-def test_mount_recompresses_cold_pages_and_serves_them_byte_for_byte(mount_factory) -> None:  # type: ignore[no-untyped-def]
-    mount: Mount = mount_factory("--recompress-after", "0.5", "--recompress-codec", "zstd:3")
-    data = image_pages()
+def write_image(mount: Mount, data: bytes) -> Path:
+    """frontswap/0.img of len(data) bytes, written with dd in 1 MiB O_DIRECT requests."""
     image = mount.path / "frontswap" / "0.img"
     subprocess.run(["truncate", "-s", str(len(data)), str(image)], check=True)
     source = mount.path.parent / "source"
     source.write_bytes(data)
     subprocess.run(["dd", f"if={source}", f"of={image}", "bs=1M", "oflag=direct",
                     "conv=notrunc", "status=none"], check=True, timeout=120)
+    return image
+
+
+@pytest.mark.mount
+def test_mount_recompresses_cold_pages_and_serves_them_byte_for_byte(mount_factory) -> None:  # type: ignore[no-untyped-def]
+    mount: Mount = mount_factory("--recompress-after", "0.5", "--recompress-codec", "zstd:3")
+    data = image_pages()
+    image = write_image(mount, data)
     stored = mount.stats()
     stats = wait_for_recompression(mount)
     pages = len(data) // PAGE
@@ -287,12 +293,7 @@ def test_mount_with_a_dictionary_serves_every_page_byte_for_byte(mount_factory, 
     """9000 pages (above the 8192 a dictionary waits for), read back after recompression."""
     mount: Mount = mount_factory("--recompress-after", "0.5", dictionary)
     data = b"".join(records(i) for i in range(9000))
-    image = mount.path / "frontswap" / "0.img"
-    subprocess.run(["truncate", "-s", str(len(data)), str(image)], check=True)
-    source = mount.path.parent / "source"
-    source.write_bytes(data)
-    subprocess.run(["dd", f"if={source}", f"of={image}", "bs=1M", "oflag=direct",
-                    "conv=notrunc", "status=none"], check=True, timeout=120)
+    image = write_image(mount, data)
     stats = wait_for_recompression(mount)
     if dictionary == "--recompress-dict":
         assert stats["codec_zstd_dict_pages"] > 0.5 * 9000
