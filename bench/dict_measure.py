@@ -15,10 +15,12 @@ import argparse
 import ctypes
 import time
 
+from tmemfs._pagestore import CLASS_STEP
+
 from bench import corpora
 
 PAGE = corpora.PAGE
-SLOT = 16  # tmemfs/_pagestore.pyx's CLASS_STEP
+SLOT = CLASS_STEP
 MiB = 1 << 20
 
 lib = ctypes.CDLL("libzstd.so.1")

@@ -16,11 +16,14 @@ import argparse
 import ctypes
 import time
 
+from tmemfs._pagestore import CLASS_STEP, RECORD_OVERHEAD
+
 from bench import corpora
 from bench.dict_measure import distinct_pages
 
 PAGE = corpora.PAGE
-SLOT, RECORD, OFFSET = 16, 28, 2  # _pagestore's CLASS_STEP and RECORD_OVERHEAD
+SLOT, RECORD = CLASS_STEP, RECORD_OVERHEAD
+OFFSET = 2  # a packed page's offset in its pack
 MiB = 1 << 20
 
 lib = ctypes.CDLL("libzstd.so.1")

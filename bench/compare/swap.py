@@ -67,22 +67,15 @@ def run(ctx: Context) -> Section:
                                wall["tmemfs+zstd"], wall["tmemfs"], RECOMPRESS_COST_GOAL))
     memory = {name: [o.memory for o in outcomes[name]]
               for name in ("tmemfs", "tmemfs+zstd", "zram")}
-    section.rows.append(paired(
-        "memory held at the peak swap in use vs zram swap", "MiB",
-        [m.held_at_peak / MiB for m in memory["tmemfs"]],
-        [m.held_at_peak / MiB for m in memory["zram"]], MEMORY_GOAL))
-    section.rows.append(paired(
-        "memory held, average over the run vs zram swap", "MiB",
-        [m.held_average / MiB for m in memory["tmemfs"]],
-        [m.held_average / MiB for m in memory["zram"]]))
-    section.rows.append(paired(
-        "memory held at the peak swap in use, with recompression, vs zram swap", "MiB",
-        [m.held_at_peak / MiB for m in memory["tmemfs+zstd"]],
-        [m.held_at_peak / MiB for m in memory["zram"]], MEMORY_GOAL))
-    section.rows.append(paired(
-        "memory held, average over the run, with recompression, vs zram swap", "MiB",
-        [m.held_average / MiB for m in memory["tmemfs+zstd"]],
-        [m.held_average / MiB for m in memory["zram"]]))
+    for name, how in (("tmemfs", ""), ("tmemfs+zstd", ", with recompression,")):
+        section.rows.append(paired(
+            f"memory held at the peak swap in use{how} vs zram swap", "MiB",
+            [m.held_at_peak / MiB for m in memory[name]],
+            [m.held_at_peak / MiB for m in memory["zram"]], MEMORY_GOAL))
+        section.rows.append(paired(
+            f"memory held, average over the run{how} vs zram swap", "MiB",
+            [m.held_average / MiB for m in memory[name]],
+            [m.held_average / MiB for m in memory["zram"]]))
     section.details.append(Table(
         ["swap on", "peak swap in use (MiB)", "held at that peak (MiB)", "held on average (MiB)",
          "held after exit (MiB)", "stored pages / swap in use"],
