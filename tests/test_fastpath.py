@@ -77,13 +77,30 @@ def test_image_requests_are_answered_now_and_partial_writes_are_not(tmem: Mount)
     assert answered_now(tmem) == 3
     assert pread(img, 0, len(data)) == bytes(expected)
 
-    # A write past the end grows the image: the async path again.
+    # A whole-page write past the end grows the image, answered now too.
     pwrite(img, 4 * MiB, random_page(99))
+    assert answered_now(tmem) == 5
     assert img.stat().st_size == 4 * MiB + PAGE
     assert pread(img, 4 * MiB, PAGE) == random_page(99)
     # Holes read as zeros, answered now.
     assert pread(img, 2 * MiB, 2 * PAGE) == bytes(2 * PAGE)
     assert tmem.stats()["stores"] == 32 + 1 + 1
+
+
+def test_dd_over_the_image_is_answered_now(tmem: Mount) -> None:
+    """dd opens with O_TRUNC, so each of its writes grows the image from nothing."""
+    img = image(tmem)
+    pwrite(img, 0, random_page(1))
+    source = tmem.path.parent / "dd-source"
+    data = b"".join(text_page(i) if i % 3 else random_page(i) for i in range(3 * 256))
+    source.write_bytes(data)
+    subprocess.run(["dd", f"if={source}", f"of={img}", "bs=1M", "oflag=direct", "status=none"],
+                   check=True, timeout=60)
+    assert img.stat().st_size == len(data)
+    # Three 1 MiB writes; the truncate and the page written before are gone.
+    assert answered_now(tmem) == 1 + 3
+    assert pread(img, 0, len(data)) == data
+    assert tmem.stats("frontswap/0")["stored_pages"] == 3 * 256
 
 
 def test_pages_in_the_writeback_tier_take_the_async_path(

@@ -140,14 +140,18 @@ async def test_write_now_takes_only_what_fits_however_it_compresses() -> None:
     text = b"".join(text_page(i) for i in range(64))
     assert view.write_now(SWAP0, 0, memoryview(text[: 16 * PAGE])) == 16 * PAGE
     assert view.write_now(SWAP0, 100, text[:PAGE]) is None  # not page-aligned
-    assert view.write_now(SWAP0, 4 << 20, text[:PAGE]) is None  # past the image's end
+    # Past the image's end: the image grows (a local backend saves no size).
+    assert view.write_now(SWAP0, 4 << 20, text[:PAGE]) == PAGE
+    assert engine.pool(SWAP0).image_size == (4 << 20) + PAGE
+    assert view.read_now(SWAP0, 4 << 20, PAGE) == text[:PAGE]
+    assert await engine.resize_image(SWAP0, 4 << 20) is None
     # 256 KiB compresses to far less than the room left, but raw it would not fit.
     before = engine.stats()
     assert view.write_now(SWAP0, 16 * PAGE, text[16 * PAGE :]) is None
     assert engine.stats() == before
     assert await view.write(SWAP0, 16 * PAGE, text[16 * PAGE :]) == 48 * PAGE
     assert view.read_now(SWAP0, 0, 64 * PAGE) == text
-    assert engine.stats()["stores"] == 64
+    assert engine.stats()["stores"] == 1 + 64  # the page past the end, then the text
 
 
 async def test_each_read_now_is_right_though_the_reply_buffer_is_reused() -> None:

@@ -122,18 +122,27 @@ class ImageView:
         return data[start : start + end - off]
 
     def write_now(self, pool_id: PoolId, off: int, buf: bytes | memoryview) -> int | None:
-        """`write` without waiting: whole pages inside the image, kept as one batch
+        """`write` without waiting: whole pages, kept as one batch
         (`Engine.store_run_now`) when they would fit however they compress; None when
-        the request must take `write`. `buf` is only read during the call."""
+        the request must take `write`. `buf` is only read during the call.
+
+        A write past the end grows the image here too when that needs no wait (a
+        local backend keeps no image size): `dd of=N.img` opens with O_TRUNC, so every
+        one of its writes grows the image."""
         psize = self.page_size
         end = off + len(buf)
         size = self.engine.pool(pool_id).image_size
-        if not buf or off % psize or end % psize or size is None or end > size:
+        if not buf or off % psize or end % psize or size is None:
+            return None
+        grows = end > size
+        if grows and not self.engine.grows_images_now:
             return None
         if not self.engine.store_run_now(
             pool_id, SWAP_OBJECT, off // psize, buf, room_for_worst=True
         ):
             return None
+        if grows:
+            self.engine.grow_image_now(pool_id, end)
         return len(buf)
 
     async def write(self, pool_id: PoolId, off: int, buf: bytes | memoryview) -> int:
