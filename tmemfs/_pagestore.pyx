@@ -57,6 +57,17 @@ cdef extern from "malloc.h" nogil:
 
 cdef extern from *:
     """
+    #ifndef TMEMFS_SOURCE_DIGEST
+    #define TMEMFS_SOURCE_DIGEST ""
+    #endif
+    """
+    const char* TMEMFS_SOURCE_DIGEST
+
+#: The digest of the .pyx this module was compiled from (setup.py; tmemfs/build.py).
+SOURCE_DIGEST = TMEMFS_SOURCE_DIGEST.decode()
+
+cdef extern from *:
+    """
     /* For the _byReference and _advanced calls: a dictionary's bytes are kept once,
        and its compression tables are sized for one page, not for zstd's default of
        an input of unknown size (430 KiB at level 3 against 40 KiB). */

@@ -51,6 +51,17 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 
+cdef extern from *:
+    """
+    #ifndef TMEMFS_SOURCE_DIGEST
+    #define TMEMFS_SOURCE_DIGEST ""
+    #endif
+    """
+    const char* TMEMFS_SOURCE_DIGEST
+
+#: The digest of the .pyx this module was compiled from (setup.py; tmemfs/build.py).
+SOURCE_DIGEST = TMEMFS_SOURCE_DIGEST.decode()
+
 cdef enum:
     LEAF_BITS = 5
     LEAF_SLOTS = 32

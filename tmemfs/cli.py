@@ -19,6 +19,7 @@ from tmemfs import __version__
 from tmemfs.backends import BackendError, check_backend
 from tmemfs.backends.lz4 import DEFAULT_RECOMPRESS_AFTER, DEFAULT_RECOMPRESS_LEVEL
 from tmemfs.backends.redis import is_redis_url
+from tmemfs.build import stale_message, stale_modules
 from tmemfs.engine import stats as statsfmt
 from tmemfs.fs import discard_supported, fast_path_supported
 from tmemfs.mount import MountError, MountOptions, mount, umount
@@ -121,6 +122,9 @@ def build_parser() -> Parser:
 
 
 def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
+    stale = stale_modules()
+    if stale:
+        parser.error(stale_message(stale))
     try:
         check_backend(args.backend)
         if args.writeback and is_redis_url(args.writeback):
