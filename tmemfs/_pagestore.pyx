@@ -204,7 +204,8 @@ cdef extern from *:
         uint16_t native_length
 
 # What one kept payload costs beyond its slot: its record and its share of the dedup
-# table (kept at most half full: two 4-byte entries per record).
+# table (kept at most half full: two 4-byte entries per record at least; it doubles
+# when half full, so between two and four, and memory_mapped says which).
 RECORD_OVERHEAD = sizeof(Record) + 8
 #: Size classes step by this many bytes: a payload's slot is its length rounded up to it.
 CLASS_STEP = GRAIN
