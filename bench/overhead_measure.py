@@ -6,7 +6,7 @@ batches and kept in one SlabStore (no zram, no mount) up to 10^4, 10^5 and 10^6 
 At each point, per page:
 
 - overhead: (memory_used - payload_bytes) / pages, what the budget charges beyond the
-  compressed bytes (slots' rounding, records, owner words, the dedup table's share);
+  compressed bytes (slots' rounding, records, the dedup table's share);
 - rounding: (slot_bytes - payload_bytes) / pages, the size classes' share of it;
 - record: (memory_used - slot_bytes) / pages, the record's share (RECORD_OVERHEAD);
 - mapped: memory_mapped() / pages and (memory_mapped - payload_bytes) / pages, the

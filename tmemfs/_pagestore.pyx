@@ -11,9 +11,10 @@ paths in Cython). It is the zsmalloc of tmemfs:
   takes memory in chunks of 4 to 8 pages, chosen per class to waste the least, carved
   from 2 MiB arenas reserved with mmap. A chunk whose last slot is freed goes back to
   the system at once (a fresh mapping over it), so a flush lowers RSS, not a free list.
-- Each slot's owner (the record id) is kept beside the chunks, in a table per class, so
-  `compact` can move payloads from sparse chunks into fuller ones and free the sparse
-  ones, and a page-sized payload takes exactly one page.
+- A slot's owner is not kept anywhere: a free slot holds the next free slot of its
+  chunk in its first 4 bytes (slots are at least 16), and `compact` finds the records
+  it moves with one pass over the records. So a page costs its record and nothing per
+  slot, and a page-sized payload takes exactly one page.
 - A handle is the id of a 16-byte record: 32 bits of the payload's hash, its slot
   (chunk and slot packed in 32 bits), its length and its reference count; its size
   class follows from its length. Identical payloads (equal hashes, confirmed byte for
@@ -158,12 +159,9 @@ cdef extern from "sys/mman.h" nogil:
 
 cdef extern from *:
     """
-    #define TMEMFS_FREE_SLOT 0x80000000u
     #define TMEMFS_NO_SLOT 0x7FFFFFFFu
     #define TMEMFS_NO_RECORD 0xFFFFFFFFu
     """
-    # An owner word with FREE_SLOT set names the next free slot of its chunk.
-    const uint32_t FREE_SLOT "TMEMFS_FREE_SLOT"
     const uint32_t NO_SLOT "TMEMFS_NO_SLOT"
     const uint32_t NO_RECORD "TMEMFS_NO_RECORD"
 
@@ -216,9 +214,10 @@ cdef extern from *:
         uint16_t length
         uint16_t native_length
 
-# What one kept payload costs beyond its slot: its record, its owner word, its share of
-# the dedup table (kept at most half full: two 4-byte entries per record).
-RECORD_OVERHEAD = sizeof(Record) + 4 + 8
+# What one kept payload costs beyond its slot: its record and its share of the dedup
+# table (kept at most half full: two 4-byte entries per record at least; it doubles
+# when half full, so between two and four, and memory_mapped says which).
+RECORD_OVERHEAD = sizeof(Record) + 8
 #: Size classes step by this many bytes: a payload's slot is its length rounded up to it.
 CLASS_STEP = GRAIN
 #: References one record holds; one more identical page is kept in a record of its own.
@@ -229,7 +228,8 @@ cdef struct Chunk:
     char* base          # NULL while the chunk holds nothing (its memory went back)
     uint32_t used
     uint32_t fresh      # slots below this have been handed out at least once
-    uint32_t free_head  # a freed slot to reuse, or NO_SLOT
+    uint32_t free_head  # a freed slot to reuse, or NO_SLOT; a free slot's first 4
+                        # bytes name the next one
     uint32_t partial    # 1 while listed in its class's partial list
 
 
@@ -239,15 +239,16 @@ cdef struct SizeClass:
     uint32_t per_chunk
     uint32_t slot_bits   # a record's loc: chunk << slot_bits | slot
     uint32_t max_chunks  # chunk numbers that fit in the rest of loc's 32 bits
-    uint32_t* owners     # per_chunk words per chunk: the record in each slot, or
-                         # FREE_SLOT | the next free slot (outside the chunks, so that a
-                         # page-sized payload takes exactly a page)
     Chunk* chunks
     uint32_t nchunks
     uint32_t cap_chunks
     uint32_t* partial    # a stack of chunks with free slots
     uint32_t npartial
     uint32_t cap_partial
+    uint32_t nsources    # compact(): partial[:nsources] are emptied into the others,
+    uint32_t fill        # partial[fill] first, then the ones below it
+    uint64_t* sources    # compact(): a bit per chunk, set for those it empties (a bitmap
+                         # stays in cache over the records pass; the chunks do not)
     char** arenas
     uint32_t narenas
     uint32_t chunks_per_arena
@@ -748,7 +749,6 @@ cdef class SlabStore:
                     if self.classes[c].arenas[a] != NULL:
                         munmap(self.classes[c].arenas[a], ARENA_BYTES)
                 free(self.classes[c].arenas)
-                free(self.classes[c].owners)
                 free(self.classes[c].chunks)
                 free(self.classes[c].partial)
             free(self.classes)
@@ -994,9 +994,6 @@ cdef class SlabStore:
         cdef uint32_t slot = r.loc & ((1u << sc.slot_bits) - 1)
         return sc.chunks[r.loc >> sc.slot_bits].base + <size_t>slot * sc.size
 
-    cdef inline uint32_t* _owners(self, SizeClass* sc, uint32_t chunk) noexcept nogil:
-        return sc.owners + <size_t>chunk * sc.per_chunk
-
     cdef bint _alloc_slot(self, uint32_t rec, int length) noexcept nogil:
         cdef SizeClass* sc = &self.classes[class_of(length)]
         cdef uint32_t chunk, slot
@@ -1013,13 +1010,7 @@ cdef class SlabStore:
             ch.partial = 0
         if ch.base == NULL and not self._populate(sc, chunk):
             return False
-        if ch.free_head != NO_SLOT:
-            slot = ch.free_head
-            ch.free_head = self._owners(sc, chunk)[slot] & ~FREE_SLOT
-        else:
-            slot = ch.fresh
-            ch.fresh += 1
-        self._owners(sc, chunk)[slot] = rec
+        slot = self._take_slot(sc, ch)
         ch.used += 1
         if ch.used == sc.per_chunk:
             sc.npartial -= 1
@@ -1028,11 +1019,26 @@ cdef class SlabStore:
         self.slot_bytes += sc.size
         return True
 
+    cdef inline uint32_t _take_slot(self, SizeClass* sc, Chunk* ch) noexcept nogil:
+        """A slot of a chunk with room: the last one freed, else one never used."""
+        cdef uint32_t slot
+        if ch.free_head != NO_SLOT:
+            slot = ch.free_head
+            memcpy(&ch.free_head, ch.base + <size_t>slot * sc.size, 4)
+        else:
+            slot = ch.fresh
+            ch.fresh += 1
+        return slot
+
+    cdef inline void _put_slot(self, SizeClass* sc, Chunk* ch, uint32_t slot) noexcept nogil:
+        """A slot back on its chunk's free list (its payload is no longer needed)."""
+        memcpy(ch.base + <size_t>slot * sc.size, &ch.free_head, 4)
+        ch.free_head = slot
+
     cdef bint _new_chunk(self, SizeClass* sc) noexcept nogil:
         """A chunk number for the class (its memory is taken when first used)."""
         cdef uint32_t cap
         cdef Chunk* grown
-        cdef uint32_t* owners
         cdef char** arenas
         cdef void* arena
         cdef uint32_t a = sc.nchunks // sc.chunks_per_arena
@@ -1056,11 +1062,7 @@ cdef class SlabStore:
             grown = <Chunk*>realloc(sc.chunks, cap * sizeof(Chunk))
             if grown == NULL:
                 return False
-            sc.chunks = grown
-            owners = <uint32_t*>realloc(sc.owners, <size_t>cap * sc.per_chunk * 4)
-            if owners == NULL:
-                return False
-            sc.owners, sc.cap_chunks = owners, cap
+            sc.chunks, sc.cap_chunks = grown, cap
         memset(&sc.chunks[sc.nchunks], 0, sizeof(Chunk))
         sc.chunks[sc.nchunks].free_head = NO_SLOT
         if not self._push_partial(sc, sc.nchunks):
@@ -1221,8 +1223,7 @@ cdef class SlabStore:
         cdef uint32_t chunk = r.loc >> sc.slot_bits
         cdef uint32_t slot = r.loc & ((1u << sc.slot_bits) - 1)
         cdef Chunk* ch = &sc.chunks[chunk]
-        self._owners(sc, chunk)[slot] = FREE_SLOT | ch.free_head
-        ch.free_head = slot
+        self._put_slot(sc, ch, slot)
         ch.used -= 1
         self.slot_bytes -= sc.size
         if ch.used == 0:
@@ -1583,7 +1584,7 @@ cdef class SlabStore:
                             + (<long>self.table_mask + 1) * 4)
         cdef int c
         for c in range(self.nclasses):
-            tables += self.classes[c].cap_chunks * (sizeof(Chunk) + self.classes[c].per_chunk * 4)
+            tables += self.classes[c].cap_chunks * sizeof(Chunk)
             tables += self.classes[c].cap_partial * 4
         return self.chunk_bytes + tables + self.dictionary_bytes
 
@@ -1625,9 +1626,16 @@ cdef class SlabStore:
         most about one chunk per class is partly empty; returns the bytes given back."""
         cdef long before = self.chunk_bytes
         cdef int c
+        cdef bint moving = False
         with nogil:
             for c in range(self.nclasses):
-                self._compact_class(&self.classes[c])
+                moving |= self._plan_class(&self.classes[c])
+            # No slot knows its record: one pass over the records finds those to move,
+            # and only when some class has a chunk to empty.
+            if moving:
+                self._move_sources()
+            for c in range(self.nclasses):
+                self._relist_class(&self.classes[c])
         self._trim_tables()
         if self.live_records == 0:
             # After a flush: give back what malloc keeps of the freed tables and of
@@ -1636,21 +1644,21 @@ cdef class SlabStore:
                 malloc_trim(0)
         return before - self.chunk_bytes
 
-    cdef void _compact_class(self, SizeClass* sc) noexcept nogil:
-        cdef uint32_t i, j, src, dst, slot, rec, nslot
-        cdef uint32_t* owners
-        cdef Chunk* s
-        cdef Chunk* d
-        cdef long free_slots = 0
+    cdef bint _plan_class(self, SizeClass* sc) noexcept nogil:
+        """Sort a class's live partial chunks, fullest last, and mark as sources the
+        sparsest ones whose slots all fit in the others' room; whether there is one."""
+        cdef uint32_t i, j, chunk, n = 0
+        cdef long moved = 0, room = 0
+        sc.nsources = 0
+        sc.sources = NULL
         for i in range(sc.nchunks):
             if sc.chunks[i].base != NULL:
                 break
         else:
             # Nothing kept in the class (a flush): its tables and arenas go too.
             self._release_class(sc)
-            return
-        # Live partial chunks: the sparsest are emptied into the fullest.
-        cdef uint32_t n = 0
+            return False
+        # Live partial chunks only: the memoryless ones are listed again afterwards.
         for i in range(sc.npartial):
             if sc.chunks[sc.partial[i]].base != NULL:
                 sc.partial[n] = sc.partial[i]
@@ -1659,50 +1667,75 @@ cdef class SlabStore:
                 sc.chunks[sc.partial[i]].partial = 0
         sc.npartial = n
         if n < 2:
-            # Keep the memoryless chunks listed too, so they are found again.
-            self._relist_empty(sc)
-            return
+            return False
         # Sort by use, fullest last (insertion sort: partial lists are short).
         for i in range(1, n):
             j = i
             while j > 0 and sc.chunks[sc.partial[j - 1]].used > sc.chunks[sc.partial[j]].used:
                 sc.partial[j - 1], sc.partial[j] = sc.partial[j], sc.partial[j - 1]
                 j -= 1
-        i, j = 0, n - 1
-        while i < j:
-            s = &sc.chunks[sc.partial[i]]
-            d = &sc.chunks[sc.partial[j]]
-            if d.used == sc.per_chunk:
-                j -= 1
+        for i in range(n):
+            room += sc.per_chunk - sc.chunks[sc.partial[i]].used
+        # Take sources from the sparsest while what they hold fits in the rest's room:
+        # the room left over is then less than one chunk's slots.
+        for i in range(n - 1):
+            moved += sc.chunks[sc.partial[i]].used
+            room -= sc.per_chunk - sc.chunks[sc.partial[i]].used
+            if moved > room:
+                break
+            sc.nsources = i + 1
+        if sc.nsources == 0:
+            return False
+        sc.sources = <uint64_t*>calloc((sc.nchunks + 63) // 64, sizeof(uint64_t))
+        if sc.sources == NULL:
+            sc.nsources = 0     # no memory for the bitmap: this class waits for the next
+            return False
+        for i in range(sc.nsources):
+            chunk = sc.partial[i]
+            sc.sources[chunk >> 6] |= 1ULL << (chunk & 63)
+        sc.fill = n - 1
+        return True
+
+    cdef void _move_sources(self) noexcept nogil:
+        """Move every payload kept in a source chunk into its class's destinations,
+        fullest first; each source ends empty and gives its memory back."""
+        cdef uint32_t rec, chunk, slot, nslot, dst
+        cdef Record* r
+        cdef SizeClass* sc
+        cdef Chunk* s
+        cdef Chunk* d
+        for rec in range(self.nrecords):
+            r = &self.records[rec]
+            # Free records (their loc links the free list) and same-filled words (no slot).
+            if r.refs == 0 or r.length == 0:
                 continue
-            if s.used == 0 or s.base == NULL:
-                i += 1
+            sc = &self.classes[class_of(r.length)]
+            if sc.nsources == 0:
                 continue
-            src, dst = sc.partial[i], sc.partial[j]
-            # Move one live slot of the source into the destination.
-            owners = self._owners(sc, src)
-            for slot in range(s.fresh):
-                if not owners[slot] & FREE_SLOT:
-                    break
-            rec = owners[slot]
-            if d.free_head != NO_SLOT:
-                nslot = d.free_head
-                d.free_head = self._owners(sc, dst)[nslot] & ~FREE_SLOT
-            else:
-                nslot = d.fresh
-                d.fresh += 1
+            chunk = r.loc >> sc.slot_bits
+            if not (sc.sources[chunk >> 6] >> (chunk & 63)) & 1:
+                continue
+            s = &sc.chunks[chunk]
+            slot = r.loc & ((1u << sc.slot_bits) - 1)
+            dst = sc.partial[sc.fill]
+            d = &sc.chunks[dst]
+            while d.used == sc.per_chunk:
+                # The plan left room enough in the destinations: fill never passes them.
+                sc.fill -= 1
+                dst = sc.partial[sc.fill]
+                d = &sc.chunks[dst]
+            nslot = self._take_slot(sc, d)
             memcpy(d.base + <size_t>nslot * sc.size, s.base + <size_t>slot * sc.size, sc.size)
-            self._owners(sc, dst)[nslot] = rec
             d.used += 1
-            self.records[rec].loc = dst << sc.slot_bits | nslot
-            owners[slot] = FREE_SLOT | s.free_head
-            s.free_head = slot
+            r.loc = dst << sc.slot_bits | nslot
             s.used -= 1
             if s.used == 0:
                 self._empty_chunk(sc, s)
-                i += 1
-        # Rebuild the partial list: chunks with room, fullest on top (used first).
-        n = 0
+
+    cdef void _relist_class(self, SizeClass* sc) noexcept nogil:
+        """After the moves: the partial list is the chunks with room, fullest on top (used
+        first), then the memoryless ones beneath."""
+        cdef uint32_t i, n = 0
         for i in range(sc.npartial):
             if sc.chunks[sc.partial[i]].used < sc.per_chunk:
                 sc.partial[n] = sc.partial[i]
@@ -1710,6 +1743,9 @@ cdef class SlabStore:
             else:
                 sc.chunks[sc.partial[i]].partial = 0
         sc.npartial = n
+        sc.nsources = 0
+        free(sc.sources)
+        sc.sources = NULL
         self._relist_empty(sc)
 
     cdef void _release_class(self, SizeClass* sc) noexcept nogil:
@@ -1718,10 +1754,9 @@ cdef class SlabStore:
             munmap(sc.arenas[a], ARENA_BYTES)
         self.arena_count -= sc.narenas
         free(sc.arenas)
-        free(sc.owners)
         free(sc.chunks)
         free(sc.partial)
-        sc.arenas, sc.owners, sc.chunks, sc.partial = NULL, NULL, NULL, NULL
+        sc.arenas, sc.chunks, sc.partial = NULL, NULL, NULL
         sc.narenas = sc.nchunks = sc.cap_chunks = sc.npartial = sc.cap_partial = 0
 
     cdef void _relist_empty(self, SizeClass* sc) noexcept nogil:
