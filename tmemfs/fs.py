@@ -273,8 +273,8 @@ class TmemOperations(pyfuse3.Operations):
         self.inodes = self.tree.inodes
         self._handles: dict[int, OpenFile | Listing] = {}
         self._next_fh = 1
-        # Image reads and writes answered on pyfuse3's fast path (read_now, write_now):
-        # `.daemon` shows it, as fastpath_requests.
+        # Reads and writes (of images and page files) answered on pyfuse3's fast path
+        # (read_now, write_now): `.daemon` shows it, as fastpath_requests.
         self.answered_now = 0
 
     # -- the kernel's name cache ---------------------------------------------------------
@@ -442,16 +442,20 @@ class TmemOperations(pyfuse3.Operations):
         return _file_info(self._new_handle(handle))
 
     # The fast path (patches/pyfuse3-3.5.0-fastpath.patch): pyfuse3 calls these first,
-    # with no coroutine, and takes read and write below when they answer None. Only an
-    # image's requests that the engine answers without waiting are answered here; no
-    # name can go on that path (no eviction, no exclusive get), so nothing is held back.
+    # with no coroutine, and takes read and write below when they answer None. Only the
+    # requests of an image or a page file that the engine answers without waiting are
+    # answered here; no name can go on that path (no eviction, no exclusive get), so
+    # nothing is held back.
 
     @translate_errors_now
     def read_now(self, fh: int, off: int, size: int) -> bytes | memoryview | None:
         handle = self._handles.get(fh)
-        if not isinstance(handle, OpenImage):
+        if isinstance(handle, OpenImage):
+            data = self.image.read_now(handle.pool, off, size)
+        elif isinstance(handle, OpenPage):
+            data = self.pages.read_now(handle, off, size)
+        else:
             return None
-        data = self.image.read_now(handle.pool, off, size)
         if data is not None:
             self.answered_now += 1
         return data
@@ -459,9 +463,12 @@ class TmemOperations(pyfuse3.Operations):
     @translate_errors_now
     def write_now(self, fh: int, off: int, buf: memoryview) -> int | None:
         handle = self._handles.get(fh)
-        if not isinstance(handle, OpenImage):
+        if isinstance(handle, OpenImage):
+            written = self.image.write_now(handle.pool, off, buf)
+        elif isinstance(handle, OpenPage):
+            written = self.pages.write_now(handle, off, buf)
+        else:
             return None
-        written = self.image.write_now(handle.pool, off, buf)
         if written is not None:
             self.answered_now += 1
         return written
