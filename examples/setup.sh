@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up tmemfs on a Debian machine: system packages, a virtualenv in .venv, pyfuse3
 # built from its sdist with patches/pyfuse3-3.5.0-fallocate.patch (discard support) and
-# patches/pyfuse3-3.5.0-fastpath.patch (synchronous image reads and writes; see the
-# patch headers), and `pip install -e .[test,bench]`. Safe to run again; it
-# installs only what is missing.
+# patches/pyfuse3-3.5.0-fastpath.patch (synchronous reads, writes, flushes and
+# releases, and FOPEN_NOFLUSH; see the patch headers), and `pip install -e
+# .[test,bench]`. Safe to run again; it installs only what is missing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -1,8 +1,9 @@
 """pyfuse3's synchronous fast path (patches/pyfuse3-3.5.0-fastpath.patch), through a mount.
 
-With the patched pyfuse3, an image's reads and whole-page writes that the engine does
-without waiting are answered by `read_now`/`write_now`, with no coroutine; `.daemon`
-counts them as fastpath_requests. Whatever the fast path declines (a partial-page
+With the patched pyfuse3, the reads and whole-page writes of an image or a page file
+that the engine does without waiting are answered by `read_now`/`write_now`, with no
+coroutine; `.daemon` counts them as fastpath_requests. The same patch's noflush spares
+the FLUSH of every close but a page-file writer's. Whatever the fast path declines (a partial-page
 write, a write past the image's end, any request with a writeback tier below) takes
 the async path as before, and every request reads back the same bytes either way.
 """
@@ -19,7 +20,7 @@ from conftest import Mount
 from tmemfs_testlib import PAGE, pread, random_page, text_page
 
 from tmemfs.engine import stats as statsfmt
-from tmemfs.fs import fast_path_supported
+from tmemfs.fs import fast_path_supported, noflush_supported
 
 pytestmark = [
     pytest.mark.mount,
@@ -115,3 +116,31 @@ def test_pages_in_the_writeback_tier_take_the_async_path(
     assert mount.stats()["written_back_pages"] > 0
     assert pread(img, 0, len(data)) == data
     assert answered_now(mount) == 0
+
+
+def flushes(mount: Mount) -> int:
+    """The FLUSH requests a --debug daemon has logged (each first meets flush_now)."""
+    return mount.log_text().count("flush_now(")
+
+
+def test_page_files_are_answered_now_and_only_writers_flush(mount_factory: MountFactory) -> None:
+    assert noflush_supported(), "pyfuse3 lacks the fastpath patch: run examples/setup.sh"
+    mount = mount_factory("--debug")
+    pool = mount.path / "frontswap" / "0"
+    pool.mkdir()
+    with open(pool / "1", "wb", buffering=0) as f:
+        f.write(random_page(1))
+    # The writer's close is a FLUSH: a store at close says ENOSPC there.
+    assert flushes(mount) == 1
+    assert answered_now(mount) == 1
+    with open(pool / "1", "rb", buffering=0) as f:
+        assert f.read() == random_page(1)
+    # The page and the empty read that ends it, answered now; the close sends no FLUSH.
+    assert answered_now(mount) == 3
+    assert flushes(mount) == 1
+    # A partial write is assembled and stored at close: on the fast path too when it fits.
+    with open(pool / "1", "r+b", buffering=0) as f:
+        f.write(b"x" * 100)
+    assert flushes(mount) == 2
+    assert (pool / "1").read_bytes() == b"x" * 100 + random_page(1)[100:]
+    assert mount.stats("frontswap/0")["stores"] == 2

@@ -161,7 +161,8 @@ def test_log_has_start_stop_and_debug_request_lines(tmp_path: Path) -> None:
     assert "unmounted " + str(mnt) in text
     # --debug: one line per request, naming it, without page contents.
     assert re.search(r"DEBUG tmemfs.fs: mkdir\(\d+, b'0'", text)
-    assert re.search(r"DEBUG tmemfs.fs: write\(\d+, 0, <4096 bytes>\)", text)
+    # (A whole-page write is answered on pyfuse3's fast path, and logged by that name.)
+    assert re.search(r"DEBUG tmemfs.fs: write(_now)?\(\d+, 0, <4096 bytes>\)", text)
     header, row = table.splitlines()[:2]
     for column in ("PAGES", "ORIG", "COMPR", "RATIO", "SAME", "DEDUP", "WRITTENBACK",
                    "REJECTED", "LOADS", "MISSES"):

@@ -51,7 +51,7 @@ from tmemfs.nodes import (
     StaleFile,
     TooManyStaged,
 )
-from tmemfs.pagefiles import OpenPage, OpenStaged
+from tmemfs.pagefiles import OpenPage, OpenStaged, flushes_at_close
 from tmemfs.tree import Attributes, OpenFile, OpenImage, OpenText, Tree
 
 log = logging.getLogger(__name__)
@@ -235,9 +235,21 @@ def _new_owner(ctx: pyfuse3.RequestContext, mode: int) -> Owner:
     return Owner(ctx.uid, ctx.gid, mode & ~ctx.umask & 0o7777)
 
 
-def _file_info(fh: int) -> pyfuse3.FileInfo:
+def noflush_supported() -> bool:
+    """Whether pyfuse3 passes FOPEN_NOFLUSH on (patches/, the fast path)."""
+    return hasattr(pyfuse3.FileInfo, "noflush")
+
+
+def _file_info(fh: int, handle: OpenFile) -> pyfuse3.FileInfo:
     # Every file is direct I/O: reads and writes always reach the daemon.
-    return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+    info = pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+    if _NOFLUSH and not flushes_at_close(handle):
+        # FOPEN_NOFLUSH: the kernel sends no FLUSH at close, where there is nothing to do.
+        info.noflush = True
+    return info
+
+
+_NOFLUSH = noflush_supported()
 
 
 class TmemOperations(pyfuse3.Operations):
@@ -273,8 +285,9 @@ class TmemOperations(pyfuse3.Operations):
         self.inodes = self.tree.inodes
         self._handles: dict[int, OpenFile | Listing] = {}
         self._next_fh = 1
-        # Image reads and writes answered on pyfuse3's fast path (read_now, write_now):
-        # `.daemon` shows it, as fastpath_requests.
+        # Reads and writes (of images and page files) answered on pyfuse3's fast path
+        # (read_now, write_now): `.daemon` shows it, as fastpath_requests. Flushes and
+        # releases answered there are not counted: every close would move it.
         self.answered_now = 0
 
     # -- the kernel's name cache ---------------------------------------------------------
@@ -429,7 +442,7 @@ class TmemOperations(pyfuse3.Operations):
             truncate=bool(flags & os.O_TRUNC),
         )
         fh = self._new_handle(handle)
-        return _file_info(fh), self._entry_reply(node)
+        return _file_info(fh, handle), self._entry_reply(node)
 
     @translate_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -439,19 +452,23 @@ class TmemOperations(pyfuse3.Operations):
             truncate=bool(flags & os.O_TRUNC),
             caller_uid=ctx.uid,
         )
-        return _file_info(self._new_handle(handle))
+        return _file_info(self._new_handle(handle), handle)
 
     # The fast path (patches/pyfuse3-3.5.0-fastpath.patch): pyfuse3 calls these first,
-    # with no coroutine, and takes read and write below when they answer None. Only an
-    # image's requests that the engine answers without waiting are answered here; no
-    # name can go on that path (no eviction, no exclusive get), so nothing is held back.
+    # with no coroutine, and takes read, write, flush and release below when they
+    # answer None. Only the requests of an image or a page file that the engine answers
+    # without waiting are answered here; no name can go on that path (no eviction, no
+    # exclusive get, no refused store), so nothing is held back.
 
     @translate_errors_now
     def read_now(self, fh: int, off: int, size: int) -> bytes | memoryview | None:
         handle = self._handles.get(fh)
-        if not isinstance(handle, OpenImage):
+        if isinstance(handle, OpenImage):
+            data = self.image.read_now(handle.pool, off, size)
+        elif isinstance(handle, OpenPage):
+            data = self.pages.read_now(handle, off, size)
+        else:
             return None
-        data = self.image.read_now(handle.pool, off, size)
         if data is not None:
             self.answered_now += 1
         return data
@@ -459,12 +476,30 @@ class TmemOperations(pyfuse3.Operations):
     @translate_errors_now
     def write_now(self, fh: int, off: int, buf: memoryview) -> int | None:
         handle = self._handles.get(fh)
-        if not isinstance(handle, OpenImage):
+        if isinstance(handle, OpenImage):
+            written = self.image.write_now(handle.pool, off, buf)
+        elif isinstance(handle, OpenPage):
+            written = self.pages.write_now(handle, off, buf)
+        else:
             return None
-        written = self.image.write_now(handle.pool, off, buf)
         if written is not None:
             self.answered_now += 1
         return written
+
+    @translate_errors_now
+    def flush_now(self, fh: int) -> bool | None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, OpenPage) and not self.pages.flush_now(handle):
+            return None
+        return True
+
+    @translate_errors_now
+    def release_now(self, fh: int) -> bool | None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, OpenPage) and not self.pages.release_now(handle):
+            return None
+        self._drop_handle(fh)
+        return True
 
     @translate_errors
     @invalidates_before_reply
@@ -525,18 +560,22 @@ class TmemOperations(pyfuse3.Operations):
     @translate_errors
     @invalidates_before_reply
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
+        handle = self._drop_handle(fh)
         if isinstance(handle, OpenPage):
             try:
                 await self.pages.release(handle)
             except TmemError as exc:
                 # flush() already reported this to close(); release has no caller to tell.
                 log.warning("store at release of %s failed: %s", handle.key, type(exc).__name__)
-        elif isinstance(handle, OpenImage) and not any(
+
+    def _drop_handle(self, fh: int) -> OpenFile | Listing | None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, OpenImage) and not any(
             isinstance(h, OpenImage) for h in self._handles.values()
         ):
             # The last image closed: its reply buffer goes back too (memory after a flush).
             self.image.drop_reply_buffer()
+        return handle
 
     @translate_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

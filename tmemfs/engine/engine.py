@@ -652,6 +652,27 @@ class Engine:
         self._count(pool, "load_misses", misses)
         return out
 
+    def loads_now(self, pool_id: PoolId) -> bool:
+        """Whether `load` of this pool's pages answers without waiting (`load_now`): every
+        page is held in this process (no remote backend, no writeback tier) and no load
+        invalidates (an exclusive get makes names go, which waits for the kernel)."""
+        if not self.backend.batches or self.writeback is not None:
+            return False
+        return not (self.exclusive_gets and not self.pool(pool_id).shared)
+
+    def load_now(self, key: PageKey) -> bytes | None:
+        """`load` without waiting, for a pool where `loads_now` says so; None on a miss."""
+        pool = self.pool(key.pool)
+        entry = self.get_object(key.pool, key.object).pages.get(key.index)
+        if entry is None:
+            self._count(pool, "load_misses")
+            return None
+        self._use(pool, key, only_if_present=True)
+        page = bytearray(self.page_size)
+        self.backend.load_into([entry.handle], page)
+        self._count(pool, "loads")
+        return bytes(page)
+
     async def load_many(
         self, pool_id: PoolId, obj: str, indexes: Iterable[int], *, exclusive: bool = True
     ) -> list[bytes | None]:
