@@ -29,9 +29,12 @@ setup(
                 extra_link_args=["-fopenmp"],
                 define_macros=digest("tmemfs/_pagestore.pyx"),
             ),
-            Extension("tmemfs._pagetable", ["tmemfs/_pagetable.pyx"],
-                      extra_compile_args=["-O3"],
-                      define_macros=digest("tmemfs/_pagetable.pyx")),
+            Extension(
+                "tmemfs._pagetable",
+                ["tmemfs/_pagetable.pyx"],
+                extra_compile_args=["-O3"],
+                define_macros=digest("tmemfs/_pagetable.pyx"),
+            ),
         ],
         compiler_directives={"language_level": "3"},
     )

@@ -41,20 +41,30 @@ COMPARISONS = ("image", "memory", "swap", "pagefiles", "redis", "growth", "ceili
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="everything small, one run each: a smoke test (about a minute)")
-    parser.add_argument("--out", type=Path,
-                        help="write the report and plots here (default bench/results, which "
-                             "also rewrites BENCHMARKS.md)")
-    parser.add_argument("--only", type=lambda s: s.split(","), default=list(COMPARISONS),
-                        help="comma-separated comparisons to run (default: all)")
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="everything small, one run each: a smoke test (about a minute)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the report and plots here (default bench/results, which "
+        "also rewrites BENCHMARKS.md)",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda s: s.split(","),
+        default=list(COMPARISONS),
+        help="comma-separated comparisons to run (default: all)",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.only) - set(COMPARISONS)
     if unknown:
-        parser.error(f"unknown comparison {', '.join(sorted(unknown))}; "
-                     f"choose from {', '.join(COMPARISONS)}")
+        parser.error(
+            f"unknown comparison {', '.join(sorted(unknown))}; choose from {', '.join(COMPARISONS)}"
+        )
     return args
 
 
@@ -87,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         with terminate_as_interrupt(), scratch() as tmp:
             ctx = Context(QUICK if args.quick else FULL, tmp, out, stem)
             sections = [run_comparison(ctx, module) for module in modules]
-            run = report.Run(ctx, sections, time.monotonic() - started, args.quick,
-                             machine(), versions())
+            run = report.Run(
+                ctx, sections, time.monotonic() - started, args.quick, machine(), versions()
+            )
             text = report.report(run)  # profiles the corpora, which live until scratch ends
     except KeyboardInterrupt:
         print("bench: interrupted; what it had set up has been undone", file=sys.stderr)

@@ -58,8 +58,9 @@ class BareFS(pyfuse3.Operations):
             return self._attr(inode)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
-    async def lookup(self, parent: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         inode = self.dirs.get(parent, {}).get(name)
         if inode is not None:
             return self._attr(inode)
@@ -67,8 +68,9 @@ class BareFS(pyfuse3.Operations):
         attr.st_ino = 0
         return attr  # a negative entry
 
-    async def mkdir(self, parent: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         if name in self.dirs[parent]:
             raise pyfuse3.FUSEError(errno.EEXIST)
         inode = self._new(parent, name)
@@ -94,12 +96,12 @@ class BareFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh != IMG:
-            return self.files[fh][off:off + size]
+            return self.files[fh][off : off + size]
         end = min(off + size, self.size)
         first, last = off // PAGE, (end - 1) // PAGE
         zero = bytes(PAGE)
         data = b"".join(self.image.get(i, zero) for i in range(first, last + 1))
-        return data[off - first * PAGE:end - first * PAGE]
+        return data[off - first * PAGE : end - first * PAGE]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if fh != IMG:
@@ -107,7 +109,7 @@ class BareFS(pyfuse3.Operations):
             return len(buf)
         view = memoryview(buf)
         for pos in range(0, len(buf), PAGE):  # the bench writes whole pages
-            self.image[(off + pos) // PAGE] = bytes(view[pos:pos + PAGE])
+            self.image[(off + pos) // PAGE] = bytes(view[pos : pos + PAGE])
         return len(buf)
 
     async def unlink(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -125,9 +127,14 @@ class BareFS(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         return
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         return self._attr(inode)
 
 
@@ -136,8 +143,7 @@ def main() -> None:
     parser.add_argument("mountpoint")
     parser.add_argument("--size", type=int, default=1024, help="image MiB (default 1024)")
     args = parser.parse_args()
-    pyfuse3.init(BareFS(args.size << 20), args.mountpoint,
-                 {"fsname=barefs", "default_permissions"})
+    pyfuse3.init(BareFS(args.size << 20), args.mountpoint, {"fsname=barefs", "default_permissions"})
     try:
         trio.run(pyfuse3.main)
     finally:

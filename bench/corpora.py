@@ -49,7 +49,7 @@ class Corpus:
         return len(self.data) // PAGE
 
     def page(self, i: int) -> bytes:
-        return self.data[i * PAGE:(i + 1) * PAGE]
+        return self.data[i * PAGE : (i + 1) * PAGE]
 
     def page_list(self, count: int) -> list[bytes]:
         return [self.page(i % self.pages) for i in range(count)]
@@ -74,13 +74,12 @@ def profile(corpus: Corpus) -> Profile:
         compressed += min(len(lz4.block.compress(page, store_size=False)), PAGE)
         same += page == page[:8] * (PAGE // 8)
         seen.add(page)
-    return Profile(corpus.pages, corpus.size / max(compressed, 1), same,
-                   corpus.pages - len(seen))
+    return Profile(corpus.pages, corpus.size / max(compressed, 1), same, corpus.pages - len(seen))
 
 
 def aligned_copy(data: bytes) -> mmap.mmap:
     buffer = mmap.mmap(-1, max(len(data), PAGE))
-    buffer[:len(data)] = data
+    buffer[: len(data)] = data
     return buffer
 
 
@@ -91,9 +90,12 @@ def files(size: int) -> Corpus:
     for k, root in enumerate(FILE_ROOTS):
         wanted = share if k < len(FILE_ROOTS) - 1 else total - len(pages)  # the rest: last
         pages.extend(itertools.islice(tree_pages(root), wanted))
-    return Corpus("files", f"about {share} whole pages (a third) of the files under each of "
-                  f"{', '.join(FILE_ROOTS)}, sorted walk, symlinks skipped",
-                  aligned_copy(b"".join(pages)))
+    return Corpus(
+        "files",
+        f"about {share} whole pages (a third) of the files under each of "
+        f"{', '.join(FILE_ROOTS)}, sorted walk, symlinks skipped",
+        aligned_copy(b"".join(pages)),
+    )
 
 
 def anon(size: int) -> Corpus:
@@ -102,7 +104,10 @@ def anon(size: int) -> Corpus:
     # setarch -R turns ASLR off, so pointers inside the data are the same every run.
     proc = subprocess.Popen(
         ["setarch", platform.machine(), "-R", sys.executable, str(CHILD), str(size + (16 << 20))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     try:
         ready = proc.stdout.readline().decode()
@@ -116,11 +121,14 @@ def anon(size: int) -> Corpus:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return Corpus("anon", "resident pages of the writable private mappings (rw-p in "
-                  "/proc/PID/maps) of a Python process that built a table of dict records "
-                  "(strings, ints, floats, lists), a list of floats and a dict of ints "
-                  "(bench/anon_child.py), read from /proc/PID/mem in address order",
-                  aligned_copy(data))
+    return Corpus(
+        "anon",
+        "resident pages of the writable private mappings (rw-p in "
+        "/proc/PID/maps) of a Python process that built a table of dict records "
+        "(strings, ints, floats, lists), a list of floats and a dict of ints "
+        "(bench/anon_child.py), read from /proc/PID/mem in address order",
+        aligned_copy(data),
+    )
 
 
 def resident_private_pages(pid: int, limit: int) -> bytes:
@@ -150,8 +158,11 @@ def private_writable(pid: int) -> Iterator[tuple[int, int]]:
 
 
 def random_pages(size: int) -> Corpus:
-    return Corpus("random", "pseudo-random bytes (random.Random(1).randbytes), incompressible",
-                  aligned_copy(random.Random(1).randbytes(size)))
+    return Corpus(
+        "random",
+        "pseudo-random bytes (random.Random(1).randbytes), incompressible",
+        aligned_copy(random.Random(1).randbytes(size)),
+    )
 
 
 def zero_pages(size: int) -> Corpus:
@@ -167,5 +178,5 @@ def stamp_unique(base: Corpus, first: int, out: mmap.mmap) -> None:
     for i in range(len(out) // PAGE):
         n = first + i
         src = (n % base.pages) * PAGE
-        out[i * PAGE:(i + 1) * PAGE] = base.data[src:src + PAGE]
+        out[i * PAGE : (i + 1) * PAGE] = base.data[src : src + PAGE]
         struct.pack_into("<Q", out, i * PAGE, n)

@@ -19,8 +19,17 @@ from bench.system import ZRAM_SYS, run, try_run, vm_rss, warn
 from tmemfs.mount import daemon_pid
 
 ZRAM_DEV = Path("/dev/zram0")
-MM_STAT = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
-           "same_pages", "pages_compacted", "huge_pages", "huge_pages_since")
+MM_STAT = (
+    "orig_data_size",
+    "compr_data_size",
+    "mem_used_total",
+    "mem_limit",
+    "mem_used_max",
+    "same_pages",
+    "pages_compacted",
+    "huge_pages",
+    "huge_pages_since",
+)
 
 
 class TmemMount:

@@ -32,8 +32,12 @@ def sweep(store: SlabStore, dictionary: bool, train: bool) -> tuple[float, float
     trained = other = 0.0
     pages = 0
     while True:
-        batch = store.recompress_begin(TRAIN_BATCH if train else RECOMPRESS_BATCH, 3,
-                                       dictionary=dictionary, train=DICT_BYTES if train else 0)
+        batch = store.recompress_begin(
+            TRAIN_BATCH if train else RECOMPRESS_BATCH,
+            3,
+            dictionary=dictionary,
+            train=DICT_BYTES if train else 0,
+        )
         start = time.thread_time()
         batch.run()
         spent = time.thread_time() - start
@@ -51,8 +55,9 @@ def sweep(store: SlabStore, dictionary: bool, train: bool) -> tuple[float, float
 def measure(corpus: corpora.Corpus) -> None:
     reference = zstd_reference(corpus)
     data = bytes(corpus.data[:])
-    print(f"{corpus.name}: {corpus.pages} pages, per-page zstd-3 reference "
-          f"{reference / MiB:.2f} MiB")
+    print(
+        f"{corpus.name}: {corpus.pages} pages, per-page zstd-3 reference {reference / MiB:.2f} MiB"
+    )
     for dictionary in (False, True):
         store = SlabStore(corpora.PAGE, corpora.PAGE * 7 // 8, 1)
         handles = store.keep_all(store.encode(data))
@@ -66,13 +71,15 @@ def measure(corpus: corpora.Corpus) -> None:
         store.load_into(handles, out)
         load = time.thread_time() - start
         assert out == data
-        print(f"  {'zstd-3+dict' if dictionary else 'zstd-3     '}: memory_used "
-              f"{used / MiB:.2f} MiB (lz4 {lz4_used / MiB:.2f}; dictionary "
-              f"{store.dictionary_bytes} B, {store.dict_pages} of {store.recompressed_pages} "
-              f"recompressed pages use it) = {used / reference:.3f}x reference; with the "
-              f"index {pool_total / reference:.3f}x; recompress {spent / max(pages, 1) * 1e6:.1f}"
-              f" us/page (+ training {trained:.2f} s); load {load / len(handles) * 1e6:.1f}"
-              f" us/page")
+        print(
+            f"  {'zstd-3+dict' if dictionary else 'zstd-3     '}: memory_used "
+            f"{used / MiB:.2f} MiB (lz4 {lz4_used / MiB:.2f}; dictionary "
+            f"{store.dictionary_bytes} B, {store.dict_pages} of {store.recompressed_pages} "
+            f"recompressed pages use it) = {used / reference:.3f}x reference; with the "
+            f"index {pool_total / reference:.3f}x; recompress {spent / max(pages, 1) * 1e6:.1f}"
+            f" us/page (+ training {trained:.2f} s); load {load / len(handles) * 1e6:.1f}"
+            f" us/page"
+        )
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def write_at(fd: int, buffer: mmap.mmap, start: int, end: int, offset: int) -> f
     with memoryview(buffer) as view:
         began = time.perf_counter()
         for pos in range(start, end, CHUNK):
-            with view[pos:min(pos + CHUNK, end)] as piece:
+            with view[pos : min(pos + CHUNK, end)] as piece:
                 written = os.pwrite(fd, piece, offset + pos - start)
                 if written != len(piece):
                     raise OSError(f"short direct write at {offset + pos - start}: {written}")
@@ -50,7 +50,7 @@ def read_at(fd: int, into: mmap.mmap, start: int, end: int, offset: int) -> floa
     with memoryview(into) as view:
         began = time.perf_counter()
         for pos in range(start, end, CHUNK):
-            with view[pos:min(pos + CHUNK, end)] as piece:
+            with view[pos : min(pos + CHUNK, end)] as piece:
                 got = os.preadv(fd, [piece], offset + pos - start)
                 if got != len(piece):
                     raise OSError(f"short direct read at {offset + pos - start}: {got}")

@@ -42,9 +42,21 @@ DATA = ["--refill_buffers", "--buffer_compress_percentage=50", "--buffer_compres
 
 def command(job: Job, target: str, size: int, seconds: float) -> list[str]:
     engine = "psync" if job.depth == 1 else "libaio"
-    cmd = ["fio", "--name=bench", f"--filename={target}", "--direct=1", f"--ioengine={engine}",
-           f"--iodepth={job.depth}", "--numjobs=1", f"--rw={job.rw}", f"--bs={job.block}",
-           f"--size={size}", "--randrepeat=1", "--output-format=json", *DATA]
+    cmd = [
+        "fio",
+        "--name=bench",
+        f"--filename={target}",
+        "--direct=1",
+        f"--ioengine={engine}",
+        f"--iodepth={job.depth}",
+        "--numjobs=1",
+        f"--rw={job.rw}",
+        f"--bs={job.block}",
+        f"--size={size}",
+        "--randrepeat=1",
+        "--output-format=json",
+        *DATA,
+    ]
     if job.random:
         cmd += ["--time_based", f"--runtime={seconds}s"]
     return cmd
@@ -53,6 +65,6 @@ def command(job: Job, target: str, size: int, seconds: float) -> list[str]:
 def measure(job: Job, target: str, size: int, seconds: float) -> float:
     """MB/s (10^6 bytes per second, as fio's bw_bytes) of one fio run."""
     out = run(command(job, target, size, seconds), timeout=300).stdout
-    result = json.loads(out[out.index("{"):])  # fio may print notes before the JSON
+    result = json.loads(out[out.index("{") :])  # fio may print notes before the JSON
     side = result["jobs"][0]["write" if job.writes else "read"]
     return float(side["bw_bytes"]) / 1e6

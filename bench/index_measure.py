@@ -68,8 +68,10 @@ def main() -> None:
         sparse = bytes_per_page(count, SPARSE_STEP)
         print(f"{count:>9} {dense:>19.2f} {sparse:>17.2f}")
     times = ns_per_page(SIZES[-1], args.repeat)
-    print(f"ns/page over {SIZES[-1]} pages in runs of {RUN}, best of {args.repeat}: "
-          + ", ".join(f"{name} {ns:.1f}" for name, ns in times.items()))
+    print(
+        f"ns/page over {SIZES[-1]} pages in runs of {RUN}, best of {args.repeat}: "
+        + ", ".join(f"{name} {ns:.1f}" for name, ns in times.items())
+    )
 
 
 if __name__ == "__main__":

@@ -70,8 +70,13 @@ def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def paired(measure: str, unit: str, tmemfs: Sequence[float], reference: Sequence[float],
-           goal: Goal | None = None) -> Row:
+def paired(
+    measure: str,
+    unit: str,
+    tmemfs: Sequence[float],
+    reference: Sequence[float],
+    goal: Goal | None = None,
+) -> Row:
     """Medians of each side, and the median of the per-run ratios.
 
     Runs are interleaved, so each run's ratio compares two measurements taken moments

@@ -64,17 +64,25 @@ def run(base: corpora.Corpus, points: list[int]) -> list[Point]:
         while done < target:
             n = min(BATCH // corpora.PAGE, target - done)
             corpora.stamp_unique(base, done, chunk)
-            batch = store.encode(memoryview(chunk)[:n * corpora.PAGE])
+            batch = store.encode(memoryview(chunk)[: n * corpora.PAGE])
             start = time.perf_counter_ns()
             store.keep_all(batch)  # the handles are dropped: a list of ints is RSS too
             kept_ns += time.perf_counter_ns() - start
             done += n
         used, payload = store.memory_used(), store.payload_bytes
         mapped = store.memory_mapped()
-        out.append(Point(done, (used - payload) / done, (store.slot_bytes - payload) / done,
-                         (used - store.slot_bytes) / done, mapped / done,
-                         (mapped - payload) / done, (rss() - rss0) / done,
-                         kept_ns / (done - start_done)))
+        out.append(
+            Point(
+                done,
+                (used - payload) / done,
+                (store.slot_bytes - payload) / done,
+                (used - store.slot_bytes) / done,
+                mapped / done,
+                (mapped - payload) / done,
+                (rss() - rss0) / done,
+                kept_ns / (done - start_done),
+            )
+        )
     assert store.payload_pages == done and store.dedup_pages == 0
     return out
 
@@ -87,16 +95,21 @@ def main() -> None:
     args = parser.parse_args()
     points = [int(p) for p in args.points.split(",")]
     base = corpora.files(args.files * MiB)
-    print(f"files corpus: {base.pages} pages, stamped distinct; RECORD_OVERHEAD "
-          f"{RECORD_OVERHEAD} B")
+    print(
+        f"files corpus: {base.pages} pages, stamped distinct; RECORD_OVERHEAD {RECORD_OVERHEAD} B"
+    )
     runs = [run(base, points) for _ in range(args.runs)]
-    print(f"{'pages':>8} {'overhead':>9} {'rounding':>9} {'record':>7} {'mapped':>8} "
-          f"{'mapped-pl':>9} {'RSS':>8} {'keep ns':>8}   (B/page; keep: best of "
-          f"{args.runs})")
+    print(
+        f"{'pages':>8} {'overhead':>9} {'rounding':>9} {'record':>7} {'mapped':>8} "
+        f"{'mapped-pl':>9} {'RSS':>8} {'keep ns':>8}   (B/page; keep: best of "
+        f"{args.runs})"
+    )
     for i, p in enumerate(runs[0]):
         keep = min(r[i].keep_ns for r in runs)
-        print(f"{p.pages:>8} {p.overhead:>9.1f} {p.rounding:>9.1f} {p.record:>7.1f} "
-              f"{p.mapped:>8.1f} {p.mapped_overhead:>9.1f} {p.rss:>8.1f} {keep:>8.0f}")
+        print(
+            f"{p.pages:>8} {p.overhead:>9.1f} {p.rounding:>9.1f} {p.record:>7.1f} "
+            f"{p.mapped:>8.1f} {p.mapped_overhead:>9.1f} {p.rss:>8.1f} {keep:>8.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,13 @@ MiB = 1 << 20
 
 lib = ctypes.CDLL("libzstd.so.1")
 lib.ZSTD_compress.restype = ctypes.c_size_t
-lib.ZSTD_compress.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
-                              ctypes.c_size_t, ctypes.c_int]
+lib.ZSTD_compress.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_size_t,
+    ctypes.c_char_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+]
 OUT = ctypes.create_string_buffer(16 * PAGE)
 
 
@@ -38,7 +43,7 @@ def packed_cost(pages: list[bytes], per_pack: int, level: int) -> tuple[int, flo
     total = 0
     start = time.perf_counter()
     for first in range(0, len(pages), per_pack):
-        group = b"".join(pages[first:first + per_pack])
+        group = b"".join(pages[first : first + per_pack])
         size = min(lib.ZSTD_compress(OUT, len(OUT), group, len(group), level), len(group))
         total += -(-size // SLOT) * SLOT + RECORD + (OFFSET * per_pack if per_pack > 1 else 0)
     return total, (time.perf_counter() - start) / max(len(pages), 1)
@@ -53,13 +58,17 @@ def main() -> None:
     for name in ("files", "anon"):
         pages = distinct_pages(getattr(corpora, name)(getattr(args, name) * MiB))
         base, base_time = packed_cost(pages, 1, args.level)
-        print(f"{name}: {len(pages)} pages keep a payload; zstd-{args.level} page by page "
-              f"{base / MiB:.2f} MiB ({base_time * 1e6:.1f} us/page)")
+        print(
+            f"{name}: {len(pages)} pages keep a payload; zstd-{args.level} page by page "
+            f"{base / MiB:.2f} MiB ({base_time * 1e6:.1f} us/page)"
+        )
         for per_pack in (2, 4, 8):
             cost, seconds = packed_cost(pages, per_pack, args.level)
-            print(f"  packs of {per_pack}: {cost / MiB:.2f} MiB = {cost / base:.3f}x "
-                  f"({seconds * 1e6:.1f} us/page to compress; a load decompresses "
-                  f"{per_pack} pages)")
+            print(
+                f"  packs of {per_pack}: {cost / MiB:.2f} MiB = {cost / base:.3f}x "
+                f"({seconds * 1e6:.1f} us/page to compress; a load decompresses "
+                f"{per_pack} pages)"
+            )
 
 
 if __name__ == "__main__":

@@ -84,20 +84,28 @@ def main() -> int:
             t_store, t_load = store_and_load(tmem / "frontswap" / "0", pages)
             r_store, r_load = store_and_load(tmpfs / "frontswap" / "0", pages)
             print(f"page files ({len(pages)} pages of /usr/lib, Python open/write/close):")
-            print(f"  store  tmemfs {t_store:8.0f} pages/s  tmpfs {r_store:8.0f} pages/s  "
-                  f"ratio {t_store / r_store:.3f}")
-            print(f"  load   tmemfs {t_load:8.0f} pages/s  tmpfs {r_load:8.0f} pages/s  "
-                  f"ratio {t_load / r_load:.3f}")
+            print(
+                f"  store  tmemfs {t_store:8.0f} pages/s  tmpfs {r_store:8.0f} pages/s  "
+                f"ratio {t_store / r_store:.3f}"
+            )
+            print(
+                f"  load   tmemfs {t_load:8.0f} pages/s  tmpfs {r_load:8.0f} pages/s  "
+                f"ratio {t_load / r_load:.3f}"
+            )
             subprocess.run(["rmdir", str(tmem / "frontswap" / "0")], check=True)
             corpus = list(usr_lib_pages(args.corpus_mib << 20))
             store_and_load(tmem / "frontswap" / "1", corpus)
             s = stats(tmem)
             print(f"first {args.corpus_mib} MiB of /usr/lib as page files ({len(corpus)} pages):")
-            print(f"  orig_data_size {s['orig_data_size']}  compr_data_size {s['compr_data_size']}"
-                  f"  ratio {s['orig_data_size'] / s['compr_data_size']:.2f}")
-            print(f"  pool_total_size {s['pool_total_size']} "
-                  f"({s['orig_data_size'] / s['pool_total_size']:.2f}x smaller than the data)  "
-                  f"same_filled_pages {s['same_filled_pages']}  dedup_pages {s['dedup_pages']}")
+            print(
+                f"  orig_data_size {s['orig_data_size']}  compr_data_size {s['compr_data_size']}"
+                f"  ratio {s['orig_data_size'] / s['compr_data_size']:.2f}"
+            )
+            print(
+                f"  pool_total_size {s['pool_total_size']} "
+                f"({s['orig_data_size'] / s['pool_total_size']:.2f}x smaller than the data)  "
+                f"same_filled_pages {s['same_filled_pages']}  dedup_pages {s['dedup_pages']}"
+            )
         finally:
             subprocess.run(["umount", str(tmpfs)], check=False)
             subprocess.run([*tmemfs, "umount", str(tmem)], check=False)

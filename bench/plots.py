@@ -16,8 +16,9 @@ Series = Mapping[str, Sequence[float | None]]
 Curve = tuple[Sequence[int], Sequence[float]]
 
 
-def bars(path: Path, title: str, labels: Sequence[str], unit: str, series: Series,
-         log: bool = True) -> str:
+def bars(
+    path: Path, title: str, labels: Sequence[str], unit: str, series: Series, log: bool = True
+) -> str:
     """Grouped bars, one group per measure, one bar per store, values written on top.
 
     Log scale by default: a FUSE round trip per 4 KiB request and a 1 MiB request
@@ -44,8 +45,13 @@ def memory_curves(path: Path, corpora: dict[str, dict[str, Curve]]) -> str:
     fig, axes = plt.subplots(1, len(corpora), figsize=(4.2 * len(corpora), 3.8), squeeze=False)
     for ax, (corpus, curves) in zip(axes[0], corpora.items(), strict=True):
         for k, (name, (pages, held)) in enumerate(curves.items()):
-            ax.plot(pages, [b / (1 << 20) for b in held], marker=".", label=name,
-                    color=COLOURS[k % len(COLOURS)])
+            ax.plot(
+                pages,
+                [b / (1 << 20) for b in held],
+                marker=".",
+                label=name,
+                color=COLOURS[k % len(COLOURS)],
+            )
         ax.set_title(f"corpus: {corpus}")
         ax.set_xlabel("pages stored")
         ax.set_ylabel("MiB held")
@@ -59,11 +65,21 @@ def growth(path: Path, points: Sequence[int], rates: Series, per_page: Series) -
     """Store rate and bytes per page at each checkpoint, log-scaled pages."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for k, (name, values) in enumerate(rates.items()):
-        left.plot(points, [v or 0 for v in values], marker="o", label=name,
-                  color=COLOURS[k % len(COLOURS)])
+        left.plot(
+            points,
+            [v or 0 for v in values],
+            marker="o",
+            label=name,
+            color=COLOURS[k % len(COLOURS)],
+        )
     for k, (name, values) in enumerate(per_page.items()):
-        right.plot(points, [v or 0 for v in values], marker="o", label=name,
-                   color=COLOURS[k % len(COLOURS)])
+        right.plot(
+            points,
+            [v or 0 for v in values],
+            marker="o",
+            label=name,
+            color=COLOURS[k % len(COLOURS)],
+        )
     left.set_ylabel("pages/s (segment ending here)")
     right.set_ylabel("bytes of memory per page")
     for ax in (left, right):

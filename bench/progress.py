@@ -30,8 +30,9 @@ class Progress:
         self._draw()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         elapsed = time.monotonic() - self.start
         outcome = "done" if kind is None else f"stopped ({kind.__name__})"
         if self.tty:
@@ -55,8 +56,10 @@ class Progress:
         filled = WIDTH * self.done // self.total
         bar = "#" * filled + "-" * (WIDTH - filled)
         elapsed = time.monotonic() - self.start
-        sys.stderr.write(f"\r\033[K{self.phase:<10} [{bar}] {self.done}/{self.total} "
-                         f"{elapsed:5.0f}s {self.what}"[:200])
+        sys.stderr.write(
+            f"\r\033[K{self.phase:<10} [{bar}] {self.done}/{self.total} "
+            f"{elapsed:5.0f}s {self.what}"[:200]
+        )
         sys.stderr.flush()
 
     @staticmethod

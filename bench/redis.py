@@ -40,18 +40,38 @@ def start_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
     """redis-server in the foreground, bound to 127.0.0.1, answering PING."""
     log = open(directory / "redis.log", "wb")  # noqa: SIM115 - the server keeps it
     proc = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
-         "--daemonize", "no", "--save", "", "--appendonly", "no", "--logfile", ""],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(directory),
+            "--daemonize",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            "",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     log.close()
     deadline = time.monotonic() + 20
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"redis-server exited with {proc.returncode}: "
-                             f"{(directory / 'redis.log').read_text()[-2000:]}")
-        ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                              text=True, check=False)
+            raise SystemExit(
+                f"redis-server exited with {proc.returncode}: "
+                f"{(directory / 'redis.log').read_text()[-2000:]}"
+            )
+        ping = subprocess.run(
+            ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True, check=False
+        )
         if ping.stdout.strip() == "PONG":
             return proc
         if time.monotonic() > deadline:
@@ -74,9 +94,26 @@ def stop_redis(proc: subprocess.Popen[bytes]) -> None:
 def redis_benchmark(port: int, requests: int) -> dict[str, float]:
     """requests/s of SET and GET, 4 KiB values, 32 commands per pipeline."""
     result = subprocess.run(
-        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-P", "32", "-d", "4096",
-         "-t", "set,get", "-n", str(requests), "-q"],
-        capture_output=True, text=True, timeout=600, check=True,
+        [
+            "redis-benchmark",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-P",
+            "32",
+            "-d",
+            "4096",
+            "-t",
+            "set,get",
+            "-n",
+            str(requests),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     rates: dict[str, float] = {}
     # With -q each test ends in a line like "SET: 512820.53 requests per second, p50=..."
@@ -91,8 +128,9 @@ def redis_benchmark(port: int, requests: int) -> dict[str, float]:
 
 
 def used_memory(port: int) -> int:
-    info = subprocess.run(["redis-cli", "-p", str(port), "info", "memory"],
-                          capture_output=True, text=True, check=True).stdout
+    info = subprocess.run(
+        ["redis-cli", "-p", str(port), "info", "memory"], capture_output=True, text=True, check=True
+    ).stdout
     match = re.search(r"^used_memory:(\d+)", info, re.MULTILINE)
     return int(match.group(1)) if match else 0
 
@@ -109,7 +147,7 @@ def main() -> int:
         raise SystemExit("no corpus: /usr/lib has less than 1 MiB of files")
     corpus = aligned(size)
     for i in range(size // PAGE):
-        corpus[i * PAGE:(i + 1) * PAGE] = corpus_pages[i]
+        corpus[i * PAGE : (i + 1) * PAGE] = corpus_pages[i]
     del corpus_pages
     back = aligned(size)
     pages = size // PAGE
@@ -120,8 +158,9 @@ def main() -> int:
         port = free_port()
         server = start_redis(Path(tmp), port)
         try:
-            subprocess.run([*TMEMFS, "mount", "--backend", f"redis://127.0.0.1:{port}/0",
-                            str(mnt)], check=True)
+            subprocess.run(
+                [*TMEMFS, "mount", "--backend", f"redis://127.0.0.1:{port}/0", str(mnt)], check=True
+            )
             image = mnt / "frontswap" / "0.img"
             subprocess.run(["truncate", "-s", str(size), str(image)], check=True)
             t_store = direct_write(image, corpus, size)
@@ -141,12 +180,16 @@ def main() -> int:
             back.close()
 
     store_rate, load_rate = pages / t_store, pages / t_load
-    print(f"tmemfs --backend redis:// : {size >> 20} MiB of /usr/lib ({pages} pages) "
-          f"through frontswap/0.img, 1 MiB O_DIRECT requests")
+    print(
+        f"tmemfs --backend redis:// : {size >> 20} MiB of /usr/lib ({pages} pages) "
+        f"through frontswap/0.img, 1 MiB O_DIRECT requests"
+    )
     print(f"  store {store_rate:10.0f} pages/s  ({size / t_store / (1 << 20):7.1f} MiB/s)")
     print(f"  load  {load_rate:10.0f} pages/s  ({size / t_load / (1 << 20):7.1f} MiB/s)")
-    print(f"  stores {s.get('stores', 0)}  loads {s.get('loads', 0)}  "
-          f"Redis used_memory {memory >> 20} MiB")
+    print(
+        f"  stores {s.get('stores', 0)}  loads {s.get('loads', 0)}  "
+        f"Redis used_memory {memory >> 20} MiB"
+    )
     print(f"redis-benchmark -P 32 -d 4096 -n {args.requests} on the same server:")
     print(f"  SET   {rates['SET']:10.0f} requests/s")
     print(f"  GET   {rates['GET']:10.0f} requests/s")

@@ -42,12 +42,34 @@ class Run:
 
 def report(run: Run) -> str:
     """The full report: summary table, plots, machine, versions, corpora, each comparison."""
-    parts = [f"# tmemfs benchmarks, {run.ctx.stem}", "", _preamble(run), "",
-             "## Results", "", summary_table(run.sections), "", _goals_note(), "",
-             "## Plots", "", *plot_links(run.sections, ""), "",
-             "## Machine", "", key_values(run.machine), "",
-             "## Versions", "", key_values(run.versions), "",
-             "## Corpora", "", corpus_table(run.ctx), ""]
+    parts = [
+        f"# tmemfs benchmarks, {run.ctx.stem}",
+        "",
+        _preamble(run),
+        "",
+        "## Results",
+        "",
+        summary_table(run.sections),
+        "",
+        _goals_note(),
+        "",
+        "## Plots",
+        "",
+        *plot_links(run.sections, ""),
+        "",
+        "## Machine",
+        "",
+        key_values(run.machine),
+        "",
+        "## Versions",
+        "",
+        key_values(run.versions),
+        "",
+        "## Corpora",
+        "",
+        corpus_table(run.ctx),
+        "",
+    ]
     for section in run.sections:
         parts += section_text(section)
     return "\n".join(parts).rstrip() + "\n"
@@ -58,53 +80,80 @@ def benchmarks_page(run: Run, results_dir: str) -> str:
     link = f"{results_dir}/{run.ctx.stem}.md"
     machine = ", ".join(f"{k} {v}" for k, v in run.machine.items())
     versions = ", ".join(f"{k} {v}" for k, v in run.versions.items())
-    return "\n".join([
-        "# Benchmarks", "",
-        "`python -m bench` measures tmemfs side by side with what it competes with on the "
-        "same machine, in one process: the block image against zram, the memory both hold "
-        "for the same pages, the kernel swapping through tmemfs against zram swap and a "
-        "swap file, page files against tmpfs, the Redis backend against redis-benchmark, "
-        "and how store rate and memory per page hold up to 10^6 pages.", "",
-        RERUN,
-        f"## Latest run: {run.ctx.stem} ([full report]({link}))", "",
-        _preamble(run), "",
-        f"Machine: {machine}.", "",
-        f"Versions: {versions}.", "",
-        summary_table(run.sections), "",
-        _goals_note(), "",
-        *plot_links(run.sections, f"{results_dir}/"), "",
-    ]).rstrip() + "\n"
+    return (
+        "\n".join(
+            [
+                "# Benchmarks",
+                "",
+                "`python -m bench` measures tmemfs side by side with what it competes with on the "
+                "same machine, in one process: the block image against zram, the memory both hold "
+                "for the same pages, the kernel swapping through tmemfs against zram swap and a "
+                "swap file, page files against tmpfs, the Redis backend against redis-benchmark, "
+                "and how store rate and memory per page hold up to 10^6 pages.",
+                "",
+                RERUN,
+                f"## Latest run: {run.ctx.stem} ([full report]({link}))",
+                "",
+                _preamble(run),
+                "",
+                f"Machine: {machine}.",
+                "",
+                f"Versions: {versions}.",
+                "",
+                summary_table(run.sections),
+                "",
+                _goals_note(),
+                "",
+                *plot_links(run.sections, f"{results_dir}/"),
+                "",
+            ]
+        ).rstrip()
+        + "\n"
+    )
 
 
 def _preamble(run: Run) -> str:
     minutes, seconds = divmod(round(run.seconds), 60)
-    mode = "`python -m bench --quick` (a smoke test: small sizes, one run each)" if run.quick \
+    mode = (
+        "`python -m bench --quick` (a smoke test: small sizes, one run each)"
+        if run.quick
         else "`python -m bench`"
+    )
     runs = run.ctx.config.runs
-    return (f"Measured by {mode} in {minutes} min {seconds} s. Each figure is the median of "
-            f"{runs} run{'s' if runs > 1 else ''} (the growth comparison: "
-            f"{run.ctx.config.growth_runs}); each ratio is tmemfs / reference, the median of "
-            f"the per-run ratios, the two sides measured in turn in the same process.")
+    return (
+        f"Measured by {mode} in {minutes} min {seconds} s. Each figure is the median of "
+        f"{runs} run{'s' if runs > 1 else ''} (the growth comparison: "
+        f"{run.ctx.config.growth_runs}); each ratio is tmemfs / reference, the median of "
+        f"the per-run ratios, the two sides measured in turn in the same process."
+    )
 
 
 def _goals_note() -> str:
-    return ("Goals are printed next to the figures, not asserted: \"met\" says whether "
-            "the ratio is on the right side of its goal.")
+    return (
+        'Goals are printed next to the figures, not asserted: "met" says whether '
+        "the ratio is on the right side of its goal."
+    )
 
 
 def summary_table(sections: Sequence[Section]) -> str:
-    lines = ["| # | comparison | measure | unit | tmemfs | reference | ratio | goal | met |",
-             "|---|---|---|---|---:|---:|---:|---|---|"]
+    lines = [
+        "| # | comparison | measure | unit | tmemfs | reference | ratio | goal | met |",
+        "|---|---|---|---|---:|---:|---:|---|---|",
+    ]
     for section in sections:
         if section.error:
-            lines.append(f"| {section.number} | {section.title} | **failed**: "
-                         f"{_cell(section.error.splitlines()[0])} | | | | | | |")
+            lines.append(
+                f"| {section.number} | {section.title} | **failed**: "
+                f"{_cell(section.error.splitlines()[0])} | | | | | | |"
+            )
             continue
         for row in section.rows:
-            lines.append(f"| {section.number} | {section.title} | "
-                         f"{row.measure} | {row.unit} | {number(row.tmemfs)} | "
-                         f"{number(row.reference)} | {ratio(row.ratio)} | "
-                         f"{row.goal.text if row.goal else ''} | {_met(row)} |")
+            lines.append(
+                f"| {section.number} | {section.title} | "
+                f"{row.measure} | {row.unit} | {number(row.tmemfs)} | "
+                f"{number(row.reference)} | {ratio(row.ratio)} | "
+                f"{row.goal.text if row.goal else ''} | {_met(row)} |"
+            )
     return "\n".join(lines)
 
 
@@ -116,8 +165,7 @@ def _met(row: Row) -> str:
 
 
 def plot_links(sections: Sequence[Section], prefix: str) -> list[str]:
-    return [f"![{section.title}]({prefix}{plot})" for section in sections
-            for plot in section.plots]
+    return [f"![{section.title}]({prefix}{plot})" for section in sections for plot in section.plots]
 
 
 def key_values(values: dict[str, str]) -> str:
@@ -128,11 +176,31 @@ def corpus_table(ctx: Context) -> str:
     rows = []
     for corpus in ctx.built_corpora():
         p = corpora.profile(corpus)
-        rows.append([corpus.name, str(p.pages), f"{corpus.size / (1 << 20):.1f}",
-                     f"{p.lz4_ratio:.2f}", str(p.same_filled), str(p.duplicates),
-                     corpus.description])
-    return table(Table(["corpus", "pages", "MiB", "lz4 ratio (page by page)",
-                        "same-filled pages", "duplicate pages", "built from"], rows))
+        rows.append(
+            [
+                corpus.name,
+                str(p.pages),
+                f"{corpus.size / (1 << 20):.1f}",
+                f"{p.lz4_ratio:.2f}",
+                str(p.same_filled),
+                str(p.duplicates),
+                corpus.description,
+            ]
+        )
+    return table(
+        Table(
+            [
+                "corpus",
+                "pages",
+                "MiB",
+                "lz4 ratio (page by page)",
+                "same-filled pages",
+                "duplicate pages",
+                "built from",
+            ],
+            rows,
+        )
+    )
 
 
 def section_text(section: Section) -> list[str]:
@@ -187,6 +255,8 @@ def terminal_summary(sections: Sequence[Section]) -> str:
             lines.append(f"   FAILED: {section.error.splitlines()[0]}")
         for row in section.rows:
             goal = f"  goal {row.goal.text}: {_met(row).strip('*')}" if row.goal else ""
-            lines.append(f"   {row.measure:<58} {number(row.tmemfs):>10} vs "
-                         f"{number(row.reference):>10} {row.unit:<8} {ratio(row.ratio):>7}{goal}")
+            lines.append(
+                f"   {row.measure:<58} {number(row.tmemfs):>10} vs "
+                f"{number(row.reference):>10} {row.unit:<8} {ratio(row.ratio):>7}{goal}"
+            )
     return "\n".join(lines)

@@ -65,8 +65,9 @@ def summarize(samples: list[tuple[int, int]], after: float) -> Memory:
     top = max(used for used, _ in samples)
     peak = max(samples, key=lambda s: s[0])
     busy = [held for used, held in samples if used and used * 10 >= top]
-    return Memory(peak[0], peak[1], sum(busy) / len(busy) if busy else float("nan"),
-                  held_after=after)
+    return Memory(
+        peak[0], peak[1], sum(busy) / len(busy) if busy else float("nan"), held_after=after
+    )
 
 
 class Sampler:
@@ -117,8 +118,9 @@ def cgroup_parent() -> tuple[int, Path]:
                 return 2, d
             if d == v2:
                 break
-    v1 = next((Path(m[1]) for m in mounts
-               if m[2] == "cgroup" and "memory" in m[3].split(",")), None)
+    v1 = next(
+        (Path(m[1]) for m in mounts if m[2] == "cgroup" and "memory" in m[3].split(",")), None
+    )
     mine = next((c[2] for c in own if "memory" in c[1].split(",")), None)
     if v1 is not None and mine is not None:
         # Under our own memory cgroup, so whatever limits the caller has still apply.
@@ -222,10 +224,22 @@ def workload(limit: int, working_set: int, timeout: float) -> Outcome:
         start = time.monotonic()
         # The shell joins the cgroup, then becomes the workload: only it runs there.
         proc = subprocess.Popen(
-            ["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "bench-swap-workload",
-             str(cgroup / "cgroup.procs"), sys.executable, "-u", str(WORKLOAD),
-             "--working-set", str(working_set)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                "sh",
+                "-c",
+                'echo $$ > "$1" && shift && exec "$@"',
+                "bench-swap-workload",
+                str(cgroup / "cgroup.procs"),
+                sys.executable,
+                "-u",
+                str(WORKLOAD),
+                "--working-set",
+                str(working_set),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -237,8 +251,13 @@ def workload(limit: int, working_set: int, timeout: float) -> Outcome:
             proc.wait()
             raise
         wall = time.monotonic() - start
-        return Outcome(proc.returncode == 0 and "workload: PASS" in output, wall,
-                       vmstat("pswpout") - out0, vmstat("pswpin") - in0, _tail(output))
+        return Outcome(
+            proc.returncode == 0 and "workload: PASS" in output,
+            wall,
+            vmstat("pswpout") - out0,
+            vmstat("pswpin") - in0,
+            _tail(output),
+        )
 
 
 def on_zram(limit: int, working_set: int, timeout: float) -> Outcome:
@@ -258,38 +277,70 @@ def on_disk(directory: Path, limit: int, working_set: int, timeout: float) -> Ou
         return workload(limit, working_set, timeout)
 
 
-def on_tmemfs(limit: int, working_set: int, timeout: float,
-              page_cluster: str = "5", recompress_after: float | None = None) -> Outcome:
+def on_tmemfs(
+    limit: int,
+    working_set: int,
+    timeout: float,
+    page_cluster: str = "5",
+    recompress_after: float | None = None,
+) -> Outcome:
     """examples/swap-on-loop.sh, which mounts, swaps, runs and undoes everything itself
     (at its default vm.page-cluster 5; "keep" runs at whatever is set now), with the
     mount's default recompression unless `recompress_after` says otherwise."""
     tmemfs = Path(sys.executable).parent / "tmemfs"
-    env = dict(os.environ, PYTHON=sys.executable,
-               TMEMFS=str(tmemfs) if tmemfs.exists() else f"{sys.executable} -m tmemfs")
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        TMEMFS=str(tmemfs) if tmemfs.exists() else f"{sys.executable} -m tmemfs",
+    )
     proc = subprocess.Popen(
-        ["bash", str(SCRIPT), "--limit", str(limit), "--working-set", str(working_set),
-         "--image-size", str(working_set + 64 * MiB), "--timeout", str(int(timeout)),
-         "--page-cluster", page_cluster,
-         *(["--recompress-after", f"{recompress_after:g}"] if recompress_after else [])],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        [
+            "bash",
+            str(SCRIPT),
+            "--limit",
+            str(limit),
+            "--working-set",
+            str(working_set),
+            "--image-size",
+            str(working_set + 64 * MiB),
+            "--timeout",
+            str(int(timeout)),
+            "--page-cluster",
+            page_cluster,
+            *(["--recompress-after", f"{recompress_after:g}"] if recompress_after else []),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     output = communicate(proc, timeout + 660)  # the script enforces --timeout itself
     wall = re.search(r"^wall time:\s+([\d.]+) s", output, re.MULTILINE)
     out = re.search(r"^pages swapped out:\s+(\d+)", output, re.MULTILINE)
     back = re.search(r"^pages swapped in:\s+(\d+)", output, re.MULTILINE)
-    return Outcome(proc.returncode == 0 and "workload: PASS" in output,
-                   float(wall.group(1)) if wall else float("nan"),
-                   int(out.group(1)) if out else 0, int(back.group(1)) if back else 0,
-                   _tail(output), script_memory(output))
+    return Outcome(
+        proc.returncode == 0 and "workload: PASS" in output,
+        float(wall.group(1)) if wall else float("nan"),
+        int(out.group(1)) if out else 0,
+        int(back.group(1)) if back else 0,
+        _tail(output),
+        script_memory(output),
+    )
 
 
 def script_memory(output: str) -> Memory:
     """The figures swap-on-loop.sh's summary gives, which it samples as Sampler does."""
     memory = Memory()
-    held = re.search(r"^memory held:\s+([\d.]+) MiB \(pool_total_size\) at the peak swap in "
-                     r"use, ([\d.]+) MiB = \d+%; average ([\d.]+) MiB", output, re.MULTILINE)
+    held = re.search(
+        r"^memory held:\s+([\d.]+) MiB \(pool_total_size\) at the peak swap in "
+        r"use, ([\d.]+) MiB = \d+%; average ([\d.]+) MiB",
+        output,
+        re.MULTILINE,
+    )
     if held:
         memory.held_at_peak, memory.peak_used, memory.held_average = (
-            float(g) * MiB for g in held.groups())
+            float(g) * MiB for g in held.groups()
+        )
     ratio = re.search(r"^stored vs swap in use:\s+average ([\d.]+)x", output, re.MULTILINE)
     if ratio:
         memory.stored_ratio = float(ratio.group(1))
@@ -319,12 +370,16 @@ def main() -> int:
     else:
         outcome = on_tmemfs(limit, ws, args.timeout)
     print(outcome.tail)
-    print(f"{args.device}: {'PASS' if outcome.passed else 'FAIL'} in {outcome.wall:.1f} s, "
-          f"pswpout {outcome.swapped_out} pswpin {outcome.swapped_in}")
+    print(
+        f"{args.device}: {'PASS' if outcome.passed else 'FAIL'} in {outcome.wall:.1f} s, "
+        f"pswpout {outcome.swapped_out} pswpin {outcome.swapped_in}"
+    )
     m = outcome.memory
-    print(f"memory held: {m.held_at_peak / MiB:.1f} MiB at the peak swap in use "
-          f"({m.peak_used / MiB:.1f} MiB), {m.held_average / MiB:.1f} MiB on average, "
-          f"{m.held_after / MiB:.1f} MiB after exit; stored/in use {m.stored_ratio:.2f}x")
+    print(
+        f"memory held: {m.held_at_peak / MiB:.1f} MiB at the peak swap in use "
+        f"({m.peak_used / MiB:.1f} MiB), {m.held_average / MiB:.1f} MiB on average, "
+        f"{m.held_after / MiB:.1f} MiB after exit; stored/in use {m.stored_ratio:.2f}x"
+    )
     return 0 if outcome.passed else 1
 
 

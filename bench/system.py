@@ -25,8 +25,18 @@ from tmemfs.build import stale_message, stale_modules
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = 77
 ZRAM_SYS = Path("/sys/block/zram0")
-TOOLS = ("fio", "redis-server", "redis-benchmark", "redis-cli", "losetup", "mkswap", "swapon",
-         "swapoff", "fusermount3", "truncate")
+TOOLS = (
+    "fio",
+    "redis-server",
+    "redis-benchmark",
+    "redis-cli",
+    "losetup",
+    "mkswap",
+    "swapon",
+    "swapoff",
+    "fusermount3",
+    "truncate",
+)
 
 
 class CannotRun(Exception):
@@ -57,20 +67,21 @@ def check_can_run() -> None:
 
 def run(cmd: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a command that must succeed, capturing its output; its stderr in the error."""
-    result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                            check=False)
+    result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
-        raise RuntimeError(f"{' '.join(cmd)}: exit {result.returncode}"
-                           + (f": {detail[-1]}" if detail else ""))
+        raise RuntimeError(
+            f"{' '.join(cmd)}: exit {result.returncode}" + (f": {detail[-1]}" if detail else "")
+        )
     return result
 
 
 def try_run(cmd: Sequence[str], timeout: float = 60) -> bool:
     """Run one cleanup step: never raise, say on stderr what failed and how to undo it."""
     try:
-        result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                                check=False)
+        result = subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=timeout, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         warn(f"cleanup: {' '.join(cmd)} failed ({exc}); undo by hand")
         return False
@@ -183,7 +194,7 @@ def tool_version(cmd: list[str], marker: str) -> str:
         return "unknown"
     for word in out.split():
         if word.startswith(marker):
-            return word[len(marker):]
+            return word[len(marker) :]
     return out.strip() or "unknown"
 
 
@@ -191,8 +202,7 @@ def git_revision() -> str:
     """The commit measured, marked dirty when the work tree differs from it."""
     try:
         rev = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], timeout=10)
-        dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "tmemfs"],
-                    timeout=10)
+        dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "tmemfs"], timeout=10)
     except (OSError, RuntimeError, subprocess.TimeoutExpired):
         return "no git"
     return rev.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")

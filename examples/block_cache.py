@@ -200,8 +200,13 @@ def run(args: argparse.Namespace, source: Path) -> Result:
     page = page_size(args.mount)
     data = CompressedFile(source)
     cache = BlockCache(args.mount, args.pool, source)
-    result = Result(file=str(source), cache=str(cache.directory.relative_to(args.mount)),
-                    size=data.size, block_size=page, blocks=-(-data.size // page))
+    result = Result(
+        file=str(source),
+        cache=str(cache.directory.relative_to(args.mount)),
+        size=data.size,
+        block_size=page,
+        blocks=-(-data.size // page),
+    )
     if result.blocks == 0:
         raise SystemExit(f"block_cache: {source} is empty")
     # --verify compares hits with the whole file, decompressed once up front.
@@ -251,37 +256,59 @@ def estimate_miss_cost(data: CompressedFile, result: Result, seed: int) -> float
 def make_sample(directory: Path, size: int) -> Path:
     """A gzip file of `size` bytes of log-like text (compresses about 4:1)."""
     rng = random.Random(4711)
-    words = ("GET", "PUT", "/index.html", "/api/v1/pages", "200", "404", "cache", "miss",
-             "hit", "tmemfs", "frontswap", "cleancache", "store", "load", "invalidate")
+    words = (
+        "GET",
+        "PUT",
+        "/index.html",
+        "/api/v1/pages",
+        "200",
+        "404",
+        "cache",
+        "miss",
+        "hit",
+        "tmemfs",
+        "frontswap",
+        "cleancache",
+        "store",
+        "load",
+        "invalidate",
+    )
     path = directory / "sample.log.gz"
     written = 0
     with gzip.open(path, "wb", compresslevel=6) as f:
         while written < size:
-            line = (f"2025-11-25T{rng.randrange(24):02d}:{rng.randrange(60):02d}:"
-                    f"{rng.randrange(60):02d} host{rng.randrange(100)} "
-                    + " ".join(rng.choice(words) for _ in range(8))
-                    + f" {rng.getrandbits(32):08x}\n").encode()[: size - written]
+            line = (
+                f"2025-11-25T{rng.randrange(24):02d}:{rng.randrange(60):02d}:"
+                f"{rng.randrange(60):02d} host{rng.randrange(100)} "
+                + " ".join(rng.choice(words) for _ in range(8))
+                + f" {rng.getrandbits(32):08x}\n"
+            ).encode()[: size - written]
             f.write(line)
             written += len(line)
     return path
 
 
 def report(result: Result) -> str:
-    return "\n".join([
-        f"file        {result.file}: {result.size} bytes, {result.blocks} blocks of "
-        f"{result.block_size}",
-        f"cache       cleancache pool and object {result.cache}",
-        f"reads       {result.reads}",
-        f"hits        {result.hits} ({result.hit_rate:.1%})",
-        f"misses      {result.misses} (evicted since put: {result.evicted})",
-        f"refused     {result.refused} puts (ENOSPC: the budget was full)",
-        f"miss cost   {result.miss_cost * 1e3:.3f} ms per block "
-        + ("(decompress and put)" if result.misses else "(estimated: no misses this run)"),
-        f"hit cost    {result.hit_cost * 1e3:.3f} ms per block (read from tmemfs)",
-        f"time saved  {result.saved_seconds:.3f} s (hits x (miss cost - hit cost))",
-        *([f"verified    {result.verified} hits against the file: all equal"]
-          if result.verified else []),
-    ])
+    return "\n".join(
+        [
+            f"file        {result.file}: {result.size} bytes, {result.blocks} blocks of "
+            f"{result.block_size}",
+            f"cache       cleancache pool and object {result.cache}",
+            f"reads       {result.reads}",
+            f"hits        {result.hits} ({result.hit_rate:.1%})",
+            f"misses      {result.misses} (evicted since put: {result.evicted})",
+            f"refused     {result.refused} puts (ENOSPC: the budget was full)",
+            f"miss cost   {result.miss_cost * 1e3:.3f} ms per block "
+            + ("(decompress and put)" if result.misses else "(estimated: no misses this run)"),
+            f"hit cost    {result.hit_cost * 1e3:.3f} ms per block (read from tmemfs)",
+            f"time saved  {result.saved_seconds:.3f} s (hits x (miss cost - hit cost))",
+            *(
+                [f"verified    {result.verified} hits against the file: all equal"]
+                if result.verified
+                else []
+            ),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,19 +317,34 @@ def main(argv: list[str] | None = None) -> int:
         description="Cache decompressed blocks of a compressed file in a tmemfs cleancache pool.",
     )
     parser.add_argument("mount", type=Path, help="a mounted tmemfs")
-    parser.add_argument("file", type=Path, nargs="?",
-                        help="a .gz, .xz or .bz2 file (default: a sample made for the run)")
+    parser.add_argument(
+        "file",
+        type=Path,
+        nargs="?",
+        help="a .gz, .xz or .bz2 file (default: a sample made for the run)",
+    )
     parser.add_argument("--pool", default="blockcache", help="cleancache pool (default blockcache)")
     parser.add_argument("--reads", type=int, default=4000, help="random block reads (default 4000)")
-    parser.add_argument("--hot", type=float, default=0.2,
-                        help="fraction of blocks that get 80%% of the reads (default 0.2)")
+    parser.add_argument(
+        "--hot",
+        type=float,
+        default=0.2,
+        help="fraction of blocks that get 80%% of the reads (default 0.2)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the access pattern")
-    parser.add_argument("--sample-size", default="8M",
-                        help="uncompressed size of the sample, without FILE (default 8M)")
-    parser.add_argument("--verify", action="store_true",
-                        help="check every hit against the file (decompressed once, in memory)")
-    parser.add_argument("--drop", action="store_true",
-                        help="flush the file's object from the pool at the end")
+    parser.add_argument(
+        "--sample-size",
+        default="8M",
+        help="uncompressed size of the sample, without FILE (default 8M)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every hit against the file (decompressed once, in memory)",
+    )
+    parser.add_argument(
+        "--drop", action="store_true", help="flush the file's object from the pool at the end"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     if args.reads < 1 or not 0 < args.hot <= 1:

@@ -113,8 +113,9 @@ def child_main(argv: list[str]) -> int:
     """What one user runs (under setpriv): a role and its arguments as JSON."""
     role, spec = argv[0], json.loads(argv[1])
     if role == "flood":
-        result: dict[str, float] = dict(flood(Path(spec["pool"]), Path(spec["stop"]),
-                                              spec.get("limit", 10**9)))
+        result: dict[str, float] = dict(
+            flood(Path(spec["pool"]), Path(spec["stop"]), spec.get("limit", 10**9))
+        )
     elif role == "store":
         result = dict(store_pages(Path(spec["pool"]), spec["count"]))
     else:
@@ -125,9 +126,20 @@ def child_main(argv: list[str]) -> int:
 
 def as_user(uid: int, role: str, spec: dict[str, object]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-         sys.executable, os.path.abspath(__file__), "--child", role, json.dumps(spec)],
-        stdout=subprocess.PIPE, text=True, cwd="/",
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            role,
+            json.dumps(spec),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
     )
 
 
@@ -141,20 +153,49 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> dict[str, float]:
 
 def as_owner(uid: int, *paths: Path) -> None:
     """mkdir each path as `uid` (pools and objects belong to whoever makes them)."""
-    subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                    "mkdir", *map(str, paths)], check=True, cwd="/", timeout=30)
+    subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "mkdir",
+            *map(str, paths),
+        ],
+        check=True,
+        cwd="/",
+        timeout=30,
+    )
 
 
 def write_as(uid: int, path: Path, value: str) -> None:
-    subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                    "sh", "-c", f'echo {value} > "$1"', "sh", str(path)],
-                   check=True, cwd="/", timeout=30)
+    subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "sh",
+            "-c",
+            f'echo {value} > "$1"',
+            "sh",
+            str(path),
+        ],
+        check=True,
+        cwd="/",
+        timeout=30,
+    )
 
 
 def two_users(
-    mount: Path, *, user_weight: int | None = 100, flood_weight: int | None = 100,
+    mount: Path,
+    *,
+    user_weight: int | None = 100,
+    flood_weight: int | None = 100,
     user_pages: int = 64,
-    working_set: int = 256, reads: int = 1500, timeout: float = 600,
+    working_set: int = 256,
+    reads: int = 1500,
+    timeout: float = 600,
 ) -> dict[str, dict[str, float]]:
     """Both phases on a mounted tmemfs; per user and phase, what it saw. Weights of None
     are left alone (a tmemfs without .weight files can be compared)."""
@@ -171,8 +212,7 @@ def two_users(
         # 1. frontswap: the flooder is at its limit before the user starts, and goes on.
         stop = Path(tmp) / "stop-frontswap"
         flooder = as_user(FLOODER, "flood", {"pool": str(theirs), "stop": str(stop)})
-        while not (mount / "frontswap/1/.stats").exists() or _stat(
-                theirs, "pool_limit_hit") == 0:
+        while not (mount / "frontswap/1/.stats").exists() or _stat(theirs, "pool_limit_hit") == 0:
             if flooder.poll() is not None:
                 break
             time.sleep(0.1)
@@ -181,17 +221,34 @@ def two_users(
         stop.touch()
         result["flooder_frontswap"] = finish(flooder, timeout)
         # The flood is over; it frees its pool, as swapoff would.
-        subprocess.run(["setpriv", f"--reuid={FLOODER}", f"--regid={FLOODER}",
-                        "--clear-groups", "rmdir", str(theirs)], check=True, timeout=60)
+        subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={FLOODER}",
+                f"--regid={FLOODER}",
+                "--clear-groups",
+                "rmdir",
+                str(theirs),
+            ],
+            check=True,
+            timeout=60,
+        )
         # 2. cleancache: the flooder fills the budget before the user starts.
         stop = Path(tmp) / "stop-cleancache"
-        flooder = as_user(FLOODER, "flood", {"pool": str(mount / "cleancache/flood/o"),
-                                             "stop": str(stop)})
-        while _stat(mount / "cleancache/flood", "evicted_pages") == 0 and (
-                flooder.poll() is None):
+        flooder = as_user(
+            FLOODER, "flood", {"pool": str(mount / "cleancache/flood/o"), "stop": str(stop)}
+        )
+        while _stat(mount / "cleancache/flood", "evicted_pages") == 0 and (flooder.poll() is None):
             time.sleep(0.1)
-        user = as_user(USER, "reuse", {"object": str(mount / "cleancache/mine/o"),
-                                       "working_set": working_set, "reads": reads})
+        user = as_user(
+            USER,
+            "reuse",
+            {
+                "object": str(mount / "cleancache/mine/o"),
+                "working_set": working_set,
+                "reads": reads,
+            },
+        )
         result["user_cleancache"] = finish(user, timeout)
         stop.touch()
         result["flooder_cleancache"] = finish(flooder, timeout)
@@ -213,8 +270,11 @@ def main() -> int:
         return child_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mount", type=Path)
-    parser.add_argument("--weights", default="100:100",
-                        help="USER:FLOODER (default 100:100); 'none' leaves them alone")
+    parser.add_argument(
+        "--weights",
+        default="100:100",
+        help="USER:FLOODER (default 100:100); 'none' leaves them alone",
+    )
     parser.add_argument("--user-pages", type=int, default=64)
     parser.add_argument("--working-set", type=int, default=256)
     parser.add_argument("--reads", type=int, default=1500)
@@ -223,9 +283,14 @@ def main() -> int:
     if args.weights != "none":
         user, _, flood = args.weights.partition(":")
         weights = (int(user), int(flood))
-    result = two_users(args.mount, user_weight=weights[0],
-                       flood_weight=weights[1], user_pages=args.user_pages,
-                       working_set=args.working_set, reads=args.reads)
+    result = two_users(
+        args.mount,
+        user_weight=weights[0],
+        flood_weight=weights[1],
+        user_pages=args.user_pages,
+        working_set=args.working_set,
+        reads=args.reads,
+    )
     print(json.dumps(result, indent=2))
     return 0
 

@@ -60,7 +60,7 @@ class Mount:
         belongs to the line that logged it); it is an error at ERROR or CRITICAL, or
         when it holds a traceback.
         """
-        text = self.log.read_bytes()[self._log_start:].decode(errors="replace")
+        text = self.log.read_bytes()[self._log_start :].decode(errors="replace")
         records: list[list[str]] = []
         for line in text.splitlines():
             if LOG_RECORD.match(line) or not records:
@@ -72,7 +72,8 @@ class Mount:
             match = LOG_RECORD.match(record[0])
             level = match.group(1) if match else ""
             if level not in ("ERROR", "CRITICAL") and not any(
-                    line.startswith("Traceback ") for line in record):
+                line.startswith("Traceback ") for line in record
+            ):
                 continue
             whole = "\n".join(record)
             if not any(p.search(whole) for p in self.expected_errors):
@@ -98,11 +99,13 @@ class Mount:
         killed = False
         try:
             if is_mounted(self.path):
-                subprocess.run(["fusermount3", "-u", str(self.path)], timeout=15,
-                               capture_output=True)
+                subprocess.run(
+                    ["fusermount3", "-u", str(self.path)], timeout=15, capture_output=True
+                )
             if is_mounted(self.path):
-                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], timeout=15,
-                               capture_output=True)
+                subprocess.run(
+                    ["fusermount3", "-u", "-z", str(self.path)], timeout=15, capture_output=True
+                )
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -123,7 +126,9 @@ def start_mount(path: Path, *args: str, log: Path) -> Mount:
     log_start = logf.tell()
     proc = subprocess.Popen(
         [*TMEMFS, "mount", "--foreground", *args, str(path)],
-        stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     logf.close()
     mount = Mount(path, proc, log, log_start)

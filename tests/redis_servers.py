@@ -77,8 +77,9 @@ class TlsFiles:
 
 
 def _openssl(*args: str | Path) -> None:
-    result = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        ["openssl", *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"openssl {args[0]} failed:\n{result.stderr}")
 
@@ -94,26 +95,67 @@ def make_tls(directory: Path, *, name: str = "tmemfs test", san: str = f"IP:{HOS
     ca, ca_key = directory / "ca.pem", directory / "ca.key"
     cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
     ext = directory / "server.ext"
-    ext.write_text(f"subjectAltName = {san}\nbasicConstraints = CA:FALSE\n"
-                   "keyUsage = digitalSignature, keyEncipherment\n"
-                   "extendedKeyUsage = serverAuth\n")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", f"/CN={name} CA", "-keyout", ca_key, "-out", ca)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name} server",
-             "-keyout", key, "-out", csr)
-    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-             "-days", "2", "-extfile", ext, "-out", cert)
+    ext.write_text(
+        f"subjectAltName = {san}\nbasicConstraints = CA:FALSE\n"
+        "keyUsage = digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth\n"
+    )
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name} CA",
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={name} server",
+        "-keyout",
+        key,
+        "-out",
+        csr,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        ca,
+        "-CAkey",
+        ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        ext,
+        "-out",
+        cert,
+    )
     return TlsFiles(ca, cert, key)
 
 
-def redis_cli(
-    port: int, *args: str, timeout: float = 10.0, tls: TlsFiles | None = None
-) -> str:
+def redis_cli(port: int, *args: str, timeout: float = 10.0, tls: TlsFiles | None = None) -> str:
     """`redis-cli -p PORT ARGS`: its stdout, stripped (errors are printed there too)."""
     secure = ["--tls", "--cacert", str(tls.ca)] if tls is not None else []
     result = subprocess.run(
         ["redis-cli", "-h", HOST, "-p", str(port), *secure, *args],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     return (result.stdout + result.stderr).strip()
 
@@ -198,17 +240,33 @@ class RedisServer:
         if self.tls is None:
             ports = ["--port", str(self.port)]
         else:
-            ports = ["--port", "0", "--tls-port", str(self.port),
-                     "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
-                     "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no"]
+            ports = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(self.tls.cert),
+                "--tls-key-file",
+                str(self.tls.key),
+                "--tls-ca-cert-file",
+                str(self.tls.ca),
+                "--tls-auth-clients",
+                "no",
+            ]
         args = [
             "redis-server",
-            "--bind", HOST,
+            "--bind",
+            HOST,
             *ports,
-            "--dir", str(self.directory),
-            "--daemonize", "no",
-            "--save", "",
-            "--logfile", "",
+            "--dir",
+            str(self.directory),
+            "--daemonize",
+            "no",
+            "--save",
+            "",
+            "--logfile",
+            "",
         ]
         if self.aof:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
@@ -218,10 +276,14 @@ class RedisServer:
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
         if self.cluster:
             args += [
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000",
-                "--cluster-require-full-coverage", "no",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-require-full-coverage",
+                "no",
             ]
         return [*args, *self.extra]
 
@@ -231,8 +293,11 @@ class RedisServer:
             raise RuntimeError(f"redis on {self.address} is already running")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, cwd=self.directory,
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.directory,
             )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -245,8 +310,10 @@ class RedisServer:
                 return
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server on {self.address} did not answer PING "
-                                   f"in {START_TIMEOUT}s:\n{self.log_text()[-3000:]}")
+                raise RuntimeError(
+                    f"redis-server on {self.address} did not answer PING "
+                    f"in {START_TIMEOUT}s:\n{self.log_text()[-3000:]}"
+                )
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -301,13 +368,24 @@ class RedisCluster:
         for node in self.nodes:
             node.start()
         result = subprocess.run(
-            ["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, text=True, timeout=60, check=False,
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(n.address for n in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{result.stdout}"
-                               f"{result.stderr}")
+            raise RuntimeError(
+                f"redis-cli --cluster create failed:\n{result.stdout}{result.stderr}"
+            )
         self.wait_ok(self.nodes)
 
     def wait_ok(self, nodes: Sequence[RedisServer], timeout: float = 30.0) -> None:
@@ -316,8 +394,9 @@ class RedisCluster:
         for node in nodes:
             while "cluster_state:ok" not in node.cli("cluster", "info"):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"cluster not ok on {node.address}:\n"
-                                       f"{node.cli('cluster', 'info')}")
+                    raise RuntimeError(
+                        f"cluster not ok on {node.address}:\n{node.cli('cluster', 'info')}"
+                    )
                 time.sleep(0.1)
 
     def stop(self) -> None:

@@ -38,8 +38,13 @@ pytestmark = [
 ]
 
 # Every kind of page: incompressible, text, zero, same-filled, a duplicate.
-PAGES = {0: random_page(1), 1: text_page(2), 7: ZERO_PAGE, 42: same_filled_page(0xAB),
-         4711: random_page(1)}
+PAGES = {
+    0: random_page(1),
+    1: text_page(2),
+    7: ZERO_PAGE,
+    42: same_filled_page(0xAB),
+    4711: random_page(1),
+}
 
 
 def fill(directory: Path) -> None:
@@ -158,7 +163,9 @@ def test_rsync_temporary_file_renamed_onto_a_page(tmem: Mount) -> None:
     other.write_bytes(b"x")
     assert errno_of(lambda: os.rename(other, pool / "7")) == errno.EPERM
     assert errno_of(lambda: os.rename(other, tmem.path / "frontswap/1/6")) in (
-        errno.EPERM, errno.EXDEV)
+        errno.EPERM,
+        errno.EXDEV,
+    )
     assert errno_of(lambda: os.rename(pool / "5", pool / "6")) == errno.EPERM
     assert errno_of(lambda: (pool / ".x").write_bytes(b"x")) == errno.EINVAL
     assert errno_of(lambda: (pool / ".6.toolong").write_bytes(b"x")) == errno.EINVAL

@@ -18,8 +18,15 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = 77
-COMPARISONS = ("1. Image vs zram", "2. Memory held", "3. Swap experiment", "4. Page files",
-               "5. Redis backend", "6. Growth", "7. FUSE ceiling and memory given back")
+COMPARISONS = (
+    "1. Image vs zram",
+    "2. Memory held",
+    "3. Swap experiment",
+    "4. Page files",
+    "5. Redis backend",
+    "6. Growth",
+    "7. FUSE ceiling and memory given back",
+)
 PLOTS = ("image", "memory", "swap", "pagefiles", "redis", "growth")
 
 
@@ -41,11 +48,14 @@ def _leftovers(scratch_prefix: str) -> list[str]:
     found = []
     if Path("/sys/block/zram0/disksize").read_text().strip() != "0":
         found.append("zram0 still has a disksize")
-    if "/dev/zram0" in Path("/proc/swaps").read_text() or "bench.swap" in Path(
-            "/proc/swaps").read_text():
+    if (
+        "/dev/zram0" in Path("/proc/swaps").read_text()
+        or "bench.swap" in Path("/proc/swaps").read_text()
+    ):
         found.append("swap of the bench still on")
-    found += [line for line in Path("/proc/mounts").read_text().splitlines()
-              if scratch_prefix in line]
+    found += [
+        line for line in Path("/proc/mounts").read_text().splitlines() if scratch_prefix in line
+    ]
     found += [str(p) for p in Path("/sys/fs/cgroup").rglob("bench-swap-*")]
     return found
 
@@ -59,7 +69,11 @@ def test_quick_bench_writes_every_comparison(tmp_path: Path) -> None:
     before = _published()
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     output = result.stdout + result.stderr
     if result.returncode == SKIP:
@@ -80,8 +94,15 @@ def test_quick_bench_writes_every_comparison(tmp_path: Path) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({stem}-{plot}.png)" in text
     # Every goal is printed next to its figure.
-    for goal in ("≥ 1x zram", "≤ 1x zram swap", "≤ 0.85x zram", "≥ 0.3x tmpfs",
-                 "≥ 0.5x redis-benchmark", "≥ 0.85x bare pyfuse3", "≥ 1.5x bare pyfuse3"):
+    for goal in (
+        "≥ 1x zram",
+        "≤ 1x zram swap",
+        "≤ 0.85x zram",
+        "≥ 0.3x tmpfs",
+        "≥ 0.5x redis-benchmark",
+        "≥ 0.85x bare pyfuse3",
+        "≥ 1.5x bare pyfuse3",
+    ):
         assert goal in text, goal
     assert re.search(r"\| 1 MiB sequential write \| MB/s \| [\d,.]+ \| [\d,.]+ \| [\d.]+x", text)
     # A quick run into --out leaves bench/results and BENCHMARKS.md alone, and the

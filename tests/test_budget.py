@@ -129,8 +129,15 @@ def test_refused_dd_reports_no_space(mount_factory: MountFactory, tmp_path: Path
     src = tmp_path / "random.bin"
     for index in range(64):
         src.write_bytes(random_page())
-        dd = run("dd", f"if={src}", f"of={fs / str(index)}", "bs=4096", "count=1",
-                 "status=none", check=False)
+        dd = run(
+            "dd",
+            f"if={src}",
+            f"of={fs / str(index)}",
+            "bs=4096",
+            "count=1",
+            "status=none",
+            check=False,
+        )
         if dd.returncode != 0:
             break
     else:

@@ -31,11 +31,11 @@ pytestmark = [
 
 MIB = 1 << 20
 PAGE = 4096
-HONEST_MIB = 160          # real-file pages stored for the honesty check
-WARM_MIB = 16             # of them, stored before the baseline
-TOLERANCE = 0.10          # pool_total_size within 10% of RSS growth
-CAP_MIB = 64              # --max-pool of the cap check
-PUSH_MIB = 256            # incompressible data pushed at it
+HONEST_MIB = 160  # real-file pages stored for the honesty check
+WARM_MIB = 16  # of them, stored before the baseline
+TOLERANCE = 0.10  # pool_total_size within 10% of RSS growth
+CAP_MIB = 64  # --max-pool of the cap check
+PUSH_MIB = 256  # incompressible data pushed at it
 # The fixed overhead allowed above --max-pool: two worker threads' 8 MiB stacks
 # (resident under mlockall) plus 8 MiB for request buffers and allocator slack.
 FIXED_OVERHEAD_MIB = 24
@@ -65,9 +65,22 @@ def settle(pid: int) -> int:
 
 def store_corpus(corpus: Path, image: Path, first_mib: int, count_mib: int) -> None:
     """dd MiBs first..first+count of the corpus to the same place in the image."""
-    subprocess.run(["dd", f"if={corpus}", f"of={image}", "bs=1M", "oflag=direct",
-                    "conv=notrunc", "status=none", f"skip={first_mib}", f"seek={first_mib}",
-                    f"count={count_mib}"], check=True, timeout=120)
+    subprocess.run(
+        [
+            "dd",
+            f"if={corpus}",
+            f"of={image}",
+            "bs=1M",
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+            f"skip={first_mib}",
+            f"seek={first_mib}",
+            f"count={count_mib}",
+        ],
+        check=True,
+        timeout=120,
+    )
 
 
 def test_pool_total_size_tracks_rss_growth(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
@@ -83,11 +96,14 @@ def test_pool_total_size_tracks_rss_growth(tmp_path: Path, mount_factory) -> Non
     stats = mount.stats()
     assert stats["stored_pages"] == HONEST_MIB * MIB // PAGE
     total = stats["pool_total_size"] - warm["pool_total_size"]
-    print(f"honesty: stored {HONEST_MIB - WARM_MIB} MiB after {WARM_MIB}, RSS growth {growth} B,"
-          f" pool_total_size grew {total} B, growth/total {growth / total:.3f}")
+    print(
+        f"honesty: stored {HONEST_MIB - WARM_MIB} MiB after {WARM_MIB}, RSS growth {growth} B,"
+        f" pool_total_size grew {total} B, growth/total {growth / total:.3f}"
+    )
     assert abs(growth - total) <= TOLERANCE * growth, (
         f"RSS grew {growth / MIB:.1f} MiB, pool_total_size says {total / MIB:.1f} MiB "
-        f"({(growth - total) / total:+.1%})")
+        f"({(growth - total) / total:+.1%})"
+    )
 
 
 def test_pool_total_size_tracks_rss_after_recompression(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
@@ -110,13 +126,17 @@ def test_pool_total_size_tracks_rss_after_recompression(tmp_path: Path, mount_fa
     assert mount.stats()["recompressed_pages"] == warm["recompressed_pages"]
     # Most of the new pages shrink by a size class or more under zstd.
     stats = wait_for_recompression(
-        mount, timeout=180,
-        at_least=warm["recompressed_pages"] + (HONEST_MIB - WARM_MIB) * MIB // PAGE // 2)
+        mount,
+        timeout=180,
+        at_least=warm["recompressed_pages"] + (HONEST_MIB - WARM_MIB) * MIB // PAGE // 2,
+    )
     growth = settle(mount.proc.pid) - baseline
     total = stats["pool_total_size"] - warm["pool_total_size"]
-    print(f"honesty after recompression: pool_total_size {stored['pool_total_size']} -> "
-          f"{total} B ({stats['recompressed_pages']} pages recompressed), RSS growth "
-          f"{growth_before} -> {growth} B, growth/total {growth / total:.3f}")
+    print(
+        f"honesty after recompression: pool_total_size {stored['pool_total_size']} -> "
+        f"{total} B ({stats['recompressed_pages']} pages recompressed), RSS growth "
+        f"{growth_before} -> {growth} B, growth/total {growth / total:.3f}"
+    )
     # What recompression gave back, RSS and pool_total_size agree on.
     freed = stored["pool_total_size"] - stats["pool_total_size"]
     assert abs((growth_before - growth) - freed) <= TOLERANCE * freed + 2 * MIB
@@ -124,7 +144,8 @@ def test_pool_total_size_tracks_rss_after_recompression(tmp_path: Path, mount_fa
     assert stats["pool_total_size"] < stored["pool_total_size"]
     assert abs(growth - total) <= TOLERANCE * growth, (
         f"RSS grew {growth / MIB:.1f} MiB, pool_total_size says {total / MIB:.1f} MiB "
-        f"({(growth - total) / total:+.1%})")
+        f"({(growth - total) / total:+.1%})"
+    )
 
 
 def test_memory_stays_within_max_pool(mount_factory) -> None:  # type: ignore[no-untyped-def]
@@ -149,9 +170,11 @@ def test_memory_stays_within_max_pool(mount_factory) -> None:  # type: ignore[no
         os.close(fd)
     peak = max(peak, settle(pid))
     stats = mount.stats()
-    print(f"cap: pushed {PUSH_MIB} MiB into --max-pool {CAP_MIB}M: {refused} MiB requests "
-          f"refused, peak RSS growth {(peak - baseline) / MIB:.1f} MiB, pool_total_size "
-          f"{stats['pool_total_size'] / MIB:.1f} MiB, stored_pages {stats['stored_pages']}")
+    print(
+        f"cap: pushed {PUSH_MIB} MiB into --max-pool {CAP_MIB}M: {refused} MiB requests "
+        f"refused, peak RSS growth {(peak - baseline) / MIB:.1f} MiB, pool_total_size "
+        f"{stats['pool_total_size'] / MIB:.1f} MiB, stored_pages {stats['stored_pages']}"
+    )
     assert refused > PUSH_MIB // 2, "most of it must be refused"
     assert stats["pool_limit_hit"] > 0
     assert stats["pool_total_size"] <= CAP_MIB * MIB

@@ -28,11 +28,11 @@ def test_a_stale_module_stops_mount_with_one_line(tmp_path: Path) -> None:
         "from tmemfs.cli import main\n"
         f"sys.exit(main(['mount', {str(tmp_path)!r}]))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("tmemfs: ") and "older than tmemfs/_pagetable.pyx" in line
     assert "pip install -e ." in line
     assert not any(tmp_path.iterdir())
-

@@ -15,7 +15,8 @@ def test_page_size_out_of_range_is_refused(size: str, capsys: pytest.CaptureFixt
         mount_options(args, parser)
     assert exit_.value.code == 1
     assert capsys.readouterr().err.strip() == (
-        "tmemfs: --page-size must be a power of two from 512 to 32768")
+        "tmemfs: --page-size must be a power of two from 512 to 32768"
+    )
 
 
 @pytest.mark.parametrize("size", [512, 4096, 32768])

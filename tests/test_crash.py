@@ -40,8 +40,9 @@ STORM_SECONDS = 1.5
 
 
 def tmemfs(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TMEMFS, *map(str, args)], capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [*TMEMFS, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def daemon_pid(mnt: Path) -> int:
@@ -199,8 +200,9 @@ def test_redis_keeps_every_acknowledged_page_across_kill9(
         pids.append(daemon_pid(mnt))
         assert pool.is_dir(), "the frontswap pool did not come back"
         missing = [i for i in sorted(acked) if not (pool / str(i)).exists()]
-        assert not missing, f"{len(missing)} of {len(acked)} acknowledged pages lost: " \
-                            f"{missing[:10]}"
+        assert not missing, (
+            f"{len(missing)} of {len(acked)} acknowledged pages lost: {missing[:10]}"
+        )
         wrong = [i for i in sorted(acked) if load(pool / str(i)) != page_for(i)]
         assert not wrong, f"{len(wrong)} acknowledged pages read back wrong: {wrong[:10]}"
         # A store in flight at the kill may or may not be there, but never torn.

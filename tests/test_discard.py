@@ -51,7 +51,6 @@ def pages(pool: Path) -> set[int]:
     return {int(n) for n in os.listdir(pool) if not n.startswith(".")}
 
 
-
 def filled_image(tmem: Mount, npages: int, size: int = 16 * MiB) -> tuple[Path, bytes]:
     """Image 0 of `size` bytes whose first `npages` pages hold distinct text."""
     img = tmem.path / "frontswap" / "0.img"
@@ -71,8 +70,12 @@ def loop_device(img: Path) -> Iterator[str]:
         pytest.skip("no loop devices on this machine")
     if shutil.which("blkdiscard") is None:
         pytest.skip("blkdiscard (util-linux) is not installed")
-    dev = subprocess.run(["losetup", "--direct-io=on", "-f", "--show", str(img)],
-                         capture_output=True, text=True, timeout=30)
+    dev = subprocess.run(
+        ["losetup", "--direct-io=on", "-f", "--show", str(img)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     # The machine can make loop devices (checked above): a losetup refused on a tmemfs
     # image is a tmemfs failure, not a reason to skip.
     assert dev.returncode == 0, f"losetup on {img} failed: {dev.stderr.strip()}"
@@ -89,15 +92,16 @@ def punched(data: bytes, off: int, end: int) -> bytes:
     return data[:off] + bytes(max(end - off, 0)) + data[end:]
 
 
-@pytest.mark.parametrize(("offset", "length"), [
-    (8 * PAGE, 16 * PAGE),                 # page-aligned: 16 whole pages
-    (3 * PAGE + 1536, 10 * PAGE + 1024),   # neither: two partial edges, 9 whole pages
-    (5 * PAGE + 512, 2048),                # inside one page: no whole page at all
-    (20 * PAGE, 3 * PAGE + 512),           # aligned start, partial end
-])
-def test_blkdiscard_removes_exactly_the_range(
-    tmem: Mount, offset: int, length: int
-) -> None:
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [
+        (8 * PAGE, 16 * PAGE),  # page-aligned: 16 whole pages
+        (3 * PAGE + 1536, 10 * PAGE + 1024),  # neither: two partial edges, 9 whole pages
+        (5 * PAGE + 512, 2048),  # inside one page: no whole page at all
+        (20 * PAGE, 3 * PAGE + 512),  # aligned start, partial end
+    ],
+)
+def test_blkdiscard_removes_exactly_the_range(tmem: Mount, offset: int, length: int) -> None:
     npages = 64
     img, data = filled_image(tmem, npages)
     pool = tmem.path / "frontswap" / "0"
@@ -106,8 +110,12 @@ def test_blkdiscard_removes_exactly_the_range(
         queue = Path("/sys/block") / Path(device).name / "queue"
         assert int((queue / "discard_max_bytes").read_text()) > 0, "discard is off"
         assert int((queue / "discard_granularity").read_text()) == PAGE
-        subprocess.run(["blkdiscard", "-o", str(offset), "-l", str(length), device],
-                       check=True, timeout=60, capture_output=True)
+        subprocess.run(
+            ["blkdiscard", "-o", str(offset), "-l", str(length), device],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
     end = offset + length
     whole = set(range(-(-offset // PAGE), end // PAGE))
     assert pages(pool) == set(range(npages)) - whole
@@ -188,8 +196,11 @@ def test_fallocate_modes_on_the_image(tmem: Mount) -> None:
     assert pread(img, 0, 4 * PAGE) == expect[: 4 * PAGE]
 
     # util-linux's fallocate(1) says the same.
-    result = subprocess.run(["fallocate", "--punch-hole", "-o", "0", "-l", str(PAGE),
-                             str(img)], capture_output=True, timeout=30)
+    result = subprocess.run(
+        ["fallocate", "--punch-hole", "-o", "0", "-l", str(PAGE), str(img)],
+        capture_output=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert 0 not in pages(pool)
 
@@ -272,8 +283,9 @@ def test_unpatched_pyfuse3_mounts_and_serves(
     script = tmp_path / "unpatched_tmemfs.py"
     script.write_text(UNPATCHED)
     monkeypatch.setattr(conftest, "TMEMFS", [sys.executable, str(script)])
-    version = subprocess.run([sys.executable, str(script), "--version"],
-                             capture_output=True, text=True, timeout=60)
+    version = subprocess.run(
+        [sys.executable, str(script), "--version"], capture_output=True, text=True, timeout=60
+    )
     assert "discard: off" in version.stdout
     with mounted(tmp_path / "mnt") as tmem:
         assert "discard off" in (tmem.path / ".daemon").read_text().splitlines()

@@ -99,8 +99,9 @@ def check_invariants(engine: Engine) -> None:
     assert stats["stores"] - stats["invalidates"] - stats["evicted_pages"] == held
     assert stats["pool_total_size"] == engine.backend.memory_used() + held * ENTRY_OVERHEAD
     # The index counts its own bytes: every object's table adds up to the engine's figure.
-    assert engine.index_size == sum(tobj.pages.nbytes for pool in engine.pools.values()
-                                    for tobj in pool.objects.values())
+    assert engine.index_size == sum(
+        tobj.pages.nbytes for pool in engine.pools.values() for tobj in pool.objects.values()
+    )
     for pool_id in engine.pools:
         ps = engine.pool_stats(pool_id)
         assert ps["stores"] - ps["invalidates"] - ps["evicted_pages"] == ps["stored_pages"]
@@ -122,8 +123,25 @@ def test_parse_decimal_accepts(name: bytes, value: int) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [b"", b"01", b"00", b"-1", b"+1", b"a", b"1a", b"0x10", b" 1", b"1 ", b"1\n", b"1.0",
-     b"1_000", "\u0661".encode(), str(MAX_INDEX + 1).encode(), b"9" * 20, b"1" * 300],
+    [
+        b"",
+        b"01",
+        b"00",
+        b"-1",
+        b"+1",
+        b"a",
+        b"1a",
+        b"0x10",
+        b" 1",
+        b"1 ",
+        b"1\n",
+        b"1.0",
+        b"1_000",
+        "\u0661".encode(),
+        str(MAX_INDEX + 1).encode(),
+        b"9" * 20,
+        b"1" * 300,
+    ],
 )
 def test_parse_decimal_rejects(name: bytes) -> None:
     with pytest.raises(BadName):
@@ -139,8 +157,20 @@ def test_parse_name_accepts(name: bytes) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [b"", b".", b"..", b".x", b"a b", b"a/b", b"x" * 256, b"caf\xc3\xa9", b"a\n", b"a\x00",
-     b"a:b", b"*"],
+    [
+        b"",
+        b".",
+        b"..",
+        b".x",
+        b"a b",
+        b"a/b",
+        b"x" * 256,
+        b"caf\xc3\xa9",
+        b"a\n",
+        b"a\x00",
+        b"a:b",
+        b"*",
+    ],
 )
 def test_parse_name_rejects(name: bytes) -> None:
     with pytest.raises(BadName):
@@ -262,11 +292,11 @@ async def test_duplicate_store_within_one_batch() -> None:
 async def test_refused_store_of_existing_page_invalidates_it() -> None:
     """frontswap's rule: a refused duplicate store must not leave the stale page readable."""
     engine = with_pools(make_engine("lz4"))
-    await engine.store(swap(0), page(1))    # small: compressible
-    await engine.store(swap(1), noise(1))   # a full raw page
+    await engine.store(swap(0), page(1))  # small: compressible
+    await engine.store(swap(1), noise(1))  # a full raw page
     engine.max_pool = engine.pool_total_size()  # now the budget is exactly full
     with pytest.raises(StoreRejected):
-        await engine.store(swap(0), noise(2))   # needs more room than page(1) gave back
+        await engine.store(swap(0), noise(2))  # needs more room than page(1) gave back
     assert await engine.load(swap(0)) is None
     assert engine.entry(swap(0)) is None
     assert await engine.load(swap(1)) == noise(1)
@@ -282,7 +312,10 @@ async def test_refused_page_in_batch_does_not_stop_the_rest() -> None:
     assert await engine.store_many(SWAP0, SWAP_OBJECT, batch) == [True, False, True, False]
     assert engine.stats()["reject_compress_poor"] == 2
     assert await engine.load_many(SWAP0, SWAP_OBJECT, range(4)) == [
-        bytes(PAGE), None, b"\x01" * PAGE, None
+        bytes(PAGE),
+        None,
+        b"\x01" * PAGE,
+        None,
     ]
     check_invariants(engine)
 
@@ -339,10 +372,10 @@ async def test_ephemeral_pages_evicted_lru_first() -> None:
     for i in range(3):
         await engine.store(eph(i), page(i))
     assert await engine.load(eph(0)) == page(0)  # 0 is now the most recently used
-    await engine.store(eph(3), page(3))          # evicts 1, the least recently used
+    await engine.store(eph(3), page(3))  # evicts 1, the least recently used
     assert engine.entry(eph(1)) is None
     assert engine.entry(eph(0)) is not None
-    await engine.store(eph(4), page(4))          # evicts 2
+    await engine.store(eph(4), page(4))  # evicts 2
     assert engine.entry(eph(2)) is None
     assert await engine.load(eph(0)) == page(0)
     assert await engine.load(eph(1)) is None
@@ -584,12 +617,20 @@ async def test_stats_names_and_gauges() -> None:
     assert swap_stats["stored_pages"] == 3
     assert fs_stats["stored_pages"] == 1
     assert fs_stats["compr_data_size"] == PAGE
-    for name in ("stored_pages", "orig_data_size", "compr_data_size", "same_filled_pages",
-                 "dedup_pages", "stores"):
+    for name in (
+        "stored_pages",
+        "orig_data_size",
+        "compr_data_size",
+        "same_filled_pages",
+        "dedup_pages",
+        "stores",
+    ):
         assert swap_stats[name] + fs_stats[name] == stats[name], name
     # Per-pool totals share the backend's overhead pro rata; they add up to within rounding.
-    assert abs(swap_stats["pool_total_size"] + fs_stats["pool_total_size"]
-               - stats["pool_total_size"]) <= 1
+    assert (
+        abs(swap_stats["pool_total_size"] + fs_stats["pool_total_size"] - stats["pool_total_size"])
+        <= 1
+    )
     check_invariants(engine)
 
 
@@ -633,7 +674,8 @@ class ThreadedRaw(RawBackend):
 
     async def encode_many(self, pages: Sequence[bytes]) -> list[Encoded]:
         return await trio.to_thread.run_sync(
-            lambda: [Encoded(bytes(p), len(p) + 33) for p in pages], limiter=self.limiter)
+            lambda: [Encoded(bytes(p), len(p) + 33) for p in pages], limiter=self.limiter
+        )
 
     async def load_many(
         self, locations: Sequence[Location], handles: Sequence[bytes]
@@ -661,7 +703,10 @@ class HeldLimiter:
 
 
 async def run_store_during(
-    engine: Engine, pool_id: PoolId, obj: str, pages: Sequence[tuple[int, bytes]],
+    engine: Engine,
+    pool_id: PoolId,
+    obj: str,
+    pages: Sequence[tuple[int, bytes]],
     meanwhile: Callable[[], object],  # may return an awaitable
 ) -> list[bool] | Exception:
     """Start store_many, run `meanwhile()` while it awaits its encode, then let it finish."""
@@ -720,7 +765,10 @@ async def test_flush_and_recreate_while_store_many_encodes() -> None:
 async def test_invalidate_object_while_store_many_encodes() -> None:
     engine = with_pools(make_threaded_engine(), FS)
     result = await run_store_during(
-        engine, FS, OBJ, [(i, page(i)) for i in range(32)],
+        engine,
+        FS,
+        OBJ,
+        [(i, page(i)) for i in range(32)],
         lambda: engine.invalidate_object(FS, OBJ),
     )
     assert isinstance(result, NoSuchObject) or not any(result)
@@ -802,7 +850,8 @@ indexes = st.integers(0, 7)
 ops = st.one_of(
     st.tuples(st.just("store"), st.sampled_from(POOLS), indexes, st.integers(0, len(PALETTE) - 1)),
     st.tuples(
-        st.just("store_many"), st.sampled_from(POOLS),
+        st.just("store_many"),
+        st.sampled_from(POOLS),
         st.lists(st.tuples(indexes, st.integers(0, len(PALETTE) - 1)), max_size=6),
     ),
     st.tuples(st.just("load"), st.sampled_from(POOLS), st.lists(indexes, min_size=1, max_size=6)),
@@ -822,7 +871,11 @@ ops = st.one_of(
     program=st.lists(ops, max_size=40),
 )
 async def test_engine_matches_a_dict_model(
-    backend: str, max_pool: int, exclusive: bool, reject_poor: bool, shared: bool,
+    backend: str,
+    max_pool: int,
+    exclusive: bool,
+    reject_poor: bool,
+    shared: bool,
     program: list[tuple[object, ...]],
 ) -> None:
     """Persistent pages behave exactly like a dict; ephemeral ones may miss, never lie."""
@@ -900,8 +953,11 @@ async def test_a_page_stored_twice_into_the_tier_keeps_the_second_copy(tmp_path:
     from tmemfs.backends.filestore import FileStore
 
     limiter = trio.CapacityLimiter(2)
-    engine = Engine(open_backend("lz4", page_size=PAGE, limiter=limiter, reject_ratio=0.875),
-                    max_pool=1, writeback=FileStore(tmp_path / "tier", PAGE, limiter))
+    engine = Engine(
+        open_backend("lz4", page_size=PAGE, limiter=limiter, reject_ratio=0.875),
+        max_pool=1,
+        writeback=FileStore(tmp_path / "tier", PAGE, limiter),
+    )
     await engine.open()
     try:
         engine.create_pool(SWAP0)

@@ -142,10 +142,16 @@ CASES: list[tuple[str, Case, int]] = [
     ("read-missing-page", lambda t: load(t.fs / "6"), errno.ENOENT),
     ("read-invalidated-page", read_after_invalidate, errno.ENOENT),
     ("stat-unlinked-page", lambda t: _unlink_then(t, os.stat), errno.ENOENT),
-    ("open-unlinked-page", lambda t: _unlink_then(t, lambda p: open_fd(p, os.O_RDONLY)),
-     errno.ENOENT),
-    ("rmw-unlinked-page", lambda t: _unlink_then(t, lambda p: pwrite_and_close(p, b"x", 9)),
-     errno.ENOENT),
+    (
+        "open-unlinked-page",
+        lambda t: _unlink_then(t, lambda p: open_fd(p, os.O_RDONLY)),
+        errno.ENOENT,
+    ),
+    (
+        "rmw-unlinked-page",
+        lambda t: _unlink_then(t, lambda p: pwrite_and_close(p, b"x", 9)),
+        errno.ENOENT,
+    ),
     ("unlink-missing-page", lambda t: os.unlink(t.fs / "6"), errno.ENOENT),
     ("unlink-missing-cc-page", lambda t: os.unlink(t.obj / "6"), errno.ENOENT),
     ("rmdir-missing-pool", lambda t: os.rmdir(t.mnt / "frontswap/99999"), errno.ENOENT),
@@ -190,10 +196,12 @@ CASES: list[tuple[str, Case, int]] = [
     ("create-number-in-cc-pool", lambda t: create(t.cc / "7"), errno.EPERM),
     # pages are at most a page
     ("write-at-page-end", lambda t: pwrite_and_close(t.page, b"x", PAGE), errno.EFBIG),
-    ("write-across-page-end", lambda t: pwrite_and_close(t.page, b"x" * 10, PAGE - 5),
-     errno.EFBIG),
-    ("write-more-than-a-page", lambda t: _raise(try_store(t.fs / "8", b"x" * (PAGE + 1))),
-     errno.EFBIG),
+    ("write-across-page-end", lambda t: pwrite_and_close(t.page, b"x" * 10, PAGE - 5), errno.EFBIG),
+    (
+        "write-more-than-a-page",
+        lambda t: _raise(try_store(t.fs / "8", b"x" * (PAGE + 1))),
+        errno.EFBIG,
+    ),
     ("write-cc-past-page", lambda t: pwrite_and_close(t.cpage, b"x", PAGE), errno.EFBIG),
     ("truncate-page-up", lambda t: os.truncate(t.page, PAGE + 1), errno.EFBIG),
     ("ftruncate-page-up", lambda t: ftruncate(t.page, 2 * PAGE), errno.EFBIG),
@@ -201,8 +209,11 @@ CASES: list[tuple[str, Case, int]] = [
     # stats files are read-only
     ("open-stats-write", lambda t: open_fd(t.mnt / "stats", os.O_WRONLY), errno.EACCES),
     ("open-stats-rdwr", lambda t: open_fd(t.mnt / "stats", os.O_RDWR), errno.EACCES),
-    ("open-stats-append", lambda t: open_fd(t.mnt / "stats", os.O_WRONLY | os.O_APPEND),
-     errno.EACCES),
+    (
+        "open-stats-append",
+        lambda t: open_fd(t.mnt / "stats", os.O_WRONLY | os.O_APPEND),
+        errno.EACCES,
+    ),
     ("open-fs-dotstats-write", lambda t: open_fd(t.fs / ".stats", os.O_WRONLY), errno.EACCES),
     ("open-cc-dotstats-write", lambda t: open_fd(t.cc / ".stats", os.O_WRONLY), errno.EACCES),
     ("truncate-stats", lambda t: os.truncate(t.mnt / "stats", 0), errno.EACCES),
@@ -221,12 +232,9 @@ CASES: list[tuple[str, Case, int]] = [
     ("link-cc-page", lambda t: os.link(t.cpage, t.obj / "4"), errno.EPERM),
     ("symlink-in-fs-pool", lambda t: os.symlink("5", t.fs / "6"), errno.EPERM),
     ("symlink-in-object", lambda t: os.symlink("3", t.obj / "4"), errno.EPERM),
-    ("mknod-reg-in-fs-pool", lambda t: os.mknod(t.fs / "6", stat.S_IFREG | 0o644),
-     errno.EPERM),
-    ("mknod-fifo-in-fs-pool", lambda t: os.mknod(t.fs / "6", stat.S_IFIFO | 0o644),
-     errno.EPERM),
-    ("mknod-reg-in-object", lambda t: os.mknod(t.obj / "4", stat.S_IFREG | 0o644),
-     errno.EPERM),
+    ("mknod-reg-in-fs-pool", lambda t: os.mknod(t.fs / "6", stat.S_IFREG | 0o644), errno.EPERM),
+    ("mknod-fifo-in-fs-pool", lambda t: os.mknod(t.fs / "6", stat.S_IFIFO | 0o644), errno.EPERM),
+    ("mknod-reg-in-object", lambda t: os.mknod(t.obj / "4", stat.S_IFREG | 0o644), errno.EPERM),
     ("chmod-page", lambda t: os.chmod(t.page, 0o600), errno.EPERM),
     ("chmod-cc-page", lambda t: os.chmod(t.cpage, 0o600), errno.EPERM),
     ("chown-page", lambda t: os.chown(t.page, 1000, 1000), errno.EPERM),
@@ -238,8 +246,7 @@ CASES: list[tuple[str, Case, int]] = [
     ("setxattr-page", lambda t: os.setxattr(t.page, "user.x", b"1"), errno.EOPNOTSUPP),
     ("setxattr-pool", lambda t: os.setxattr(t.fs, "user.x", b"1"), errno.EOPNOTSUPP),
     ("setxattr-root", lambda t: os.setxattr(t.mnt, "user.x", b"1"), errno.EOPNOTSUPP),
-    ("setxattr-stats", lambda t: os.setxattr(t.mnt / "stats", "user.x", b"1"),
-     errno.EOPNOTSUPP),
+    ("setxattr-stats", lambda t: os.setxattr(t.mnt / "stats", "user.x", b"1"), errno.EOPNOTSUPP),
     ("getxattr-page", lambda t: os.getxattr(t.page, "user.x"), errno.EOPNOTSUPP),
     ("getxattr-cc-page", lambda t: os.getxattr(t.cpage, "user.x"), errno.EOPNOTSUPP),
     ("getxattr-pool", lambda t: os.getxattr(t.fs, "user.x"), errno.EOPNOTSUPP),
@@ -253,8 +260,9 @@ def assert_mount_answers(mount: Mount) -> None:
     assert mount.alive(), f"tmemfs died:\n{mount.log_text()}"
 
 
-@pytest.mark.parametrize(("action", "expected"), [(c[1], c[2]) for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("action", "expected"), [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_errno(shared_mount: Mount, tree: Tree, action: Case, expected: int) -> None:
     with pytest.raises(OSError) as exc:
         action(tree)

@@ -57,8 +57,14 @@ def run_inspect(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     if os.geteuid() != 0:
         pytest.skip("inspect.sh mounts tmemfs: needs root")
     env = {**os.environ, "TMEMFS": TMEMFS_ENV, "TMPDIR": str(tmp_path)}
-    return subprocess.run(["bash", str(EXAMPLES / "inspect.sh"), *args], capture_output=True,
-                          text=True, env=env, timeout=60, check=False)
+    return subprocess.run(
+        ["bash", str(EXAMPLES / "inspect.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
 
 
 def check_inspect_output(out: str) -> None:
@@ -82,8 +88,9 @@ def check_inspect_output(out: str) -> None:
     assert rows["cleancache/inspect-demo"][1] == "1"
     assert rows["total"][1] == "9"
     lines = out.splitlines()
-    counts = [lines[i + 1] for i, line in enumerate(lines)
-              if line.startswith("# ls frontswap/0 | wc -l")]
+    counts = [
+        lines[i + 1] for i, line in enumerate(lines) if line.startswith("# ls frontswap/0 | wc -l")
+    ]
     assert counts == ["8", "7"]  # before and after `rm frontswap/0/2`
     assert out.rstrip().endswith("inspect.sh: done")
 
@@ -119,17 +126,22 @@ def test_inspect_on_an_existing_mount_leaves_it_as_it_was(tmem: Mount, tmp_path:
 
 
 def block_cache(mount: Path, *args: str) -> dict[str, object]:
-    result = subprocess.run([sys.executable, str(EXAMPLES / "block_cache.py"), str(mount),
-                             *args, "--json"], capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "block_cache.py"), str(mount), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def make_gzip(path: Path, size: int) -> Path:
     """A gzip file of `size` bytes of numbered lines."""
-    lines = b"".join(b"line %08d of a file to be read at random offsets\n" % i
-                     for i in range(size // 50 + 1))[:size]
+    lines = b"".join(
+        b"line %08d of a file to be read at random offsets\n" % i for i in range(size // 50 + 1)
+    )[:size]
     path.write_bytes(gzip.compress(lines, compresslevel=6))
     return path
 
@@ -163,8 +175,9 @@ def test_block_cache_keeps_blocks_for_the_next_run(tmem: Mount, tmp_path: Path) 
     assert again["hits"] == again["verified"] == 400
     assert again["miss_estimate"] > 0 and again["saved_seconds"] >= 0  # timed, not counted
     # Other reads: fewer misses than on a cold cache.
-    other = block_cache(mount, str(source), "--reads", "400", "--pool", "gz", "--seed", "2",
-                        "--drop")
+    other = block_cache(
+        mount, str(source), "--reads", "400", "--pool", "gz", "--seed", "2", "--drop"
+    )
     assert other["hit_rate"] > first["hit_rate"]
     assert page_names(mount / "cleancache" / "gz") == set()
 
@@ -180,8 +193,13 @@ def test_block_cache_under_a_small_budget_sees_evictions(
 
 
 def test_block_cache_says_so_when_it_is_not_a_tmemfs(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(EXAMPLES / "block_cache.py"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "block_cache.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"block_cache: {tmp_path} is not a mounted tmemfs (No such file or directory)"
@@ -193,10 +211,22 @@ def test_block_cache_says_so_when_it_is_not_a_tmemfs(tmp_path: Path) -> None:
 # Settings that give a service its own mount namespace, where a FUSE mount would
 # stay hidden from the rest of the system.
 NAMESPACE_SETTINGS = (
-    "PrivateTmp", "PrivateDevices", "PrivateMounts", "ProtectSystem", "ProtectHome",
-    "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
-    "ProtectControlGroups", "ProtectHostname", "ProtectProc", "ReadOnlyPaths",
-    "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "RootDirectory",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateMounts",
+    "ProtectSystem",
+    "ProtectHome",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectHostname",
+    "ProtectProc",
+    "ReadOnlyPaths",
+    "InaccessiblePaths",
+    "TemporaryFileSystem",
+    "BindPaths",
+    "RootDirectory",
     "MountAPIVFS",
 )
 
@@ -265,8 +295,13 @@ def test_systemd_analyze_verifies_an_instance(tmp_path: Path) -> None:
     # An instance for /mnt/tmem, running the tmemfs that exists here.
     instance = tmp_path / "tmemfs@mnt-tmem.service"
     instance.write_text(UNIT.read_text().replace("/usr/local/bin/tmemfs", str(tmemfs)))
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(instance)],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(instance)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "tmemfs@" not in result.stderr, result.stderr
 
@@ -278,8 +313,13 @@ def test_readme_points_at_files_that_exist() -> None:
     readme = (REPO / "README.md").read_text()
     section = readme.split("\n## Operating tmemfs\n", 1)[1]
     paths = set(re.findall(r"(?<![\w/])((?:examples|mount_helpers|man)/[\w@.\-]+)", section))
-    assert {"man/tmemfs.8", "mount_helpers/install.sh", "examples/tmemfs@.service",
-            "examples/inspect.sh", "examples/block_cache.py",
-            "examples/swap-on-loop.sh"} <= paths
+    assert {
+        "man/tmemfs.8",
+        "mount_helpers/install.sh",
+        "examples/tmemfs@.service",
+        "examples/inspect.sh",
+        "examples/block_cache.py",
+        "examples/swap-on-loop.sh",
+    } <= paths
     for path in paths:
         assert (REPO / path).exists(), f"README names {path}, which does not exist"

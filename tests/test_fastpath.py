@@ -95,8 +95,11 @@ def test_dd_over_the_image_is_answered_now(tmem: Mount) -> None:
     source = tmem.path.parent / "dd-source"
     data = b"".join(text_page(i) if i % 3 else random_page(i) for i in range(3 * 256))
     source.write_bytes(data)
-    subprocess.run(["dd", f"if={source}", f"of={img}", "bs=1M", "oflag=direct", "status=none"],
-                   check=True, timeout=60)
+    subprocess.run(
+        ["dd", f"if={source}", f"of={img}", "bs=1M", "oflag=direct", "status=none"],
+        check=True,
+        timeout=60,
+    )
     assert img.stat().st_size == len(data)
     # Three 1 MiB writes; the truncate and the page written before are gone.
     assert answered_now(tmem) == 1 + 3

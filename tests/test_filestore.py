@@ -68,8 +68,9 @@ def file_slots(store: FileStore) -> float:
 
 def check_index(store: FileStore) -> None:
     """Every slot below the end is used by exactly one location or free, never both."""
-    used = [packed >> store._shift
-            for pages in store._objects.values() for packed in pages.values()]
+    used = [
+        packed >> store._shift for pages in store._objects.values() for packed in pages.values()
+    ]
     assert len(used) == len(set(used)) == store._entries
     assert not set(used) & store._free
     assert set(used) | store._free | store._zombies == set(range(store._end))
@@ -101,7 +102,10 @@ async def test_replace_stays_in_its_slot(store: FileStore) -> None:
     assert os.path.getsize(store.path) == size
     assert slot_bytes(store, 1, 100) == shorter
     assert await store.get_many([loc(0), loc(1), loc(2)]) == [
-        payload(0, PAGE), shorter, payload(2, PAGE)]
+        payload(0, PAGE),
+        shorter,
+        payload(2, PAGE),
+    ]
     # Longer again, and twice in one batch: the last payload wins.
     await store.put_many([(loc(1), payload(5, 50)), (loc(1), payload(6, 3000))])
     assert await store.get_many([loc(1)]) == [payload(6, 3000)]
@@ -121,8 +125,11 @@ async def test_freed_slots_are_reused_lowest_first(store: FileStore) -> None:
     await store.put_many([(loc(102), payload(102, PAGE))])
     assert os.path.getsize(store.path) == size + PAGE
     expected = {loc(i): payload(i, PAGE) for i in range(10) if i not in (3, 7)}
-    expected |= {loc(100): payload(100, 200), loc(101): payload(101, 300),
-                 loc(102): payload(102, PAGE)}
+    expected |= {
+        loc(100): payload(100, 200),
+        loc(101): payload(101, 300),
+        loc(102): payload(102, PAGE),
+    }
     assert await store.get_many(list(expected)) == list(expected.values())
     check_index(store)
 
@@ -133,16 +140,18 @@ async def test_free_end_is_cut_off_at_the_next_put(store: FileStore) -> None:
     await store.put_many([(loc(4), payload(44, PAGE))])
     assert file_slots(store) == 5
     assert await store.get_many([loc(i) for i in range(5)]) == [
-        *(payload(i, PAGE) for i in range(4)), payload(44, PAGE)]
+        *(payload(i, PAGE) for i in range(4)),
+        payload(44, PAGE),
+    ]
 
 
 async def test_unknown_locations_give_none(store: FileStore) -> None:
     assert await store.get_many([]) == []
     assert await store.get_many([loc(1)]) == [None]
     await store.put_many([(loc(1), b"one"), (loc(1, generation=2), b"two")])
-    assert await store.get_many([loc(2), loc(1), loc(1, pool="frontswap/1"),
-                                 loc(1, generation=2), loc(1, obj="x")]) == [
-        None, b"one", None, b"two", None]
+    assert await store.get_many(
+        [loc(2), loc(1), loc(1, pool="frontswap/1"), loc(1, generation=2), loc(1, obj="x")]
+    ) == [None, b"one", None, b"two", None]
     await store.delete_many([loc(1), loc(1), loc(5), loc(1, obj="nothing")])
     assert await store.get_many([loc(1), loc(1, generation=2)]) == [None, b"two"]
     check_index(store)
@@ -231,8 +240,11 @@ def tiny_tmpfs(path: Path) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a 64k tmpfs to fill up needs root")
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -267,7 +279,8 @@ async def test_full_disk_raises_and_keeps_what_was_stored(tmp_path: Path) -> Non
             await store.put_many(again)
             assert os.path.getsize(store.path) <= size
             assert await store.get_many([location for location, _ in again]) == [
-                data for _, data in again]
+                data for _, data in again
+            ]
             check_index(store)
 
 
@@ -299,8 +312,15 @@ async def test_write_error_forgets_only_the_half_written_slot(
     monkeypatch.undo()
     check_index(store)
     assert await store.get_many([loc(i) for i in (0, 1, 2, 3, 4, 5, 20, 21)]) == [
-        payload(0, 1000), payload(11, 2000), payload(2, 1000), None,
-        payload(4, 1000), payload(5, 1000), None, None]
+        payload(0, 1000),
+        payload(11, 2000),
+        payload(2, 1000),
+        None,
+        payload(4, 1000),
+        payload(5, 1000),
+        None,
+        None,
+    ]
     # The half-written slot is free again and is the first one reused.
     await store.put_many([(loc(30), b"reuse")])
     assert slot_bytes(store, 3, 5) == b"reuse"
@@ -409,8 +429,10 @@ locations = st.builds(
 )
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("put"), st.lists(
-            st.tuples(locations, st.binary(max_size=SMALL_PAGE)), max_size=8)),
+        st.tuples(
+            st.just("put"),
+            st.lists(st.tuples(locations, st.binary(max_size=SMALL_PAGE)), max_size=8),
+        ),
         st.tuples(st.just("get"), st.lists(locations, max_size=8)),
         st.tuples(st.just("delete"), st.lists(locations, max_size=8)),
     ),

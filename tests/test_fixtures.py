@@ -31,14 +31,18 @@ def append(log: Path, text: str) -> None:
 
 
 def test_undeclared_error_fails_the_test(tmp_path: Path) -> None:
-    with pytest.raises(pytest.fail.Exception, match="logged errors"), \
-            mounted(tmp_path / "mnt") as mount:
+    with (
+        pytest.raises(pytest.fail.Exception, match="logged errors"),
+        mounted(tmp_path / "mnt") as mount,
+    ):
         append(mount.log, ERROR_RECORD)
 
 
 def test_bare_traceback_fails_the_test(tmp_path: Path) -> None:
-    with pytest.raises(pytest.fail.Exception, match="logged errors"), \
-            mounted(tmp_path / "mnt") as mount:
+    with (
+        pytest.raises(pytest.fail.Exception, match="logged errors"),
+        mounted(tmp_path / "mnt") as mount,
+    ):
         append(mount.log, "2026-12-02 10:00:00,000 INFO x: fine\n" + ERROR_RECORD.split("\n", 1)[1])
 
 

@@ -29,44 +29,143 @@ EXAMPLES = 5000
 TIME_BUDGET = 45.0  # seconds of fuzzing; later examples return at once
 
 DOCUMENTED = {
-    errno.ENOENT, errno.EINVAL, errno.EEXIST, errno.EPERM, errno.EACCES, errno.EFBIG,
-    errno.ENOSPC, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.ENODATA,
-    errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENAMETOOLONG, errno.EBADF, errno.EXDEV,
+    errno.ENOENT,
+    errno.EINVAL,
+    errno.EEXIST,
+    errno.EPERM,
+    errno.EACCES,
+    errno.EFBIG,
+    errno.ENOSPC,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENOTEMPTY,
+    errno.ENODATA,
+    errno.EOPNOTSUPP,
+    errno.ENOTSUP,
+    errno.ENAMETOOLONG,
+    errno.EBADF,
+    errno.EXDEV,
     errno.ENOTTY,
 }
 PROTECTED = {"4242", "reference", "obj"}  # the reference pages' pool and object names
 
 # Where calls start: directories and files of every kind in the tree.
-BASES = ["", "frontswap", "cleancache", "frontswap/7", "cleancache/fz", "cleancache/fz/o",
-         "frontswap/7/1", "cleancache/fz/o/2", "stats", ".daemon", "frontswap/7/.stats"]
+BASES = [
+    "",
+    "frontswap",
+    "cleancache",
+    "frontswap/7",
+    "cleancache/fz",
+    "cleancache/fz/o",
+    "frontswap/7/1",
+    "cleancache/fz/o/2",
+    "stats",
+    ".daemon",
+    "frontswap/7/.stats",
+]
 
-FLAGS = [os.O_RDONLY, os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_EXCL, os.O_TRUNC, os.O_APPEND,
-         os.O_DIRECT, os.O_SYNC, os.O_DSYNC, os.O_NONBLOCK, os.O_DIRECTORY, os.O_NOFOLLOW,
-         os.O_NOATIME, os.O_CLOEXEC, os.O_NOCTTY]
+FLAGS = [
+    os.O_RDONLY,
+    os.O_WRONLY,
+    os.O_RDWR,
+    os.O_CREAT,
+    os.O_EXCL,
+    os.O_TRUNC,
+    os.O_APPEND,
+    os.O_DIRECT,
+    os.O_SYNC,
+    os.O_DSYNC,
+    os.O_NONBLOCK,
+    os.O_DIRECTORY,
+    os.O_NOFOLLOW,
+    os.O_NOATIME,
+    os.O_CLOEXEC,
+    os.O_NOCTTY,
+]
 
 name_text = st.one_of(
-    st.sampled_from(["0", "1", "7", "00", "-1", "4097", "18446744073709551616", ".", "..",
-                     ".stats", ".img", "7.img", "x.img", "fz", "o", "a" * 255, "a" * 256,
-                     "9" * 300, "é", "a b", " ", "\t", "\\", "*"]),
-    st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]),
-            min_size=1, max_size=40),
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "7",
+            "00",
+            "-1",
+            "4097",
+            "18446744073709551616",
+            ".",
+            "..",
+            ".stats",
+            ".img",
+            "7.img",
+            "x.img",
+            "fz",
+            "o",
+            "a" * 255,
+            "a" * 256,
+            "9" * 300,
+            "é",
+            "a b",
+            " ",
+            "\t",
+            "\\",
+            "*",
+        ]
+    ),
+    st.text(
+        st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]),
+        min_size=1,
+        max_size=40,
+    ),
     st.from_regex(r"[0-9]{1,25}", fullmatch=True),
 )
-names = st.one_of(name_text.map(os.fsencode),
-                  st.binary(min_size=1, max_size=300).filter(lambda b: b"\x00" not in b))
-common = st.sampled_from([b"1", b"2", b"3", b"7", b"fz", b"o", b"new", b"5.img", b"7.img",
-                          b".stats", b"stats", b"frontswap", b"cleancache", b"x"])
+names = st.one_of(
+    name_text.map(os.fsencode),
+    st.binary(min_size=1, max_size=300).filter(lambda b: b"\x00" not in b),
+)
+common = st.sampled_from(
+    [
+        b"1",
+        b"2",
+        b"3",
+        b"7",
+        b"fz",
+        b"o",
+        b"new",
+        b"5.img",
+        b"7.img",
+        b".stats",
+        b"stats",
+        b"frontswap",
+        b"cleancache",
+        b"x",
+    ]
+)
 paths = st.lists(st.one_of(common, common, names), min_size=1, max_size=4).map(
-    lambda parts: b"/".join(parts))
+    lambda parts: b"/".join(parts)
+)
 flags = st.lists(st.sampled_from(FLAGS), max_size=4).map(
-    lambda fs: sum(set(fs)) if fs else os.O_RDONLY)
+    lambda fs: sum(set(fs)) if fs else os.O_RDONLY
+)
 sizes = st.one_of(st.integers(0, 9000), st.sampled_from([4095, 4096, 4097, 8192, 65536]))
 offsets = st.one_of(st.integers(0, 9000), st.sampled_from([2**31, 2**40, 2**62]))
 xattr_names = st.one_of(
-    st.sampled_from(["user.a", "trusted.x", "security.selinux", "system.posix_acl_access",
-                     "system.posix_acl_default", "security.capability", "user." + "n" * 200]),
-    st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]),
-            min_size=1, max_size=60),
+    st.sampled_from(
+        [
+            "user.a",
+            "trusted.x",
+            "security.selinux",
+            "system.posix_acl_access",
+            "system.posix_acl_default",
+            "security.capability",
+            "user." + "n" * 200,
+        ]
+    ),
+    st.text(
+        st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]),
+        min_size=1,
+        max_size=60,
+    ),
 )
 
 op = st.one_of(
@@ -84,8 +183,13 @@ op = st.one_of(
     st.tuples(st.just("chmod"), paths, st.integers(0, 0o7777)),
     st.tuples(st.just("chown"), paths, st.integers(0, 70000)),
     st.tuples(st.just("utime"), paths),
-    st.tuples(st.just("setxattr"), paths, xattr_names, st.binary(max_size=512),
-              st.sampled_from([0, os.XATTR_CREATE, os.XATTR_REPLACE])),
+    st.tuples(
+        st.just("setxattr"),
+        paths,
+        xattr_names,
+        st.binary(max_size=512),
+        st.sampled_from([0, os.XATTR_CREATE, os.XATTR_REPLACE]),
+    ),
     st.tuples(st.just("getxattr"), paths, xattr_names),
     st.tuples(st.just("listxattr"), paths),
     st.tuples(st.just("removexattr"), paths, xattr_names),
@@ -100,8 +204,11 @@ def touches_reference(path: bytes) -> bool:
 
 def vfs_busy(operation: tuple[object, ...], exc: OSError) -> bool:
     """EBUSY for renaming to or from . or ..: the kernel says it; the daemon never hears."""
-    return exc.errno == errno.EBUSY and operation[0] == "rename" and any(
-        isinstance(p, bytes) and p.rsplit(b"/", 1)[-1] in (b".", b"..") for p in operation)
+    return (
+        exc.errno == errno.EBUSY
+        and operation[0] == "rename"
+        and any(isinstance(p, bytes) and p.rsplit(b"/", 1)[-1] in (b".", b"..") for p in operation)
+    )
 
 
 def with_fd(dirfd: int, path: bytes, flag: int, action: Callable[[int], object]) -> None:
@@ -118,12 +225,20 @@ def run_op(dirfd: int, operation: tuple[object, ...]) -> None:
     assert isinstance(path, bytes)
     if kind == "open_write":
         flag, size, offset = args
-        with_fd(dirfd, path, flag | os.O_WRONLY,
-                lambda fd: os.pwrite(fd, bytes([size % 251]) * size, offset))
+        with_fd(
+            dirfd,
+            path,
+            flag | os.O_WRONLY,
+            lambda fd: os.pwrite(fd, bytes([size % 251]) * size, offset),
+        )
     elif kind == "open_read":
         flag, size, offset = args
-        with_fd(dirfd, path, flag & ~(os.O_WRONLY | os.O_RDWR),
-                lambda fd: os.pread(fd, max(size, 1), offset))
+        with_fd(
+            dirfd,
+            path,
+            flag & ~(os.O_WRONLY | os.O_RDWR),
+            lambda fd: os.pread(fd, max(size, 1), offset),
+        )
     elif kind == "mkdir":
         os.mkdir(path, args[0], dir_fd=dirfd)
     elif kind == "rmdir":
@@ -163,6 +278,7 @@ def run_op(dirfd: int, operation: tuple[object, ...]) -> None:
                 fcntl.ioctl(fd, args[0], bytes(8))
             elif kind == "fallocate":
                 os.posix_fallocate(fd, args[0], max(args[1], 1))
+
         flag = os.O_RDWR if kind == "fallocate" else os.O_RDONLY
         with_fd(dirfd, path, flag, on_fd)
 
@@ -187,8 +303,13 @@ def test_fuzzed_calls_get_documented_errnos_and_leave_pages_intact(tmem: Mount) 
     calls = 0
     started = time.monotonic()
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(base=st.sampled_from(BASES), ops=st.lists(op, min_size=1, max_size=8))
     def fuzz(base: str, ops: list[tuple[object, ...]]) -> None:
         nonlocal calls
@@ -218,11 +339,14 @@ def test_fuzzed_calls_get_documented_errnos_and_leave_pages_intact(tmem: Mount) 
 
     fuzz()
     elapsed = time.monotonic() - started
-    print(f"fuzz: {calls} calls in {elapsed:.1f}s; errnos: "
-          f"{sorted(errno.errorcode.get(e, str(e)) for e in seen)}")
+    print(
+        f"fuzz: {calls} calls in {elapsed:.1f}s; errnos: "
+        f"{sorted(errno.errorcode.get(e, str(e)) for e in seen)}"
+    )
     assert tmem.alive()
-    undocumented = {errno.errorcode.get(e, str(e)): how for e, how in seen.items()
-                    if e not in DOCUMENTED}
+    undocumented = {
+        errno.errorcode.get(e, str(e)): how for e, how in seen.items() if e not in DOCUMENTED
+    }
     assert not undocumented, f"undocumented errnos: {undocumented}"
     assert errno.EIO not in seen
     for path, page in reference.items():

@@ -36,7 +36,6 @@ def image(tmem: Mount, n: int = 0, size: int = 16 * MiB) -> Path:
     return path
 
 
-
 def pwrite(path: Path, off: int, data: bytes, flags: int = 0) -> None:
     fd = os.open(path, os.O_WRONLY | flags)
     try:
@@ -102,13 +101,17 @@ def test_one_mib_direct_write_counts_pages(tmem: Mount) -> None:
     source = img.parent.parent.parent / "one-mib"
     source.write_bytes(b"".join(text_page(i) for i in range(256)))
     # dd's O_DIRECT buffer is page-aligned, as a loop device's are: one request, 256 pages.
-    subprocess.run(["dd", f"if={source}", f"of={img}", "bs=1M", "oflag=direct",
-                    "conv=notrunc", "status=none"], check=True)
+    subprocess.run(
+        ["dd", f"if={source}", f"of={img}", "bs=1M", "oflag=direct", "conv=notrunc", "status=none"],
+        check=True,
+    )
     after = tmem.stats()
     assert after["stores"] - before["stores"] == 256
     assert after["stored_pages"] == 256
-    subprocess.run(["dd", f"if={img}", "of=/dev/null", "bs=1M", "count=1", "iflag=direct",
-                    "status=none"], check=True)
+    subprocess.run(
+        ["dd", f"if={img}", "of=/dev/null", "bs=1M", "count=1", "iflag=direct", "status=none"],
+        check=True,
+    )
     assert tmem.stats()["loads"] - after["loads"] == 256
 
 
@@ -161,8 +164,9 @@ def loop_devices(tmp_path: Path) -> None:
         pytest.skip("no loop devices on this machine")
     probe = tmp_path / "probe.img"
     probe.write_bytes(bytes(MiB))
-    dev = subprocess.run(["losetup", "-f", "--show", str(probe)],
-                         capture_output=True, text=True, timeout=30)
+    dev = subprocess.run(
+        ["losetup", "-f", "--show", str(probe)], capture_output=True, text=True, timeout=30
+    )
     if dev.returncode != 0:
         pytest.skip(f"cannot make a loop device here: {dev.stderr.strip()}")
     subprocess.run(["losetup", "-d", dev.stdout.strip()], timeout=30, check=False)
@@ -171,13 +175,18 @@ def loop_devices(tmp_path: Path) -> None:
 def test_loop_device_round_trip(loop_devices: None, tmem: Mount) -> None:
     """The kernel's own block layer, through losetup --direct-io=on."""
     img = image(tmem, size=8 * MiB)
-    dev = subprocess.run(["losetup", "--direct-io=on", "-f", "--show", str(img)],
-                         capture_output=True, text=True, timeout=30)
+    dev = subprocess.run(
+        ["losetup", "--direct-io=on", "-f", "--show", str(img)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert dev.returncode == 0, f"losetup of a tmemfs image failed: {dev.stderr.strip()}"
     device = dev.stdout.strip()
     try:
         assert Path(f"/sys/block/{Path(device).name}/loop/dio").read_text().strip() == "1", (
-            "the loop device does not do direct I/O on the image")
+            "the loop device does not do direct I/O on the image"
+        )
         data = b"".join(text_page(i) for i in range(512))
         with open(device, "r+b", buffering=0) as f:
             f.write(data)
@@ -194,15 +203,30 @@ def test_fio_verify(tmem: Mount, tmp_path: Path) -> None:
         pytest.skip("fio is not installed (examples/setup.sh installs it)")
     img = image(tmem, size=64 * MiB)
     result = subprocess.run(
-        ["fio", "--name=tmemfs-verify", f"--filename={img}", "--direct=1",
-         "--ioengine=psync", "--rw=randwrite", "--bsrange=4k-1m", "--size=64M",
-         "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--iodepth=1",
-         "--numjobs=1", "--randseed=42", "--verify_state_save=0",
-         "--output-format=json"],
-        capture_output=True, text=True, timeout=300,
+        [
+            "fio",
+            "--name=tmemfs-verify",
+            f"--filename={img}",
+            "--direct=1",
+            "--ioengine=psync",
+            "--rw=randwrite",
+            "--bsrange=4k-1m",
+            "--size=64M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--iodepth=1",
+            "--numjobs=1",
+            "--randseed=42",
+            "--verify_state_save=0",
+            "--output-format=json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr + result.stdout[-2000:]
-    job = json.loads(result.stdout[result.stdout.index("{"):])["jobs"][0]
+    job = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] >= 64 * MiB
     assert job["read"]["io_bytes"] >= 64 * MiB  # the verify pass read everything back

@@ -31,8 +31,8 @@ pytestmark = [
 
 PROCESSES = 8
 SECONDS = 12.0
-SHARED = 64          # indexes 0..63, written by every worker
-OWN = 64             # indexes 1000 + 100*w + 0..63, one worker each
+SHARED = 64  # indexes 0..63, written by every worker
+OWN = 64  # indexes 1000 + 100*w + 0..63, one worker each
 
 _WORKER = r"""
 import errno, hashlib, json, os, random, sys, time
@@ -134,9 +134,10 @@ def test_eight_processes_never_see_a_wrong_page(tmem: Mount) -> None:
     pool.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(pool), str(w), str(SECONDS), str(SHARED),
-             str(OWN)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-c", _WORKER, str(pool), str(w), str(SECONDS), str(SHARED), str(OWN)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for w in range(PROCESSES)
     ]

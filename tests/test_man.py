@@ -44,8 +44,14 @@ def render(*man_args: str, page: Path = PAGE) -> subprocess.CompletedProcess[str
     need("man", "groff")
     env = {k: v for k, v in os.environ.items() if k not in ("MANPAGER", "PAGER", "MANOPT")}
     env |= {"MANWIDTH": str(WIDTH), "LC_ALL": "C.UTF-8", "MAN_KEEP_FORMATTING": ""}
-    return subprocess.run(["man", *man_args, "-l", str(page)], capture_output=True,
-                          text=True, env=env, timeout=60, check=False)
+    return subprocess.run(
+        ["man", *man_args, "-l", str(page)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
 
 
 def rendered_text(page: Path = PAGE) -> str:
@@ -83,9 +89,7 @@ def entries(lines: list[str]) -> list[tuple[str, str]]:
         # body ("--json Print ..."); a longer one has the line to itself. Lines of
         # plain paragraphs (and subsection headings) are neither.
         inline = len(first) > 15 and first[13] == " " and first[14] != " "
-        if not first.startswith(" " * 7) or first[7] == " " or (
-            not inline and len(paragraph) == 1
-        ):
+        if not first.startswith(" " * 7) or first[7] == " " or (not inline and len(paragraph) == 1):
             continue
         tag = first[:14].strip() if inline else first.strip()
         result.append((tag, " ".join(" ".join(paragraph).split())))
@@ -136,18 +140,24 @@ def test_every_option_of_every_command_is_documented() -> None:
                 if not has_token(block, name):
                     missing.append(f"tmemfs {command}: {name} in SYNOPSIS")
                 continue
-            paragraphs = [body for tag, body in options
-                          if any(has_token(tag, opt) for opt in action.option_strings)]
+            paragraphs = [
+                body
+                for tag, body in options
+                if any(has_token(tag, opt) for opt in action.option_strings)
+            ]
             for opt in action.option_strings:
                 if not any(has_token(tag, opt) for tag, _ in options):
                     missing.append(f"tmemfs {command}: {opt} in OPTIONS")
             if action.default not in (None, False, argparse.SUPPRESS) and paragraphs:
                 spellings = default_spellings(action.default)
                 if not any(has_token(body, s) for body in paragraphs for s in spellings):
-                    missing.append(f"tmemfs {command}: default {spellings[0]} of "
-                                   f"{action.option_strings[-1]}")
-            if command and not isinstance(action, argparse._HelpAction) and not any(
-                has_token(block, opt) for opt in action.option_strings
+                    missing.append(
+                        f"tmemfs {command}: default {spellings[0]} of {action.option_strings[-1]}"
+                    )
+            if (
+                command
+                and not isinstance(action, argparse._HelpAction)
+                and not any(has_token(block, opt) for opt in action.option_strings)
             ):
                 missing.append(f"tmemfs {command}: {action.option_strings[-1]} in SYNOPSIS")
     assert not missing, "man/tmemfs.8 does not document:\n" + "\n".join(missing)
@@ -182,13 +192,21 @@ def test_every_errno_is_documented() -> None:
 def test_the_filesystem_page_is_for_users() -> None:
     """tmemfs(5) stands alone: the tree, the semantics, the image, discard, errors."""
     page = sections(rendered_text(FS_PAGE))
-    for heading in ("NAME", "DESCRIPTION", "ERRORS", "STATISTICS", "FILES", "EXAMPLES",
-                    "SEE ALSO"):
+    for heading in ("NAME", "DESCRIPTION", "ERRORS", "STATISTICS", "FILES", "EXAMPLES", "SEE ALSO"):
         assert heading in page, f"tmemfs(5) has no {heading} section"
     description = " ".join(" ".join(page["DESCRIPTION"]).split())
-    for words in ("frontswap/", "cleancache/", ".stats", "N.img", "FALLOC_FL_PUNCH_HOLE",
-                  "FALLOC_FL_ZERO_RANGE", "EOPNOTSUPP", "--exclusive-gets", "Remounts",
-                  "Permissions"):
+    for words in (
+        "frontswap/",
+        "cleancache/",
+        ".stats",
+        "N.img",
+        "FALLOC_FL_PUNCH_HOLE",
+        "FALLOC_FL_ZERO_RANGE",
+        "EOPNOTSUPP",
+        "--exclusive-gets",
+        "Remounts",
+        "Permissions",
+    ):
         assert words in description, f"tmemfs(5) DESCRIPTION does not cover {words}"
     assert "tmemfs(8)" in " ".join(page["SEE ALSO"])
     readme = (REPO / "README.md").read_text()
@@ -198,26 +216,51 @@ def test_the_filesystem_page_is_for_users() -> None:
 
 def test_the_page_has_the_sections_operators_look_for() -> None:
     page = sections(rendered_text())
-    for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "FILES", "STATISTICS",
-                    "EXIT STATUS", "EXAMPLES", "BUGS", "SEE ALSO"):
+    for heading in (
+        "NAME",
+        "SYNOPSIS",
+        "DESCRIPTION",
+        "OPTIONS",
+        "FILES",
+        "STATISTICS",
+        "EXIT STATUS",
+        "EXAMPLES",
+        "BUGS",
+        "SEE ALSO",
+    ):
         assert heading in page, f"no {heading} section"
     files = " ".join(" ".join(page["FILES"]).split())
-    for path in ("MOUNT/stats", "MOUNT/frontswap/N/.stats", "MOUNT/.daemon",
-                 "MOUNT/frontswap/N.img"):
+    for path in (
+        "MOUNT/stats",
+        "MOUNT/frontswap/N/.stats",
+        "MOUNT/.daemon",
+        "MOUNT/frontswap/N.img",
+    ):
         assert path in files
     assert "discard" not in " ".join(page["BUGS"])  # no longer a known limit
     assert "discard" in " ".join(page["DESCRIPTION"])
     see_also = " ".join(page["SEE ALSO"])
-    for ref in ("tmemfs(5)", "zramctl(8)", "swapon(8)", "losetup(8)", "mount.fuse3(8)",
-                "redis-server(1)"):
+    for ref in (
+        "tmemfs(5)",
+        "zramctl(8)",
+        "swapon(8)",
+        "losetup(8)",
+        "mount.fuse3(8)",
+        "redis-server(1)",
+    ):
         assert ref in see_also
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_renders_without_warnings(page: Path) -> None:
     need("groff")
-    groff = subprocess.run(["groff", "-man", "-ww", "-z", str(page)], capture_output=True,
-                           text=True, timeout=60, check=False)
+    groff = subprocess.run(
+        ["groff", "-man", "-ww", "-z", str(page)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert groff.returncode == 0
     assert groff.stderr == ""
     man = render("--warnings=all", page=page)
@@ -240,16 +283,31 @@ def test_an_install_puts_the_page_where_man_finds_it(tmp_path: Path) -> None:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source)
     for name in ("tmemfs", "man"):
-        shutil.copytree(REPO / name, source / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60
+    )
     # Our pip, pointed at the new venv (--python), so the test venv is never touched.
     pip = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-         "--no-deps", "--no-input", "--disable-pip-version-check", str(source)],
-        capture_output=True, text=True, timeout=110, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "--no-input",
+            "--disable-pip-version-check",
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
     )
     if pip.returncode != 0 and "satisfies the requirement setuptools" in pip.stderr:
         pytest.skip("no package index to fetch the build backend (setuptools) from")
@@ -260,7 +318,13 @@ def test_an_install_puts_the_page_where_man_finds_it(tmp_path: Path) -> None:
         section = page.suffix[1:]
         installed = venv / "share" / "man" / f"man{section}" / page.name
         assert installed.read_bytes() == page.read_bytes()
-        where = subprocess.run(["man", "-w", section, "tmemfs"], capture_output=True,
-                               text=True, env=env, timeout=60, check=False)
+        where = subprocess.run(
+            ["man", "-w", section, "tmemfs"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
         assert where.returncode == 0, where.stderr
         assert Path(where.stdout.strip()) == installed

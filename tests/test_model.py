@@ -164,29 +164,40 @@ class TmemModel(RuleBasedStateMachine):
 
     # -- rules -------------------------------------------------------------------------
 
-    @rule(directory=st.sampled_from(PERSISTENT + EPHEMERAL), index=st.sampled_from(INDEXES),
-          page=pages)
+    @rule(
+        directory=st.sampled_from(PERSISTENT + EPHEMERAL),
+        index=st.sampled_from(INDEXES),
+        page=pages,
+    )
     def store_page(self, directory: str, index: int, page: tuple[str, int]) -> None:
         self.put(directory, index, make_page(*page))
 
-    @rule(directory=st.sampled_from(PERSISTENT + EPHEMERAL),
-          indexes=st.lists(st.sampled_from(INDEXES), min_size=2, max_size=6, unique=True),
-          seed=st.integers(0, 2**16))
+    @rule(
+        directory=st.sampled_from(PERSISTENT + EPHEMERAL),
+        indexes=st.lists(st.sampled_from(INDEXES), min_size=2, max_size=6, unique=True),
+        seed=st.integers(0, 2**16),
+    )
     def store_burst(self, directory: str, indexes: list[int], seed: int) -> None:
         """Several incompressible pages in a row: the pressure that makes a budget bite."""
         for i, index in enumerate(indexes):
             self.put(directory, index, random_page(seed + i))
 
-    @rule(directory=st.sampled_from(PERSISTENT + EPHEMERAL), index=st.sampled_from(INDEXES),
-          data=short_data)
+    @rule(
+        directory=st.sampled_from(PERSISTENT + EPHEMERAL),
+        index=st.sampled_from(INDEXES),
+        data=short_data,
+    )
     def store_short(self, directory: str, index: int, data: bytes) -> None:
         """Like `echo data > page`: zero-padded."""
         self.put(directory, index, data)
         if directory in self.persistent and index in self.persistent[directory]:
             assert self.persistent[directory][index] == padded(data)
 
-    @rule(directory=st.sampled_from(PERSISTENT + EPHEMERAL), index=st.sampled_from(INDEXES),
-          patch=patches)
+    @rule(
+        directory=st.sampled_from(PERSISTENT + EPHEMERAL),
+        index=st.sampled_from(INDEXES),
+        patch=patches,
+    )
     def store_patch(self, directory: str, index: int, patch: tuple[int, int, int]) -> None:
         """A write into a page opened without O_TRUNC: read-modify-write."""
         offset, length, seed = patch
@@ -333,7 +344,8 @@ class TmemModel(RuleBasedStateMachine):
         finally:
             os.close(fd)
         assert data == self.persistent[directory].get(index, ZERO_PAGE), (
-            f"{directory}.img page {index} is not page file {directory}/{index}")
+            f"{directory}.img page {index} is not page file {directory}/{index}"
+        )
 
     @precondition(lambda self: self.tiny)
     @rule()
@@ -389,8 +401,7 @@ def run_model(
     mount: Mount, tiny: bool, *, writeback: bool = False, config: settings = SETTINGS
 ) -> None:
     """Run TmemModel over `mount` (tests/test_redis_model.py reuses it for Redis)."""
-    machine = type("Machine", (TmemModel,), {"mount": mount, "tiny": tiny,
-                                             "writeback": writeback})
+    machine = type("Machine", (TmemModel,), {"mount": mount, "tiny": tiny, "writeback": writeback})
     run_state_machine_as_test(machine, settings=config)
 
 

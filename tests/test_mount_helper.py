@@ -27,11 +27,18 @@ TMEMFS_COMMAND = Path(sys.executable).parent / "tmemfs"
 MARKER = "# Installed by tmemfs mount_helpers/install.sh"
 
 
-def install(directory: Path, *args: str, tmemfs: Path | str = TMEMFS_COMMAND,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def install(
+    directory: Path, *args: str, tmemfs: Path | str = TMEMFS_COMMAND, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TMEMFS": str(tmemfs)}
-    return subprocess.run(["bash", str(INSTALL), "--dir", str(directory), *args], env=env,
-                          capture_output=True, text=True, timeout=30, check=check)
+    return subprocess.run(
+        ["bash", str(INSTALL), "--dir", str(directory), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=check,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +53,13 @@ def helper_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def helper(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(directory / "mount.fuse.tmemfs"), *args], capture_output=True,
-                          text=True, timeout=30, check=False)
+    return subprocess.run(
+        [str(directory / "mount.fuse.tmemfs"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 # -- install.sh ---------------------------------------------------------------------------
@@ -93,18 +105,41 @@ def test_install_refuses_a_command_that_is_not_tmemfs(tmp_path: Path) -> None:
 # -- option translation (-f: print the command, do not run it) -------------------------
 
 
-@pytest.mark.parametrize(("options", "expected"), [
-    ("backend=lz4,max_pool=25%", ["--backend", "lz4", "--max-pool", "25%"]),
-    ("rw,nosuid,nodev,noexec,nofail,noauto,defaults,_netdev,user,x-systemd.automount",
-     []),
-    ("writeback=/var/tmp/tier,page_size=8192,reject_ratio=0.5,reject_poor,exclusive_gets,"
-     "allow_other,namespace=ns1,remote_timeout=3,metrics=127.0.0.1:9477,log=/tmp/l,debug",
-     ["--writeback", "/var/tmp/tier", "--page-size", "8192", "--reject-ratio", "0.5",
-      "--reject-poor", "--exclusive-gets", "--allow-other", "--namespace", "ns1",
-      "--remote-timeout", "3", "--metrics", "127.0.0.1:9477", "--log", "/tmp/l", "--debug"]),
-    ('backend="redis+cluster://a:7000,b:7000",max-pool=1G',
-     ["--backend", "redis+cluster://a:7000,b:7000", "--max-pool", "1G"]),
-])
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ("backend=lz4,max_pool=25%", ["--backend", "lz4", "--max-pool", "25%"]),
+        ("rw,nosuid,nodev,noexec,nofail,noauto,defaults,_netdev,user,x-systemd.automount", []),
+        (
+            "writeback=/var/tmp/tier,page_size=8192,reject_ratio=0.5,reject_poor,exclusive_gets,"
+            "allow_other,namespace=ns1,remote_timeout=3,metrics=127.0.0.1:9477,log=/tmp/l,debug",
+            [
+                "--writeback",
+                "/var/tmp/tier",
+                "--page-size",
+                "8192",
+                "--reject-ratio",
+                "0.5",
+                "--reject-poor",
+                "--exclusive-gets",
+                "--allow-other",
+                "--namespace",
+                "ns1",
+                "--remote-timeout",
+                "3",
+                "--metrics",
+                "127.0.0.1:9477",
+                "--log",
+                "/tmp/l",
+                "--debug",
+            ],
+        ),
+        (
+            'backend="redis+cluster://a:7000,b:7000",max-pool=1G',
+            ["--backend", "redis+cluster://a:7000,b:7000", "--max-pool", "1G"],
+        ),
+    ],
+)
 def test_options_become_tmemfs_mount_options(
     helper_dir: Path, tmp_path: Path, options: str, expected: list[str]
 ) -> None:
@@ -114,12 +149,15 @@ def test_options_become_tmemfs_mount_options(
     assert command == [str(TMEMFS_COMMAND), "mount", *expected, "--", str(tmp_path)]
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ("backend=lz4,bogus", "unknown option 'bogus'"),
-    ("max_pool", "option 'max_pool' needs a value"),
-    ("debug=1", "option 'debug' takes no value"),
-    ("ro", "no read-only mode"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("backend=lz4,bogus", "unknown option 'bogus'"),
+        ("max_pool", "option 'max_pool' needs a value"),
+        ("debug=1", "option 'debug' takes no value"),
+        ("ro", "no read-only mode"),
+    ],
+)
 def test_bad_options_are_one_line_and_exit_1(
     helper_dir: Path, tmp_path: Path, options: str, message: str
 ) -> None:
@@ -202,9 +240,24 @@ def run_in_namespace(helpers: Path, mnt: Path, *command: str) -> dict[str, str]:
     pidfile = mnt.parent / f"{mnt.name}.pid"
     try:
         result = subprocess.run(
-            ["unshare", "-m", "--propagation", "private", "bash", "-c", NAMESPACE_SCRIPT,
-             "namespace-test", str(mnt), str(helpers), str(pidfile), *command],
-            capture_output=True, text=True, timeout=60, check=False,
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+                NAMESPACE_SCRIPT,
+                "namespace-test",
+                str(mnt),
+                str(helpers),
+                str(pidfile),
+                *command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     finally:
         # Last resort: the daemon (only ours, by the pid it reported) must not outlive us.
@@ -232,8 +285,15 @@ def ram() -> int:
 def test_mount_t_fuse_tmemfs(helper_dir: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "tmem"
     lines = run_in_namespace(
-        helper_dir, mnt,
-        "mount", "-t", "fuse.tmemfs", "tmemfs", str(mnt), "-o", "backend=lz4,max_pool=25%",
+        helper_dir,
+        mnt,
+        "mount",
+        "-t",
+        "fuse.tmemfs",
+        "tmemfs",
+        str(mnt),
+        "-o",
+        "backend=lz4,max_pool=25%",
     )
     assert lines["backend"] == "lz4"
     assert abs(int(lines["max_pool"]) - ram() // 4) <= 4096

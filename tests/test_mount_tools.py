@@ -98,8 +98,10 @@ def test_pages_written_and_read_in_pieces_count_once(tmem: Mount, tmp_path: Path
     pieces = run("dd", f"if={pool / '3'}", "bs=512", "status=none").stdout
 
     assert pieces == data
-    assert run("dd", f"if={pool / '3'}", "bs=1", "skip=100", "count=3",
-               "status=none").stdout == data[100:103]
+    assert (
+        run("dd", f"if={pool / '3'}", "bs=1", "skip=100", "count=3", "status=none").stdout
+        == data[100:103]
+    )
     after = tmem.stats()
     assert delta(before, after, "stores") == 1, "8 writes of 512 bytes are one page stored"
     assert delta(before, after, "loads") == 2, "a read from offset 0 is one get"
@@ -134,14 +136,10 @@ def test_ls_lists_pages_and_hides_dot_files(tmem: Mount) -> None:
     assert set(run("ls", pool).stdout.decode().split()) == {"0", "5", "4711"}
     # "." and ".." are optional in readdir (POSIX). .stats, .max and .weight are not listed
     # even by -a (archivers must not copy them), yet it is there for whoever names it.
-    assert set(run("ls", "-a", pool).stdout.decode().split()) - {".", ".."} == {
-        "0", "5", "4711"
-    }
+    assert set(run("ls", "-a", pool).stdout.decode().split()) - {".", ".."} == {"0", "5", "4711"}
     assert b"stored_pages 3\n" in run("cat", pool / ".stats").stdout
     assert set(run("ls", tmem.path / "frontswap").stdout.decode().split()) == {"0"}
-    assert set(run("ls", tmem.path).stdout.decode().split()) == {
-        "stats", "frontswap", "cleancache"
-    }
+    assert set(run("ls", tmem.path).stdout.decode().split()) == {"stats", "frontswap", "cleancache"}
 
 
 def test_stat_size_and_blocks_show_logical_and_real_cost(tmem: Mount) -> None:
@@ -309,7 +307,6 @@ def test_a_partial_page_is_stored_at_close(tmem: Mount) -> None:
     assert load(pool / "1") == patched(old, 10, b"new")
 
 
-
 def test_short_write_is_zero_padded(tmem: Mount) -> None:
     pool = fs_pool(tmem)
     before = tmem.stats()
@@ -333,9 +330,7 @@ def test_truncating_open_replaces_the_whole_page(tmem: Mount) -> None:
     assert load(pool / "9") == padded(b"hi\n"), "O_TRUNC must not keep the old tail"
 
 
-def test_partial_write_without_truncate_is_read_modify_write(
-    tmem: Mount, tmp_path: Path
-) -> None:
+def test_partial_write_without_truncate_is_read_modify_write(tmem: Mount, tmp_path: Path) -> None:
     pool = fs_pool(tmem)
     old = random_page()
     store(pool / "2", old)
@@ -344,8 +339,16 @@ def test_partial_write_without_truncate_is_read_modify_write(
     before = tmem.stats()
 
     # Three one-byte writes at 100, 101, 102, assembled and stored once at close.
-    run("dd", f"if={src}", f"of={pool / '2'}", "bs=1", "count=3", "seek=100",
-        "conv=notrunc", "status=none")
+    run(
+        "dd",
+        f"if={src}",
+        f"of={pool / '2'}",
+        "bs=1",
+        "count=3",
+        "seek=100",
+        "conv=notrunc",
+        "status=none",
+    )
 
     assert load(pool / "2") == patched(old, 100, b"XYZ")
     assert delta(before, tmem.stats(), "stores") == 1, "stores count pages, not requests"

@@ -50,8 +50,7 @@ def test_stats_files_are_parsed_by_tmemfs_engine_stats_only() -> None:
                 continue
             if ".splitlines()" in body and re.search(r"""["'](\.?stats|\.daemon)["']""", body):
                 parsers.append(f"{name}:{node.lineno} {node.name}")
-    assert not parsers, "use tmemfs.engine.stats.parse/counters instead of:\n" + "\n".join(
-        parsers)
+    assert not parsers, "use tmemfs.engine.stats.parse/counters instead of:\n" + "\n".join(parsers)
 
 
 def test_shared_helpers_are_defined_once() -> None:
@@ -72,13 +71,16 @@ def test_shared_helpers_are_defined_once() -> None:
     for helper, home in homes.items():
         places = defined[helper]
         assert len(places) == 1 and places[0].startswith(home + ":"), (
-            f"{helper} belongs in {home} alone; defined at {places}")
+            f"{helper} belongs in {home} alone; defined at {places}"
+        )
 
 
 def test_the_bench_opens_o_direct_in_one_module() -> None:
-    others = [name for name, text in sources()
-              if name.startswith("bench/") and name != "bench/directio.py"
-              and "os.O_DIRECT" in text]
+    others = [
+        name
+        for name, text in sources()
+        if name.startswith("bench/") and name != "bench/directio.py" and "os.O_DIRECT" in text
+    ]
     assert not others, f"O_DIRECT loops belong in bench/directio.py, not {others}"
 
 

@@ -63,12 +63,25 @@ def test_metrics_endpoint_has_every_counter_by_pool(mount_factory) -> None:  # t
     assert sample(text, "tmemfs_loads_total", "frontswap/0") == 1
     assert sample(text, "tmemfs_orig_data_size_bytes", "frontswap/0") == 3 * 4096
     # Every counter of SPEC section 5, with units in the names, as node_exporter would.
-    for name in ("stored_pages", "orig_data_size_bytes", "compr_data_size_bytes",
-                 "pool_total_size_bytes", "same_filled_pages", "dedup_pages",
-                 "duplicate_entry_total", "reject_compress_poor_total",
-                 "reject_alloc_fail_total", "pool_limit_hit_total", "written_back_pages_total",
-                 "evicted_pages_total", "loads_total", "load_misses_total", "stores_total",
-                 "invalidates_total", "lost_pages_total"):
+    for name in (
+        "stored_pages",
+        "orig_data_size_bytes",
+        "compr_data_size_bytes",
+        "pool_total_size_bytes",
+        "same_filled_pages",
+        "dedup_pages",
+        "duplicate_entry_total",
+        "reject_compress_poor_total",
+        "reject_alloc_fail_total",
+        "pool_limit_hit_total",
+        "written_back_pages_total",
+        "evicted_pages_total",
+        "loads_total",
+        "load_misses_total",
+        "stores_total",
+        "invalidates_total",
+        "lost_pages_total",
+    ):
         assert f"\ntmemfs_{name}{{" in text, name
     assert re.search(r"^tmemfs_max_pool_size_bytes \d", text, re.MULTILINE)
     # A second scrape sees what changed in between.
@@ -82,9 +95,13 @@ def test_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         (tmp_path / "mnt").mkdir()
-        result = subprocess.run([*TMEMFS, "mount", "--metrics", f"127.0.0.1:{port}",
-                                 str(tmp_path / "mnt")], capture_output=True, text=True,
-                                timeout=60, check=False)
+        result = subprocess.run(
+            [*TMEMFS, "mount", "--metrics", f"127.0.0.1:{port}", str(tmp_path / "mnt")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "metrics" in result.stderr
     assert str(tmp_path / "mnt") not in Path("/proc/mounts").read_text()
@@ -93,8 +110,11 @@ def test_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
 def test_stat_watch_shows_rates(tmem: Mount) -> None:
     pool = tmem.path / "frontswap" / "0"
     pool.mkdir()
-    watcher = subprocess.Popen([*TMEMFS, "stat", "--watch", "0.5", "--json", str(tmem.path)],
-                               stdout=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(
+        [*TMEMFS, "stat", "--watch", "0.5", "--json", str(tmem.path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert watcher.stdout is not None
         first = json.loads(watcher.stdout.readline())
@@ -117,8 +137,9 @@ def test_secrets_never_reach_logs_or_stats(redis_factory: RedisFactory, tmp_path
     url = f"redis://:{secret}@127.0.0.1:{server.port}/0"
     mnt, log = tmp_path / "mnt", tmp_path / "daemon.log"
     mnt.mkdir()
-    subprocess.run([*TMEMFS, "mount", "--backend", url, "--log", str(log), str(mnt)],
-                   check=True, timeout=60)
+    subprocess.run(
+        [*TMEMFS, "mount", "--backend", url, "--log", str(log), str(mnt)], check=True, timeout=60
+    )
     try:
         (mnt / "frontswap" / "0").mkdir()
         store(mnt / "frontswap" / "0" / "1", text_page(1))
@@ -128,8 +149,13 @@ def test_secrets_never_reach_logs_or_stats(redis_factory: RedisFactory, tmp_path
         # ps shows the daemon's command line: tmemfs rewrites it with the password masked.
         pid = re.search(r"^pid (\d+)$", daemon, re.MULTILINE)
         assert pid is not None
-        ps = subprocess.run(["ps", "-ww", "-o", "args=", "-p", pid.group(1)], capture_output=True,
-                            text=True, timeout=30, check=True).stdout
+        ps = subprocess.run(
+            ["ps", "-ww", "-o", "args=", "-p", pid.group(1)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         assert "tmemfs" in ps and secret not in ps
         assert secret.encode() not in Path(f"/proc/{pid.group(1)}/cmdline").read_bytes()
     finally:
@@ -138,21 +164,31 @@ def test_secrets_never_reach_logs_or_stats(redis_factory: RedisFactory, tmp_path
     assert "mounted" in text and "unmounted" in text
     assert secret not in text
     # A wrong password is one line that does not repeat the password either.
-    bad = subprocess.run([*TMEMFS, "mount", "--backend", url.replace(secret, "wrong-" + secret),
-                          str(mnt)], capture_output=True, text=True, timeout=60, check=False)
+    bad = subprocess.run(
+        [*TMEMFS, "mount", "--backend", url.replace(secret, "wrong-" + secret), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert bad.returncode == 1 and secret not in bad.stderr
 
 
 def test_log_has_start_stop_and_debug_request_lines(tmp_path: Path) -> None:
     mnt, log = tmp_path / "mnt", tmp_path / "daemon.log"
     mnt.mkdir()
-    subprocess.run([*TMEMFS, "mount", "--debug", "--log", str(log), "--max-pool", "64M",
-                    str(mnt)], check=True, timeout=60, capture_output=True)
+    subprocess.run(
+        [*TMEMFS, "mount", "--debug", "--log", str(log), "--max-pool", "64M", str(mnt)],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
     try:
         (mnt / "frontswap" / "0").mkdir()
         store(mnt / "frontswap" / "0" / "1", text_page(1))
-        table = subprocess.run([*TMEMFS, "stat", str(mnt)], capture_output=True, text=True,
-                               check=True, timeout=60).stdout
+        table = subprocess.run(
+            [*TMEMFS, "stat", str(mnt)], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
     finally:
         subprocess.run([*TMEMFS, "umount", str(mnt)], check=True, timeout=60)
     text = log.read_text()
@@ -164,7 +200,17 @@ def test_log_has_start_stop_and_debug_request_lines(tmp_path: Path) -> None:
     # (A whole-page write is answered on pyfuse3's fast path, and logged by that name.)
     assert re.search(r"DEBUG tmemfs.fs: write(_now)?\(\d+, 0, <4096 bytes>\)", text)
     header, row = table.splitlines()[:2]
-    for column in ("PAGES", "ORIG", "COMPR", "RATIO", "SAME", "DEDUP", "WRITTENBACK",
-                   "REJECTED", "LOADS", "MISSES"):
+    for column in (
+        "PAGES",
+        "ORIG",
+        "COMPR",
+        "RATIO",
+        "SAME",
+        "DEDUP",
+        "WRITTENBACK",
+        "REJECTED",
+        "LOADS",
+        "MISSES",
+    ):
         assert column in header
     assert row.split()[:2] == ["frontswap/0", "1"]

@@ -59,8 +59,16 @@ def incompressible(seed: int) -> bytes:
 
 # Same-filled words: a record keeps the low half in its hash field and the high half in
 # its slot field, so words that agree in one half must still be told apart.
-WORDS = [0, 1, 0xFFFFFFFFFFFFFFFF, 0x0101, 0xFFFFFFFF, 0xFFFFFFFF00000000, 1 << 32,
-         0x0123456789ABCDEF]
+WORDS = [
+    0,
+    1,
+    0xFFFFFFFFFFFFFFFF,
+    0x0101,
+    0xFFFFFFFF,
+    0xFFFFFFFF00000000,
+    1 << 32,
+    0x0123456789ABCDEF,
+]
 
 pages = st.one_of(
     st.sampled_from(WORDS).map(same_filled),
@@ -197,18 +205,24 @@ class StoreMachine(RuleBasedStateMachine):
     # Recompression, in the three steps the engine takes: begin on the store's thread,
     # run in a worker (here: whenever hypothesis says), commit on the store's thread.
     @precondition(lambda self: self.pending is None)
-    @rule(max_pages=st.integers(1, 64), level=st.sampled_from([1, 3, 9]), settle=st.booleans(),
-          dictionary=st.booleans(), train=st.sampled_from([0, 0, 1024, 8192]))
-    def recompress_begin(self, max_pages: int, level: int, settle: bool, dictionary: bool,
-                         train: int) -> None:
+    @rule(
+        max_pages=st.integers(1, 64),
+        level=st.sampled_from([1, 3, 9]),
+        settle=st.booleans(),
+        dictionary=st.booleans(),
+        train=st.sampled_from([0, 0, 1024, 8192]),
+    )
+    def recompress_begin(
+        self, max_pages: int, level: int, settle: bool, dictionary: bool, train: int
+    ) -> None:
         if settle:
             # A sweep whose batches are dropped: it only marks every page idle.
             while not self.store.recompress_begin(64, 1).sweep_done:
                 pass
         # Any dictionary that trains is taken (min_saving -1): the point is to use them.
-        self.pending = self.store.recompress_begin(max_pages, level, scan_limit=97,
-                                                   dictionary=dictionary, train=train,
-                                                   min_saving=-1.0)
+        self.pending = self.store.recompress_begin(
+            max_pages, level, scan_limit=97, dictionary=dictionary, train=train, min_saving=-1.0
+        )
         self.pending_ran = False
         self.touched = set()
 
@@ -290,9 +304,13 @@ class StoreMachine(RuleBasedStateMachine):
         # The first finishes the sweep that a begun batch left half done.
         for n in range(3):
             while True:
-                batch = self.store.recompress_begin(64, 3, dictionary=dictionary,
-                                                    train=4096 if train and n == 1 else 0,
-                                                    min_saving=-1.0)
+                batch = self.store.recompress_begin(
+                    64,
+                    3,
+                    dictionary=dictionary,
+                    train=4096 if train and n == 1 else 0,
+                    min_saving=-1.0,
+                )
                 train = train and n != 1
                 batch.run()
                 self.store.recompress_commit(batch)
@@ -344,8 +362,9 @@ class StoreMachine(RuleBasedStateMachine):
     def counters_agree(self) -> None:
         store, model = self.store, self.model
         assert store.same_filled_pages == model.same_filled_pages()
-        assert store.payload_pages == sum(n for p, n in model.refs.items()
-                                          if not Model.word_page(p))
+        assert store.payload_pages == sum(
+            n for p, n in model.refs.items() if not Model.word_page(p)
+        )
         if self.cap >= REFS_LIMIT:
             assert store.dedup_pages == model.dedup_pages()
         # Each handle counts the keys that hold it, up to the cap; past the cap a page
@@ -362,8 +381,9 @@ class StoreMachine(RuleBasedStateMachine):
         lengths = [store.length(h) for h in handles]
         assert store.payload_bytes == sum(lengths)
         assert store.slot_bytes == sum(-(-n // GRAIN) * GRAIN for n in lengths)
-        assert store.memory_used() == (store.slot_bytes + len(handles) * RECORD_OVERHEAD
-                                       + store.dictionary_bytes)
+        assert store.memory_used() == (
+            store.slot_bytes + len(handles) * RECORD_OVERHEAD + store.dictionary_bytes
+        )
         assert store.chunk_bytes >= store.slot_bytes
         if not handles:
             assert store.chunk_bytes == 0
@@ -384,7 +404,8 @@ class StoreMachine(RuleBasedStateMachine):
         assert store.dict_payload_bytes == sum(store.length(h) for h in dict_handles)
         assert store.zstd_payload_bytes == sum(store.length(h) for h in zstd)
         assert store.recompress_saved_bytes == sum(
-            store.encode(self.page_of(h)).length(0) - store.length(h) for h in zstd)
+            store.encode(self.page_of(h)).length(0) - store.length(h) for h in zstd
+        )
 
     def page_of(self, handle: int) -> bytes:
         return next(p for h, p in self.keys.values() if h == handle)
@@ -397,7 +418,9 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 StoreMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None,
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_store_matches_model = StoreMachine.TestCase
@@ -411,7 +434,9 @@ class SaturatingStoreMachine(StoreMachine):
 
 
 SaturatingStoreMachine.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=40, deadline=None,
+    max_examples=100,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_store_matches_model_past_full_counts = SaturatingStoreMachine.TestCase
@@ -479,7 +504,8 @@ def test_a_page_used_while_its_batch_is_out_is_left_alone(use: str) -> None:
     live = [i for i in range(8) if use != "compact" or not 1 <= i < 4]
     # A compaction moved payloads, but not what they hold: those are recompressed.
     assert [store.codec(handles[i]) for i in live] == (
-        ["zstd"] * len(live) if use == "compact" else ["lz4"] + ["zstd"] * 7)
+        ["zstd"] * len(live) if use == "compact" else ["lz4"] + ["zstd"] * 7
+    )
     for i in live:
         assert store.load(handles[i]) == batch[i]
 
@@ -512,8 +538,7 @@ def test_dictionary_pages_load_dedup_and_give_their_lz4_payload() -> None:
     assert store.dict_pages == codecs.count("zstd+dict")
     ((slot, records, size),) = store.dictionary_slots()
     assert slot == store.current_dict and records == store.dict_pages and size <= 4096
-    assert store.memory_used() == (store.slot_bytes + 64 * RECORD_OVERHEAD
-                                   + store.dictionary_bytes)
+    assert store.memory_used() == (store.slot_bytes + 64 * RECORD_OVERHEAD + store.dictionary_bytes)
     out = bytearray(64 * PAGE)
     store.load_into(handles, out)
     assert bytes(out) == b"".join(pages)
@@ -522,7 +547,8 @@ def test_dictionary_pages_load_dedup_and_give_their_lz4_payload() -> None:
     # Stored again (as a page, or as a tier's payload), each is found by dedup.
     assert store.keep_all(store.encode(b"".join(pages))) == handles
     assert [store.keep(store.encode_payload(store.encode(p).payload(0)), 0) for p in pages] == (
-        handles)
+        handles
+    )
     assert store.dict_pages == 3 * codecs.count("zstd+dict")
     for _ in range(3):
         store.release_many(handles)
@@ -700,6 +726,7 @@ def test_compaction_across_classes_moves_every_record_it_must() -> None:
 
 def test_flushed_memory_goes_back_to_the_system() -> None:
     """RSS, not counters: 80 MiB of payloads kept and released leaves no chunk resident."""
+
     def rss() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
@@ -803,13 +830,18 @@ def test_a_missing_compiled_store_is_one_clear_line(tmp_path: Path) -> None:
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'tmemfs._pagestore':\n"
         "            raise ImportError('No module named tmemfs._pagestore')\n"
-        "sys.meta_path.insert(0, _Block())\n")
+        "sys.meta_path.insert(0, _Block())\n"
+    )
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "tmemfs", "mount", str(mountpoint)],
         env={"PYTHONPATH": str(shadow), "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=60, check=False)
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -817,8 +849,7 @@ def test_a_missing_compiled_store_is_one_clear_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("length", [16, 17, 1000, PAGE])
-def test_every_slot_of_a_chunk_holds_its_payload_until_chunk_numbers_run_out(
-        length: int) -> None:
+def test_every_slot_of_a_chunk_holds_its_payload_until_chunk_numbers_run_out(length: int) -> None:
     """A record packs its chunk and slot in 32 bits, with just the slot bits its class
     needs: the last slot of a chunk and the chunks past the first come back intact,
     through a compaction too, and a class whose chunk numbers ran out fails a keep
@@ -846,7 +877,7 @@ def test_every_slot_of_a_chunk_holds_its_payload_until_chunk_numbers_run_out(
     assert [store.payload(h) for h in handles] == payloads[:-1]
     # Empty the first chunk but for its last slot and thin the second: compaction moves
     # payloads between them.
-    gone = handles[:per_chunk - 1] + handles[per_chunk:per_chunk + 3]
+    gone = handles[: per_chunk - 1] + handles[per_chunk : per_chunk + 3]
     store.release_many(gone)
     store.compact()
     assert store.chunk_bytes == chunk_bytes

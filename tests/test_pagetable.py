@@ -29,8 +29,8 @@ from tmemfs._pagetable import (
 MAX_INDEX = 2**63 - 1
 LEAF = 32
 NS = 10**9
-SENTINEL = 2**32 - 1          # handles from here up go to the side dict
-NOW = 1_700_000_000 * NS      # a stamp of the engine's kind, in nanoseconds
+SENTINEL = 2**32 - 1  # handles from here up go to the side dict
+NOW = 1_700_000_000 * NS  # a stamp of the engine's kind, in nanoseconds
 
 
 class Marker:
@@ -40,12 +40,16 @@ class Marker:
 MARKER = Marker()
 
 indexes = st.one_of(
-    st.integers(0, 3 * LEAF),                      # dense, across leaf edges
-    st.integers(0, 10**6),                         # sparse
+    st.integers(0, 3 * LEAF),  # dense, across leaf edges
+    st.integers(0, 10**6),  # sparse
     st.sampled_from([MAX_INDEX, MAX_INDEX - 31, 2**40]),
 )
-handles = st.one_of(st.integers(0, 2**40), st.binary(min_size=0, max_size=8),
-                    st.just(MARKER), st.sampled_from([SENTINEL - 1, SENTINEL, 2**63 - 2, -5]))
+handles = st.one_of(
+    st.integers(0, 2**40),
+    st.binary(min_size=0, max_size=8),
+    st.just(MARKER),
+    st.sampled_from([SENTINEL - 1, SENTINEL, 2**63 - 2, -5]),
+)
 # How far the engine's clock moves between two stores: often within one second.
 steps = st.one_of(st.integers(1, 1000), st.integers(1, 3 * NS))
 
@@ -68,11 +72,11 @@ class TableModel(RuleBasedStateMachine):
         super().__init__()
         self.meter = IndexMemory()
         self.table = PageTable(self.meter)
-        self.other = PageTable(self.meter)   # a second table sharing the meter
+        self.other = PageTable(self.meter)  # a second table sharing the meter
         self.model: dict[int, tuple[object, int]] = {}
-        self.changed: dict[int, int] = {}    # leaf number -> its `changed`
+        self.changed: dict[int, int] = {}  # leaf number -> its `changed`
         self.clock = NOW
-        self.last = 0                        # the meter's last `changed` value
+        self.last = 0  # the meter's last `changed` value
 
     def next_stamp(self, step: int, late: bool = False) -> int:
         """The engine's next stamp; `late`: one taken before an await, older than the
@@ -102,8 +106,12 @@ class TableModel(RuleBasedStateMachine):
         self.model[index] = (handle, seconds(stamp))
         self.changed[index // LEAF] = self.change(stamp)
 
-    @rule(index=indexes, handle=handles, mtime=st.integers(-NS, 2**63 - 1),
-          changed=st.integers(-1, 2**62))
+    @rule(
+        index=indexes,
+        handle=handles,
+        mtime=st.integers(-NS, 2**63 - 1),
+        changed=st.integers(-1, 2**62),
+    )
     def set_item(self, index: int, handle: object, mtime: int, changed: int) -> None:
         self.table[index] = Entry(handle, mtime, changed)
         self.model[index] = (handle, seconds(mtime))
@@ -133,11 +141,16 @@ class TableModel(RuleBasedStateMachine):
         if index in self.model:
             before = self.table[index]
             self.table.set_handle(index, handle)
-            self.model[index] = (handle, self.model[index][1])   # not a store
+            self.model[index] = (handle, self.model[index][1])  # not a store
             assert (self.table[index] == before) == (handle == before.handle)
 
-    @rule(first=st.integers(0, 4 * LEAF), count=st.integers(0, 80),
-          base=st.integers(0, 2**32 + 40), step=steps, late=st.booleans())
+    @rule(
+        first=st.integers(0, 4 * LEAF),
+        count=st.integers(0, 80),
+        base=st.integers(0, 2**32 + 40),
+        step=steps,
+        late=st.booleans(),
+    )
     def put_run(self, first: int, count: int, base: int, step: int, late: bool) -> None:
         stamp = self.next_stamp(step, late)
         run = [base + n for n in range(count)]
@@ -156,8 +169,7 @@ class TableModel(RuleBasedStateMachine):
 
     @rule(first=st.integers(0, 4 * LEAF), count=st.integers(0, 80))
     def run_handles(self, first: int, count: int) -> None:
-        want = [self.model[i][0] if i in self.model else -1
-                for i in range(first, first + count)]
+        want = [self.model[i][0] if i in self.model else -1 for i in range(first, first + count)]
         assert self.table.run_handles(first, count) == want
 
     @rule(index=indexes, step=steps)
@@ -241,7 +253,7 @@ def test_entries_tell_stores_apart() -> None:
     table.put(3, 7, NOW)
     taken = table[3]
     assert table.get(3) == taken
-    table.put(3, 7, NOW + 1)              # the same handle, stored anew
+    table.put(3, 7, NOW + 1)  # the same handle, stored anew
     assert table.get(3) != taken
     assert table.get(3).mtime_ns == taken.mtime_ns == NOW
     assert table.get(4) is None and table.pop(4, "absent") == "absent"
@@ -253,7 +265,7 @@ def test_the_mtime_is_the_store_in_whole_seconds() -> None:
     table.put_run(1, [2, 3], NOW + 2 * NS + 1)
     assert [table[i].mtime_ns for i in range(3)] == [NOW, NOW + 2 * NS, NOW + 2 * NS]
     table.put(4, 1, -1)
-    table.put(5, 1, 2**63 - 1)            # past 2106: the last second a uint32 holds
+    table.put(5, 1, 2**63 - 1)  # past 2106: the last second a uint32 holds
     assert table[4].mtime_ns == 0 and table[5].mtime_ns == SENTINEL * NS
 
 
@@ -262,13 +274,13 @@ def test_a_neighbours_store_makes_an_older_entry_unequal() -> None:
     table = PageTable()
     table.put_run(0, [10, 11, 12], NOW)
     taken = table[1]
-    table.put(LEAF, 5, NOW + 1)           # another leaf: no effect
+    table.put(LEAF, 5, NOW + 1)  # another leaf: no effect
     assert table[1] == taken
-    table.put(2, 12, NOW + 2)             # a neighbour in the same leaf
+    table.put(2, 12, NOW + 2)  # a neighbour in the same leaf
     assert table[1] != taken
     assert (table[1].handle, table[1].mtime_ns) == (taken.handle, taken.mtime_ns)
     again = table[1]
-    table.put_run(LEAF - 2, [1, 2, 3], NOW + 3)   # a run reaching into the leaf
+    table.put_run(LEAF - 2, [1, 2, 3], NOW + 3)  # a run reaching into the leaf
     assert table[1] != again
 
 
@@ -281,7 +293,7 @@ def test_set_handle_keeps_the_neighbours_entries_equal() -> None:
     for i, entry in enumerate(batch):
         assert table[i] == entry, i
         table.set_handle(i, b"lowered")
-        assert table[i] != entry          # the handle changed
+        assert table[i] != entry  # the handle changed
         assert table[i].changed == entry.changed and table[i].mtime_ns == entry.mtime_ns
     assert table[0] == table[0]
 
@@ -295,9 +307,9 @@ def test_handles_at_and_above_the_sentinel_go_aside() -> None:
     assert [table[i].handle for i in range(len(big))] == big
     assert MAX_INLINE_HANDLE == SENTINEL - 1
     with pytest.raises(TypeError):
-        table.handle_bytes()              # ints kept aside are not packed
-    table.set_handle(0, SENTINEL)         # inline -> aside
-    table.set_handle(1, 5)                # aside -> inline
+        table.handle_bytes()  # ints kept aside are not packed
+    table.set_handle(0, SENTINEL)  # inline -> aside
+    table.set_handle(1, 5)  # aside -> inline
     assert table.pop_run(0, len(big)) == [SENTINEL, 5, *big[2:]]
     assert len(table) == 0
     table.put(0, SENTINEL - 1, NOW)
@@ -314,10 +326,10 @@ def test_a_leaf_dropped_and_made_again_gives_no_old_entry_back() -> None:
     nbytes = table.nbytes
     del table[7]
     assert table.nbytes == 0
-    table.put(7, 3, NOW + 5)              # the same stamp again
+    table.put(7, 3, NOW + 5)  # the same stamp again
     assert table.nbytes == nbytes and table[7] != taken
     del table[7]
-    table.put_run(7, [3], NOW)            # an older stamp (taken before an await)
+    table.put_run(7, [3], NOW)  # an older stamp (taken before an await)
     assert table[7] != taken and table[7].changed > taken.changed
 
 

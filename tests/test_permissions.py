@@ -60,14 +60,23 @@ def as_user_values(
 ) -> dict[str, tuple[int, object]]:
     """Like as_user, with the value each successful step returned."""
     result = subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-         sys.executable, "-c", f"import os; os.umask({umask}); exec({_CHILD!r})",
-         json.dumps(list(steps.items()))],
-        capture_output=True, text=True, timeout=60, check=True, cwd="/",
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            f"import os; os.umask({umask}); exec({_CHILD!r})",
+            json.dumps(list(steps.items())),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd="/",
     )
     return {name: (err, value) for name, (err, value) in json.loads(result.stdout).items()}
-
-
 
 
 @pytest.fixture
@@ -94,16 +103,19 @@ def test_others_cannot_touch_a_0700_pool_of_roots(shared_mount: Mount) -> None:
     page = os.stat(pool / "1")
     assert (page.st_uid, page.st_gid, mode_of(pool / "1")) == (0, 0, 0o600)
 
-    seen = as_user(NOBODY, {
-        "list": f"os.listdir({str(pool)!r})",
-        "read": f"open({str(pool / '1')!r}, 'rb').read()",
-        "write": f"open({str(pool / '2')!r}, 'wb').write(b'x')",
-        "overwrite": f"open({str(pool / '1')!r}, 'r+b').write(b'x')",
-        "unlink": f"os.unlink({str(pool / '1')!r})",
-        "rmdir": f"os.rmdir({str(pool)!r})",
-        "chmod": f"os.chmod({str(pool)!r}, 0o777)",
-        "stats": f"open({str(pool / '.stats')!r}).read()",
-    })
+    seen = as_user(
+        NOBODY,
+        {
+            "list": f"os.listdir({str(pool)!r})",
+            "read": f"open({str(pool / '1')!r}, 'rb').read()",
+            "write": f"open({str(pool / '2')!r}, 'wb').write(b'x')",
+            "overwrite": f"open({str(pool / '1')!r}, 'r+b').write(b'x')",
+            "unlink": f"os.unlink({str(pool / '1')!r})",
+            "rmdir": f"os.rmdir({str(pool)!r})",
+            "chmod": f"os.chmod({str(pool)!r}, 0o777)",
+            "stats": f"open({str(pool / '.stats')!r}).read()",
+        },
+    )
     assert seen == {
         "list": errno.EACCES,
         "read": errno.EACCES,
@@ -125,17 +137,21 @@ def test_a_user_makes_and_uses_a_pool_of_their_own(shared_mount: Mount) -> None:
     assert mode_of(fs) == 0o1777 and mode_of(shared_mount.path / "cleancache") == 0o1777
     pool, obj = fs / "5", shared_mount.path / "cleancache" / "mine" / "inode7"
     page = text_page(5)
-    seen = as_user_values(NOBODY, {
-        "mkdir": f"os.mkdir({str(pool)!r}, 0o750)",
-        "store": f"open({str(pool / '3')!r}, 'wb', buffering=0).write({page!r})",
-        "load": f"len(open({str(pool / '3')!r}, 'rb', buffering=0).read())",
-        "list": f"sorted(n for n in os.listdir({str(pool)!r}) if n[0] != '.')",
-        "mkdir_cc": f"os.mkdir({str(obj.parent)!r})",
-        "mkdir_obj": f"os.mkdir({str(obj)!r}, 0o700)",
-        "put": f"open({str(obj / '0')!r}, 'wb', buffering=0).write({page!r})",
-        "chown_to_root": f"os.chown({str(pool)!r}, 0, 0)",
-        "chmod_page": f"os.chmod({str(pool / '3')!r}, 0o600)",
-    }, umask=0o027)
+    seen = as_user_values(
+        NOBODY,
+        {
+            "mkdir": f"os.mkdir({str(pool)!r}, 0o750)",
+            "store": f"open({str(pool / '3')!r}, 'wb', buffering=0).write({page!r})",
+            "load": f"len(open({str(pool / '3')!r}, 'rb', buffering=0).read())",
+            "list": f"sorted(n for n in os.listdir({str(pool)!r}) if n[0] != '.')",
+            "mkdir_cc": f"os.mkdir({str(obj.parent)!r})",
+            "mkdir_obj": f"os.mkdir({str(obj)!r}, 0o700)",
+            "put": f"open({str(obj / '0')!r}, 'wb', buffering=0).write({page!r})",
+            "chown_to_root": f"os.chown({str(pool)!r}, 0, 0)",
+            "chmod_page": f"os.chmod({str(pool / '3')!r}, 0o600)",
+        },
+        umask=0o027,
+    )
     assert seen == {
         "mkdir": (0, None),
         "store": (0, PAGE),
@@ -145,7 +161,7 @@ def test_a_user_makes_and_uses_a_pool_of_their_own(shared_mount: Mount) -> None:
         "mkdir_obj": (0, None),
         "put": (0, PAGE),
         "chown_to_root": (errno.EPERM, None),  # only root may chown
-        "chmod_page": (errno.EPERM, None),     # pages follow their pool, never chmod
+        "chmod_page": (errno.EPERM, None),  # pages follow their pool, never chmod
     }
     # The pool is nobody's with mkdir's mode minus the umask; pages follow the pool.
     st = os.stat(pool)
@@ -159,20 +175,23 @@ def test_a_user_makes_and_uses_a_pool_of_their_own(shared_mount: Mount) -> None:
     # A third user is kept out by the mode bits; the owner may open it up with chmod,
     # and the pages follow the pool's new mode.
     assert as_user(OTHER, {"read": f"open({str(pool / '3')!r}, 'rb').read()"}) == {
-        "read": errno.EACCES}
+        "read": errno.EACCES
+    }
     assert as_user(NOBODY, {"chmod": f"os.chmod({str(pool)!r}, 0o755)"}) == {"chmod": 0}
     assert mode_of(pool / "3") == 0o644
-    assert as_user(OTHER, {
-        "read": f"len(open({str(pool / '3')!r}, 'rb', buffering=0).read())",
-        "write": f"open({str(pool / '4')!r}, 'wb').write(b'x')",
-        "rmdir": f"os.rmdir({str(pool)!r})",
-    }) == {"read": 0, "write": errno.EACCES, "rmdir": errno.EPERM}
+    assert as_user(
+        OTHER,
+        {
+            "read": f"len(open({str(pool / '3')!r}, 'rb', buffering=0).read())",
+            "write": f"open({str(pool / '4')!r}, 'wb').write(b'x')",
+            "rmdir": f"os.rmdir({str(pool)!r})",
+        },
+    ) == {"read": 0, "write": errno.EACCES, "rmdir": errno.EPERM}
 
     # root may chown; the pages follow, and the old owner lost the pool.
     os.chown(pool, OTHER, OTHER)
     assert (os.stat(pool / "3").st_uid, os.stat(pool / "3").st_gid) == (OTHER, OTHER)
-    assert as_user(NOBODY, {"chmod": f"os.chmod({str(pool)!r}, 0o777)"}) == {
-        "chmod": errno.EPERM}
+    assert as_user(NOBODY, {"chmod": f"os.chmod({str(pool)!r}, 0o777)"}) == {"chmod": errno.EPERM}
     # Even root may not chmod or chown a page.
     for action in (lambda: os.chmod(pool / "3", 0o666), lambda: os.chown(pool / "3", 0, 0)):
         with pytest.raises(PermissionError) as info:
@@ -186,11 +205,14 @@ def test_a_user_makes_and_uses_a_pool_of_their_own(shared_mount: Mount) -> None:
 def test_without_allow_other_other_users_get_eacces(shared_dir: Path) -> None:
     with mounted(shared_dir / "mnt") as mount:
         (mount.path / "frontswap" / "0").mkdir(mode=0o777)
-        seen = as_user(NOBODY, {
-            "stat": f"os.stat({str(mount.path)!r})",
-            "list": f"os.listdir({str(mount.path)!r})",
-            "stats": f"open({str(mount.path / 'stats')!r}).read()",
-            "store": f"open({str(mount.path / 'frontswap' / '0' / '1')!r}, 'wb').write(b'x')",
-        })
+        seen = as_user(
+            NOBODY,
+            {
+                "stat": f"os.stat({str(mount.path)!r})",
+                "list": f"os.listdir({str(mount.path)!r})",
+                "stats": f"open({str(mount.path / 'stats')!r}).read()",
+                "store": f"open({str(mount.path / 'frontswap' / '0' / '1')!r}, 'wb').write(b'x')",
+            },
+        )
         assert seen == dict.fromkeys(seen, errno.EACCES)
         assert page_names(mount.path / "frontswap" / "0") == set()

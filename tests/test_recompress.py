@@ -36,9 +36,11 @@ def records(seed: int) -> bytes:
     lines = []
     size = 0
     while size < PAGE:
-        line = (f'{{"user": "{rng.randbytes(4).hex()}", "id": {rng.randrange(10**6)}, '
-                f'"score": {rng.random():.4f}, "active": {rng.choice(["true", "false"])}, '
-                f'"tags": ["{rng.choice(["red", "green", "blue", "black"])}"]}}\n').encode()
+        line = (
+            f'{{"user": "{rng.randbytes(4).hex()}", "id": {rng.randrange(10**6)}, '
+            f'"score": {rng.random():.4f}, "active": {rng.choice(["true", "false"])}, '
+            f'"tags": ["{rng.choice(["red", "green", "blue", "black"])}"]}}\n'
+        ).encode()
         lines.append(line)
         size += len(line)
     return b"".join(lines)[:PAGE]
@@ -51,8 +53,9 @@ def lz4_engine(tmp_path: Path | None = None, after: float | None = None) -> Engi
         from tmemfs.backends.filestore import FileStore
 
         tier = FileStore(tmp_path / "tier", PAGE, limiter)
-    backend = open_backend("lz4", page_size=PAGE, limiter=limiter, reject_ratio=0.875,
-                           recompress_after=after)
+    backend = open_backend(
+        "lz4", page_size=PAGE, limiter=limiter, reject_ratio=0.875, recompress_after=after
+    )
     engine = Engine(backend, max_pool=64 << 20, writeback=tier)
     engine.create_pool(SWAP0)
     return engine
@@ -131,7 +134,7 @@ async def test_the_background_task_runs_beside_stores_loads_and_invalidates() ->
                 assert await engine.store_run(SWAP0, SWAP_OBJECT, first, b"".join(pages))
                 expect.update((first + i, p) for i, p in enumerate(pages))
             elif step % 7 == 0:
-                for index in list(expect)[: 10]:
+                for index in list(expect)[:10]:
                     assert await engine.invalidate_page(PageKey(SWAP0, SWAP_OBJECT, index))
                     del expect[index]
             got = await engine.load_many(SWAP0, SWAP_OBJECT, sorted(expect), exclusive=False)
@@ -166,8 +169,10 @@ async def test_a_trained_dictionary_is_used_retrained_and_old_ones_kept(monkeypa
     assert stats["codec_zstd_dict_dictionary_size"] == backend.slabs.dictionary_bytes > 0
     assert stats["compr_data_size"] < plain.stats()["compr_data_size"]
     # The dictionary is in the budget's count, and still it takes less than without.
-    assert stats["pool_total_size"] - stats["codec_zstd_dict_dictionary_size"] < (
-        plain.stats()["pool_total_size"])
+    assert (
+        stats["pool_total_size"] - stats["codec_zstd_dict_dictionary_size"]
+        < (plain.stats()["pool_total_size"])
+    )
     assert engine.load_run(SWAP0, SWAP_OBJECT, 0, 400) == b"".join(groups[0])
     # The saving drifts (pretend it was much larger): the next sweep with idle pages
     # retrains, and the pages of the first dictionary keep it.
@@ -195,8 +200,7 @@ async def test_a_trained_dictionary_is_used_retrained_and_old_ones_kept(monkeypa
 
 async def test_no_dictionary_below_the_minimum_or_when_turned_off() -> None:
     engine = lz4_engine()
-    assert await engine.store_run(SWAP0, SWAP_OBJECT, 0, b"".join(
-        records(i) for i in range(400)))
+    assert await engine.store_run(SWAP0, SWAP_OBJECT, 0, b"".join(records(i) for i in range(400)))
     backend = slabs(engine)
     assert not backend.recompress_dict  # off by default
     backend.recompress_dict = True
@@ -209,9 +213,7 @@ async def test_no_dictionary_below_the_minimum_or_when_turned_off() -> None:
 # -- a real mount ---------------------------------------------------------------------
 
 
-def wait_for_recompression(
-    mount: Mount, timeout: float = 90, at_least: int = 1
-) -> dict[str, int]:
+def wait_for_recompression(mount: Mount, timeout: float = 90, at_least: int = 1) -> dict[str, int]:
     """Poll the stats until at least `at_least` pages are recompressed and
     recompressed_pages has stopped growing for 2 s."""
     deadline = time.monotonic() + timeout
@@ -238,8 +240,19 @@ def write_image(mount: Mount, data: bytes) -> Path:
     subprocess.run(["truncate", "-s", str(len(data)), str(image)], check=True)
     source = mount.path.parent / "source"
     source.write_bytes(data)
-    subprocess.run(["dd", f"if={source}", f"of={image}", "bs=1M", "oflag=direct",
-                    "conv=notrunc", "status=none"], check=True, timeout=120)
+    subprocess.run(
+        [
+            "dd",
+            f"if={source}",
+            f"of={image}",
+            "bs=1M",
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ],
+        check=True,
+        timeout=120,
+    )
     return image
 
 
@@ -254,10 +267,12 @@ def test_mount_recompresses_cold_pages_and_serves_them_byte_for_byte(mount_facto
     assert stats["stored_pages"] == pages
     assert stats["recompressed_pages"] > 0.5 * (pages - stats["same_filled_pages"])
     assert stats["codec_zstd_pages"] == stats["recompressed_pages"]
-    assert (stats["codec_lz4_pages"] + stats["codec_zstd_pages"] + stats["same_filled_pages"]
-            == pages)
-    assert stats["compr_data_size"] == (stats["codec_lz4_data_size"]
-                                        + stats["codec_zstd_data_size"])
+    assert (
+        stats["codec_lz4_pages"] + stats["codec_zstd_pages"] + stats["same_filled_pages"] == pages
+    )
+    assert stats["compr_data_size"] == (
+        stats["codec_lz4_data_size"] + stats["codec_zstd_data_size"]
+    )
     # (binaries from /usr/lib: zstd saves 5-10% over lz4 on them, 20% on mixed files)
     assert stats["recompress_saved_bytes"] > 0.03 * stored["compr_data_size"]
     assert stats["compr_data_size"] == stored["compr_data_size"] - stats["recompress_saved_bytes"]
@@ -265,19 +280,30 @@ def test_mount_recompresses_cold_pages_and_serves_them_byte_for_byte(mount_facto
     pool = mount.stats("frontswap/0")
     assert pool["recompressed_pages"] == stats["recompressed_pages"]
     # Every byte, through the image and through a page file.
-    back = subprocess.run(["dd", f"if={image}", "bs=1M", "iflag=direct", "status=none"],
-                          check=True, capture_output=True, timeout=120).stdout
+    back = subprocess.run(
+        ["dd", f"if={image}", "bs=1M", "iflag=direct", "status=none"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    ).stdout
     assert back == data
     assert (mount.path / "frontswap" / "0" / "5").read_bytes() == data[5 * PAGE : 6 * PAGE]
     # The operator's view: a per-codec table, and the same in JSON.
-    table = subprocess.run([*TMEMFS, "stat", str(mount.path)], check=True,
-                           capture_output=True, text=True, timeout=60).stdout
+    table = subprocess.run(
+        [*TMEMFS, "stat", str(mount.path)], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
     zstd_row = next(line.split() for line in table.splitlines() if line.startswith("zstd "))
     assert zstd_row[1] == str(stats["recompressed_pages"])
     assert f"recompressed {stats['recompressed_pages']} pages" in table
-    as_json = json.loads(subprocess.run([*TMEMFS, "stat", "--json", str(mount.path)],
-                                        check=True, capture_output=True, text=True,
-                                        timeout=60).stdout)
+    as_json = json.loads(
+        subprocess.run(
+            [*TMEMFS, "stat", "--json", str(mount.path)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )
     assert as_json["total"]["codec_zstd_pages"] == stats["recompressed_pages"]
     # Dropping the image's pages takes the counters back to nothing.
     image.unlink()
@@ -302,11 +328,16 @@ def test_mount_with_a_dictionary_serves_every_page_byte_for_byte(mount_factory, 
     else:
         assert stats["codec_zstd_dict_pages"] == stats["codec_zstd_dict_dictionary_size"] == 0
         assert stats["codec_zstd_pages"] > 0.5 * 9000
-    back = subprocess.run(["dd", f"if={image}", "bs=1M", "iflag=direct", "status=none"],
-                          check=True, capture_output=True, timeout=120).stdout
+    back = subprocess.run(
+        ["dd", f"if={image}", "bs=1M", "iflag=direct", "status=none"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    ).stdout
     assert back == data
-    table = subprocess.run([*TMEMFS, "stat", str(mount.path)], check=True,
-                           capture_output=True, text=True, timeout=60).stdout
+    table = subprocess.run(
+        [*TMEMFS, "stat", str(mount.path)], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
     assert ("zstd dictionaries" in table) == (dictionary == "--recompress-dict")
 
 

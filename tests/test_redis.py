@@ -125,8 +125,9 @@ def direct_pread(path: Path, offset: int, size: int) -> bytes:
 
 
 def dd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["dd", "status=none", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        ["dd", "status=none", *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def assert_counters_sane(mount: Mount) -> None:
@@ -136,15 +137,24 @@ def assert_counters_sane(mount: Mount) -> None:
         for pool in page_names(mount.path / kind):
             if (mount.path / kind / pool).is_dir():
                 files[f"{kind}/{pool}/.stats"] = mount.stats(f"{kind}/{pool}")
-    negative = {f"{file}: {key}": value for file, values in files.items()
-                for key, value in values.items() if value < 0}
+    negative = {
+        f"{file}: {key}": value
+        for file, values in files.items()
+        for key, value in values.items()
+        if value < 0
+    }
     assert not negative, f"negative counters: {negative}"
 
 
 def tmemfs_umount(mount: Mount) -> None:
     """`tmemfs umount` as a user would; the daemon must exit cleanly."""
-    result = subprocess.run([*TMEMFS, "umount", str(mount.path)], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [*TMEMFS, "umount", str(mount.path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert mount.proc.wait(timeout=30) == 0, mount.log_text()
     assert not is_mounted(mount.path)
@@ -426,7 +436,8 @@ def test_concurrent_io_across_a_hang(
         for i, want in expected[t].items():
             got = outcome(pool / str(i))
             assert got == (errno.ENOENT if want is None else want), (
-                f"frontswap/{t}/{i} after the hang: {name(got)}")
+                f"frontswap/{t}/{i} after the hang: {name(got)}"
+            )
 
 
 def test_redis_restarted_empty_loses_pages_loudly(
@@ -495,8 +506,10 @@ def test_remount_finds_frontswap_pages(redis_factory: RedisFactory, tmp_path: Pa
     server = redis_factory(aof=True)
     mnt = tmp_path / "mnt"
     log = tmp_path / "mnt.log"
-    fs_pages = {0: {i: mixed_page(i) for i in range(100)},
-                3: {i * 1000: random_page(i) for i in range(20)}}
+    fs_pages = {
+        0: {i: mixed_page(i) for i in range(100)},
+        3: {i * 1000: random_page(i) for i in range(20)},
+    }
     first = start_mount(mnt, "--backend", server.url, log=log)
     try:
         for pool, pages in fs_pages.items():
@@ -548,10 +561,17 @@ def test_remount_finds_the_images_with_their_sizes(
     try:
         frontswap = mnt / "frontswap"
         for n, size in sizes.items():
-            subprocess.run(["truncate", "-s", str(size), str(frontswap / f"{n}.img")],
-                           check=True, timeout=30)
-        result = dd(f"if={source}", f"of={frontswap / '2.img'}", "bs=1M", "seek=0",
-                    "oflag=direct", "conv=notrunc")
+            subprocess.run(
+                ["truncate", "-s", str(size), str(frontswap / f"{n}.img")], check=True, timeout=30
+            )
+        result = dd(
+            f"if={source}",
+            f"of={frontswap / '2.img'}",
+            "bs=1M",
+            "seek=0",
+            "oflag=direct",
+            "conv=notrunc",
+        )
         assert result.returncode == 0, result.stderr
         os.unlink(frontswap / "7.img")
         tmemfs_umount(first)
@@ -567,13 +587,21 @@ def test_remount_finds_the_images_with_their_sizes(
         assert direct_pread(frontswap / "2.img", 0, sizes[2]) == expected
         assert direct_pread(frontswap / "5.img", 0, sizes[5]) == bytes(MiB)
         attached = subprocess.run(
-            ["losetup", "--direct-io=on", "--read-only", "-f", "--show",
-             str(frontswap / "2.img")], capture_output=True, text=True, timeout=30)
+            ["losetup", "--direct-io=on", "--read-only", "-f", "--show", str(frontswap / "2.img")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert attached.returncode == 0, attached.stderr
         device = attached.stdout.strip()
         try:
-            size = subprocess.run(["blockdev", "--getsize64", device], capture_output=True,
-                                  text=True, timeout=30, check=True).stdout
+            size = subprocess.run(
+                ["blockdev", "--getsize64", device],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
             assert int(size) == sizes[2]
             assert direct_pread(Path(device), 0, sizes[2]) == expected
         finally:
@@ -591,8 +619,9 @@ def test_an_image_size_that_cannot_be_kept_is_refused(
     subprocess.run(["truncate", "-s", str(MiB), str(image)], check=True, timeout=30)
     server.pause()
     try:
-        result = subprocess.run(["truncate", "-s", str(2 * MiB), str(image)],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["truncate", "-s", str(2 * MiB), str(image)], capture_output=True, text=True, timeout=30
+        )
     finally:
         server.resume()
     assert result.returncode != 0 and "No space left" in result.stderr, result.stderr
@@ -601,9 +630,7 @@ def test_an_image_size_that_cannot_be_kept_is_refused(
     assert image.stat().st_size == 2 * MiB
 
 
-def test_explicit_namespace_follows_the_pages(
-    redis_factory: RedisFactory, tmp_path: Path
-) -> None:
+def test_explicit_namespace_follows_the_pages(redis_factory: RedisFactory, tmp_path: Path) -> None:
     server = redis_factory()
     with mounted(tmp_path / "a", "--backend", server.url, "--namespace", "node7") as a:
         (a.path / "frontswap" / "0").mkdir()
@@ -635,8 +662,7 @@ def test_shared_pool_across_two_mounts(
     assert load(a.path / "cleancache" / shared / "obj" / "2") == text_page(2)
     # Coherency: after put A then put B, nobody gets A.
     store(on_b / "obj" / "1", random_page(11))
-    assert outcome(a.path / "cleancache" / shared / "obj" / "1") in (
-        random_page(11), errno.ENOENT)
+    assert outcome(a.path / "cleancache" / shared / "obj" / "1") in (random_page(11), errno.ENOENT)
     os.unlink(a.path / "cleancache" / shared / "obj" / "2")
     assert outcome(on_b / "obj" / "2") == errno.ENOENT
 
@@ -697,7 +723,8 @@ def test_cluster_kill_one_master(
     for pool in pools:
         for i in range(0, per_pool, 10):
             assert load(mount.path / "frontswap" / str(pool) / str(i)) == random_page(
-                pool * 10000 + i)
+                pool * 10000 + i
+            )
     assert direct_pread(img, 0, 8 * MiB) == source.read_bytes()
     keys = [node.dbsize() for node in redis_cluster.nodes]
     assert all(keys), f"keys per master {keys}: the pages are not spread"
@@ -713,7 +740,8 @@ def test_cluster_kill_one_master(
                 results["EIO"] += 1
             else:
                 assert got == random_page(pool * 10000 + i), (
-                    f"frontswap/{pool}/{i} with one master dead: {name(got)}")
+                    f"frontswap/{pool}/{i} with one master dead: {name(got)}"
+                )
                 results["right"] += 1
     data = source.read_bytes()
     for k in range(8 * MiB // PAGE // 16):  # 64 KiB reads of the image
@@ -723,7 +751,7 @@ def test_cluster_kill_one_master(
             assert exc.errno == errno.EIO, f"image read with one master dead: {exc}"
             results["EIO"] += 1
             continue
-        assert got_bytes == data[k * 16 * PAGE: (k + 1) * 16 * PAGE], "image: wrong data"
+        assert got_bytes == data[k * 16 * PAGE : (k + 1) * 16 * PAGE], "image: wrong data"
         results["right"] += 1
     took = time.monotonic() - start
     assert results["EIO"] > 0, f"no load failed with a master dead: {results}"
@@ -735,20 +763,27 @@ def test_cluster_kill_one_master(
 # -- command line ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option", [
-    ("--backend", "redis://127.0.0.1:{port}/0"),
-    ("--backend", "redis+cluster://127.0.0.1:{port}"),
-    ("--writeback", "redis://127.0.0.1:{port}/0"),
-    ("--backend", "redis://127.0.0.1:notaport/0"),
-    ("--backend", "redis://127.0.0.1:{port}/0", "--remote-timeout", "-1"),
-])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--backend", "redis://127.0.0.1:{port}/0"),
+        ("--backend", "redis+cluster://127.0.0.1:{port}"),
+        ("--writeback", "redis://127.0.0.1:{port}/0"),
+        ("--backend", "redis://127.0.0.1:notaport/0"),
+        ("--backend", "redis://127.0.0.1:{port}/0", "--remote-timeout", "-1"),
+    ],
+)
 def test_unusable_remote_is_one_line_on_stderr(tmp_path: Path, option: tuple[str, ...]) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     port = free_port()
     args = [arg.format(port=port) for arg in option]
-    proc = subprocess.Popen([*TMEMFS, "mount", "--foreground", *args, str(mnt)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*TMEMFS, "mount", "--foreground", *args, str(mnt)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:

@@ -32,8 +32,12 @@ def refused_mount(tmp_path: Path, *args: str) -> str:
     """Run `tmemfs mount --foreground ARGS`; it must exit non-zero: its stderr."""
     mnt = tmp_path / "refused"
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen([*TMEMFS, "mount", "--foreground", *args, str(mnt)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*TMEMFS, "mount", "--foreground", *args, str(mnt)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -66,11 +70,25 @@ def test_pages_and_the_image_go_through_tls(
     subprocess.run(["truncate", "-s", str(4 * MiB), str(image)], check=True, timeout=30)
     source = tmp_path / "source"
     source.write_bytes(os.urandom(4 * MiB))
-    subprocess.run(["dd", f"if={source}", f"of={image}", "bs=1M", "oflag=direct",
-                    "conv=notrunc", "status=none"], check=True, timeout=60)
+    subprocess.run(
+        [
+            "dd",
+            f"if={source}",
+            f"of={image}",
+            "bs=1M",
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ],
+        check=True,
+        timeout=60,
+    )
     copy = tmp_path / "copy"
-    subprocess.run(["dd", f"if={image}", f"of={copy}", "bs=1M", "iflag=direct", "status=none"],
-                   check=True, timeout=60)
+    subprocess.run(
+        ["dd", f"if={image}", f"of={copy}", "bs=1M", "iflag=direct", "status=none"],
+        check=True,
+        timeout=60,
+    )
     assert copy.read_bytes() == source.read_bytes(), "the image came back different over TLS"
 
     # The server has no plaintext port: what it holds came over TLS.
@@ -104,23 +122,26 @@ def test_rediss_to_a_plaintext_server_is_refused(
 ) -> None:
     """No fallback: a server that speaks no TLS is not used in the clear."""
     server = redis_factory()
-    line = refused_mount(tmp_path, "--backend", f"rediss://{server.address}/0",
-                         "--remote-timeout", "2")
+    line = refused_mount(
+        tmp_path, "--backend", f"rediss://{server.address}/0", "--remote-timeout", "2"
+    )
     assert "cannot reach" in line, line
     assert server.dbsize() == 0
 
 
-@pytest.mark.parametrize("query, says", [
-    ("ssl_ca_cert={ca}", "unknown parameter 'ssl_ca_cert'"),
-    ("ssl_ca_certs=/nonexistent/ca.pem", "does not exist"),
-    ("ssl_cert_reqs=maybe", "ssl_cert_reqs must be"),
-    ("ssl_cert_reqs=none&ssl_check_hostname=true", "ssl_check_hostname=true needs"),
-])
+@pytest.mark.parametrize(
+    "query, says",
+    [
+        ("ssl_ca_cert={ca}", "unknown parameter 'ssl_ca_cert'"),
+        ("ssl_ca_certs=/nonexistent/ca.pem", "does not exist"),
+        ("ssl_cert_reqs=maybe", "ssl_cert_reqs must be"),
+        ("ssl_cert_reqs=none&ssl_check_hostname=true", "ssl_check_hostname=true needs"),
+    ],
+)
 def test_bad_tls_parameters_are_one_line(tmp_path: Path, query: str, says: str) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("")
-    line = refused_mount(tmp_path, "--backend",
-                         f"rediss://{HOST}:6390/0?{query.format(ca=ca)}")
+    line = refused_mount(tmp_path, "--backend", f"rediss://{HOST}:6390/0?{query.format(ca=ca)}")
     assert says in line, line
 
 

@@ -59,13 +59,18 @@ def noise(seed: int) -> bytes:
 
 
 def engine_with(
-    max_pages: int, *, backend: str = "raw", per_user_pages: int | None = None,
+    max_pages: int,
+    *,
+    backend: str = "raw",
+    per_user_pages: int | None = None,
     writeback: object = None,
 ) -> Engine:
-    return Engine(make_backend(backend), max_pool=max_pages * RAW_COST,
-                  max_pool_per_user=None if per_user_pages is None
-                  else per_user_pages * RAW_COST,
-                  writeback=writeback)  # type: ignore[arg-type]
+    return Engine(
+        make_backend(backend),
+        max_pool=max_pages * RAW_COST,
+        max_pool_per_user=None if per_user_pages is None else per_user_pages * RAW_COST,
+        writeback=writeback,
+    )  # type: ignore[arg-type]
 
 
 def cleancache(engine: Engine, pool_id: PoolId, uid: int) -> None:
@@ -263,8 +268,7 @@ async def test_over_share_pool_is_evicted_first() -> None:
 
 
 async def test_writeback_moves_the_pool_over_its_share_down_first(tmp_path: Path) -> None:
-    tier = open_tier(str(tmp_path / "tier"), page_size=PAGE,
-                     limiter=trio.CapacityLimiter(2))
+    tier = open_tier(str(tmp_path / "tier"), page_size=PAGE, limiter=trio.CapacityLimiter(2))
     engine = engine_with(20, writeback=tier)
     await engine.open()
     try:
@@ -291,8 +295,7 @@ async def test_writeback_moves_the_pool_over_its_share_down_first(tmp_path: Path
 
 
 async def test_with_writeback_a_frontswap_page_over_its_max_goes_down(tmp_path: Path) -> None:
-    tier = open_tier(str(tmp_path / "tier"), page_size=PAGE,
-                     limiter=trio.CapacityLimiter(2))
+    tier = open_tier(str(tmp_path / "tier"), page_size=PAGE, limiter=trio.CapacityLimiter(2))
     engine = engine_with(100, writeback=tier)
     await engine.open()
     try:
@@ -312,17 +315,23 @@ async def test_with_writeback_a_frontswap_page_over_its_max_goes_down(tmp_path: 
 # -- the model ------------------------------------------------------------------------------
 
 POOLS = {
-    SWAP0: ALICE, SWAP1: BOB, PoolId(PoolKind.PERSISTENT, "2"): 0,
-    CC_A: ALICE, CC_B: BOB, PoolId(PoolKind.EPHEMERAL, "c"): 0,
+    SWAP0: ALICE,
+    SWAP1: BOB,
+    PoolId(PoolKind.PERSISTENT, "2"): 0,
+    CC_A: ALICE,
+    CC_B: BOB,
+    PoolId(PoolKind.EPHEMERAL, "c"): 0,
 }
 POOL_IDS = list(POOLS)
 limits = st.one_of(st.none(), st.integers(0, 12).map(lambda n: n * RAW_COST // 2))
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("store"), st.sampled_from(POOL_IDS), st.integers(0, 15),
-                  st.integers(0, 40)),
-        st.tuples(st.just("run"), st.sampled_from(POOL_IDS[:3]), st.integers(0, 15),
-                  st.integers(1, 6)),
+        st.tuples(
+            st.just("store"), st.sampled_from(POOL_IDS), st.integers(0, 15), st.integers(0, 40)
+        ),
+        st.tuples(
+            st.just("run"), st.sampled_from(POOL_IDS[:3]), st.integers(0, 15), st.integers(1, 6)
+        ),
         st.tuples(st.just("invalidate"), st.sampled_from(POOL_IDS), st.integers(0, 15)),
         st.tuples(st.just("max"), st.sampled_from(POOL_IDS), limits),
         st.tuples(st.just("weight"), st.sampled_from(POOL_IDS), st.integers(1, 10000)),
@@ -345,8 +354,12 @@ def used_by(engine: Engine, uid: int) -> int:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(backend=st.sampled_from(["raw", "lz4"]), budget=st.integers(4, 30),
-       per_user=st.one_of(st.none(), st.integers(2, 20)), ops=operations)
+@given(
+    backend=st.sampled_from(["raw", "lz4"]),
+    budget=st.integers(4, 30),
+    per_user=st.one_of(st.none(), st.integers(2, 20)),
+    ops=operations,
+)
 def test_model_limits_hold_and_frontswap_is_never_dropped(
     backend: str, budget: int, per_user: int | None, ops: list[tuple]
 ) -> None:

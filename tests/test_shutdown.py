@@ -40,8 +40,13 @@ def own_mount(tmp_path: Path) -> Iterator[Mount]:
 @contextlib.contextmanager
 def loop_device(image: Path) -> Iterator[str]:
     """losetup --direct-io=on of the image; always detached again."""
-    dev = subprocess.run(["losetup", "--direct-io=on", "-f", "--show", str(image)],
-                         capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    dev = subprocess.run(
+        ["losetup", "--direct-io=on", "-f", "--show", str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
     try:
         yield dev
     finally:
@@ -66,11 +71,26 @@ def test_busy_mount_is_refused_and_loses_nothing(tmp_path: Path) -> None:
         subprocess.run(["truncate", "-s", f"{IMAGE_MIB}M", str(image)], check=True)
         with loop_device(image) as dev:
             (tmp_path / "data").write_bytes(data)
-            subprocess.run(["dd", f"if={tmp_path / 'data'}", f"of={dev}", "bs=1M",
-                            "oflag=direct", "status=none"], check=True, timeout=60)
+            subprocess.run(
+                [
+                    "dd",
+                    f"if={tmp_path / 'data'}",
+                    f"of={dev}",
+                    "bs=1M",
+                    "oflag=direct",
+                    "status=none",
+                ],
+                check=True,
+                timeout=60,
+            )
             # `tmemfs umount` says no, in one line, and the mount stays.
-            done = subprocess.run([*TMEMFS, "umount", str(mount.path)], capture_output=True,
-                                  text=True, timeout=60, check=False)
+            done = subprocess.run(
+                [*TMEMFS, "umount", str(mount.path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
             assert done.returncode == 1
             assert len(done.stderr.strip().splitlines()) == 1 and "busy" in done.stderr
             assert is_mounted(mount.path) and mount.alive()
@@ -79,9 +99,12 @@ def test_busy_mount_is_refused_and_loses_nothing(tmp_path: Path) -> None:
             time.sleep(1.0)
             assert mount.alive() and is_mounted(mount.path)
             assert "busy" in mount.log_text()
-            back = subprocess.run(["dd", f"if={dev}", "bs=1M", f"count={WRITTEN_MIB}",
-                                   "iflag=direct", "status=none"], capture_output=True,
-                                  check=True, timeout=60).stdout
+            back = subprocess.run(
+                ["dd", f"if={dev}", "bs=1M", f"count={WRITTEN_MIB}", "iflag=direct", "status=none"],
+                capture_output=True,
+                check=True,
+                timeout=60,
+            ).stdout
             assert back == data
         # Detached: every page written through the loop device is still there.
         assert mount.alive() and is_mounted(mount.path)

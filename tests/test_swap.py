@@ -29,19 +29,38 @@ def _swaps() -> str:
 
 
 def _loops() -> str:
-    return subprocess.run(["losetup", "-l", "-n"], capture_output=True, text=True,
-                          check=False).stdout
+    return subprocess.run(
+        ["losetup", "-l", "-n"], capture_output=True, text=True, check=False
+    ).stdout
 
 
 def test_kernel_swaps_through_tmemfs(tmp_path: Path) -> None:
     page_cluster = Path("/proc/sys/vm/page-cluster").read_text()
-    env = dict(os.environ, TMEMFS=str(Path(sys.executable).parent / "tmemfs"),
-               PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    env = dict(
+        os.environ,
+        TMEMFS=str(Path(sys.executable).parent / "tmemfs"),
+        PYTHON=sys.executable,
+        TMPDIR=str(tmp_path),
+    )
     result = subprocess.run(
         # An image over twice the swap in use keeps churn low (README: sizing an image).
-        ["bash", str(SCRIPT), "--limit", "48M", "--working-set", "160M",
-         "--image-size", "512M", "--timeout", "300"],
-        capture_output=True, text=True, timeout=420, env=env, check=False,
+        [
+            "bash",
+            str(SCRIPT),
+            "--limit",
+            "48M",
+            "--working-set",
+            "160M",
+            "--image-size",
+            "512M",
+            "--timeout",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env=env,
+        check=False,
     )
     output = result.stdout + result.stderr
     if result.returncode == SKIP:
@@ -58,15 +77,17 @@ def test_kernel_swaps_through_tmemfs(tmp_path: Path) -> None:
     assert int(stores.group(2)) > 0
     # swapon --discard: slots swap frees are invalidated, so what tmemfs stores tracks
     # the swap in use (sampled each second), and goes once the workload has exited.
-    ratio = re.search(r"stored vs swap in use:\s+average ([\d.]+)x, peak ([\d.]+)x "
-                      r"\((\d+) samples", output)
+    ratio = re.search(
+        r"stored vs swap in use:\s+average ([\d.]+)x, peak ([\d.]+)x "
+        r"\((\d+) samples",
+        output,
+    )
     assert ratio, output[-2000:]
     average, peak, samples = float(ratio.group(1)), float(ratio.group(2)), int(ratio.group(3))
     print(f"stored_pages / swap in use: average {average}x, peak {peak}x, {samples} samples")
     assert samples >= 3
     assert average <= 1.25, output[-3000:]
-    after = re.search(r"stored after exit:\s+(\d+) pages \([\d.]+% of the peak (\d+)\)",
-                      output)
+    after = re.search(r"stored after exit:\s+(\d+) pages \([\d.]+% of the peak (\d+)\)", output)
     assert after, output[-2000:]
     assert int(after.group(1)) < int(after.group(2)) / 10, output[-2000:]
     # Nothing is left behind: no swap, no loop device, no mount of ours.

@@ -25,8 +25,7 @@ TMEMFS = [sys.executable, "-m", "tmemfs"]
 
 
 def tmemfs(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*TMEMFS, *map(str, args)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([*TMEMFS, *map(str, args)], capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -69,8 +68,9 @@ def swap_allowed() -> None:
     if not Path("/dev/loop-control").exists() or not Path("/proc/swaps").exists():
         pytest.skip("no loop devices or no swap on this machine")
     # swapon of /dev/null is EINVAL where swapon is allowed, EPERM where it is not.
-    probe = subprocess.run(["swapon", "/dev/null"], capture_output=True, text=True,
-                           timeout=30, check=False)
+    probe = subprocess.run(
+        ["swapon", "/dev/null"], capture_output=True, text=True, timeout=30, check=False
+    )
     if "not permitted" in probe.stderr:
         pytest.skip(f"swapon is not permitted here: {probe.stderr.strip()}")
 
@@ -124,7 +124,8 @@ def test_swap_on_list_and_off(swap_mount: Mount) -> None:
     third = tmemfs("swap", "on", "--size", "32M", mnt).stdout.strip()
     assert backing_file(third) == f"{mnt}/frontswap/0.img"
     assert sorted(tmemfs("swap", "off", mnt).stdout.split()) == sorted(
-        [f"{second}:", f"{third}:", "off", "off"])
+        [f"{second}:", f"{third}:", "off", "off"]
+    )
     assert ours(mnt) == []
     assert swapped_images(mnt) == set()
     assert os.listdir(mnt / "frontswap") == []
@@ -177,13 +178,18 @@ def test_systemd_analyze_verifies_the_swap_unit(tmp_path: Path) -> None:
     tmemfs_cmd = Path(sys.executable).parent / "tmemfs"
     if not tmemfs_cmd.exists():
         pytest.skip(f"no tmemfs command next to {sys.executable}")
-    for name, instance in (("tmemfs@.service", "tmemfs@mnt-tmem.service"),
-                           ("tmemfs-swap@.service", "tmemfs-swap@mnt-tmem.service")):
+    for name, instance in (
+        ("tmemfs@.service", "tmemfs@mnt-tmem.service"),
+        ("tmemfs-swap@.service", "tmemfs-swap@mnt-tmem.service"),
+    ):
         text = (REPO / "examples" / name).read_text()
         (tmp_path / instance).write_text(text.replace("/usr/local/bin/tmemfs", str(tmemfs_cmd)))
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(tmp_path / "tmemfs-swap@mnt-tmem.service")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env=dict(os.environ, SYSTEMD_UNIT_PATH=f"{tmp_path}:"),
     )
     assert result.returncode == 0, result.stderr

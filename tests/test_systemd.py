@@ -50,8 +50,11 @@ def test_notifier_speaks_the_protocol(notify_socket: socket.socket) -> None:
     """The datagram format of sd_notify(3): VARIABLE=value lines, one datagram."""
     notifier = Notifier(notify_socket.getsockname())
     assert notifier.ready("starting")
-    assert receive(notify_socket, 1) == {"READY": "1", "STATUS": "starting",
-                                         "MAINPID": str(os.getpid())}
+    assert receive(notify_socket, 1) == {
+        "READY": "1",
+        "STATUS": "starting",
+        "MAINPID": str(os.getpid()),
+    }
     assert notifier.stopping()
     assert receive(notify_socket, 1)["STOPPING"] == "1"
     notifier.close()
@@ -59,13 +62,20 @@ def test_notifier_speaks_the_protocol(notify_socket: socket.socket) -> None:
 
 
 def test_status_line() -> None:
-    line = status_line({"stored_pages": 3, "orig_data_size": 3 * 4096,
-                        "compr_data_size": 4096, "pool_total_size": 2**20})
+    line = status_line(
+        {
+            "stored_pages": 3,
+            "orig_data_size": 3 * 4096,
+            "compr_data_size": 4096,
+            "pool_total_size": 2**20,
+        }
+    )
     assert line == "holding 3 pages (0.0 MiB) in 1.0 MiB; compression ratio 3.00"
 
 
-def test_ready_only_once_the_mount_answers(tmp_path: Path, notify_socket: socket.socket,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ready_only_once_the_mount_answers(
+    tmp_path: Path, notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.getsockname())
     mnt = tmp_path / "mnt"
     mount = start_mount(mnt, log=tmp_path / "mnt.log")

@@ -56,8 +56,9 @@ def assert_within_budget(mount: Mount, when: str) -> None:
 def test_pages_move_down_instead_of_being_refused(
     kind: str, tmp_path: Path, redis_factory: RedisFactory, mount_factory: MountFactory
 ) -> None:
-    mount = mount_factory("--max-pool", BUDGET, "--writeback",
-                          tier_target(kind, tmp_path, redis_factory))
+    mount = mount_factory(
+        "--max-pool", BUDGET, "--writeback", tier_target(kind, tmp_path, redis_factory)
+    )
     fs = mount.path / "frontswap" / "0"
     fs.mkdir()
     for i in range(PAGES):
@@ -91,9 +92,7 @@ def test_pages_move_down_instead_of_being_refused(
     assert mount.stats()["lost_pages"] == 0
 
 
-def test_image_under_a_tiny_budget(
-    tmp_path: Path, mount_factory: MountFactory
-) -> None:
+def test_image_under_a_tiny_budget(tmp_path: Path, mount_factory: MountFactory) -> None:
     """1 MiB O_DIRECT writes of an image four times the budget, read back whole."""
     mount = mount_factory("--max-pool", BUDGET, "--writeback", str(tmp_path / "tier"))
     img = mount.path / "frontswap" / "1.img"
@@ -108,9 +107,7 @@ def test_image_under_a_tiny_budget(
     assert_within_budget(mount, "after the image reads")
 
 
-def test_cleancache_is_not_written_back(
-    tmp_path: Path, mount_factory: MountFactory
-) -> None:
+def test_cleancache_is_not_written_back(tmp_path: Path, mount_factory: MountFactory) -> None:
     """Ephemeral pages are evicted, never moved down: a miss is fine, wrong data is not."""
     mount = mount_factory("--max-pool", BUDGET, "--writeback", str(tmp_path / "tier"))
     obj = mount.path / "cleancache" / "cc" / "o"
@@ -127,9 +124,7 @@ def test_cleancache_is_not_written_back(
         assert got in (random_page(i), errno.ENOENT), f"cleancache {i}: {name(got)}"
 
 
-def test_redis_tier_down_and_back(
-    redis_factory: RedisFactory, mount_factory: MountFactory
-) -> None:
+def test_redis_tier_down_and_back(redis_factory: RedisFactory, mount_factory: MountFactory) -> None:
     """With the tier gone, moved-down pages are EIO and stores past the budget ENOSPC;
     pages still in the local pool load; with the tier back (AOF), everything loads."""
     server = redis_factory(aof=True)

@@ -67,7 +67,7 @@ def padded(data: bytes) -> bytes:
 
 def patched(base: bytes, offset: int, data: bytes) -> bytes:
     """`base` with `data` written over it at `offset` (a read-modify-write)."""
-    return base[:offset] + data + base[offset + len(data):]
+    return base[:offset] + data + base[offset + len(data) :]
 
 
 def try_store(
@@ -130,9 +130,7 @@ def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[by
 
 def sh(command: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
     """Run a shell pipeline, as a user would type it."""
-    return subprocess.run(
-        ["bash", "-c", command], capture_output=True, check=check, timeout=60
-    )
+    return subprocess.run(["bash", "-c", command], capture_output=True, check=check, timeout=60)
 
 
 def page_names(directory: Path) -> set[str]:

@@ -40,8 +40,10 @@ def stale_modules() -> list[str]:
 
 def stale_message(stale: list[str]) -> str:
     names = ", ".join(f"tmemfs/{name}.pyx" for name in stale)
-    return (f"tmemfs's compiled modules are older than {names}: rebuild them with "
-            "`pip install -e .` (or `python setup.py build_ext --inplace`)")
+    return (
+        f"tmemfs's compiled modules are older than {names}: rebuild them with "
+        "`pip install -e .` (or `python setup.py build_ext --inplace`)"
+    )
 
 
 __all__ = ["COMPILED", "source_digest", "stale_message", "stale_modules"]

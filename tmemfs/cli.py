@@ -44,59 +44,117 @@ def build_parser() -> Parser:
     parser = Parser(prog="tmemfs", description="Transcendent memory as a FUSE filesystem.")
     discard = "on" if discard_supported() else "off"
     fastpath = "on" if fast_path_supported() else "off"
-    parser.add_argument("--version", action="version",
-                        version=f"tmemfs {__version__} (discard: {discard}, fastpath: {fastpath})")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"tmemfs {__version__} (discard: {discard}, fastpath: {fastpath})",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     m = sub.add_parser("mount", help="mount a tmemfs")
     m.add_argument("mountpoint", type=Path)
-    m.add_argument("--backend", default="lz4",
-                   help="lz4 (default), raw, or redis://HOST:PORT/DB, rediss://…, "
-                        "redis+cluster://HOST:PORT,…")
-    m.add_argument("--writeback", metavar="TARGET",
-                   help="a file path or redis URL under the local pool: when the budget is "
-                        "full, the coldest frontswap pages move there instead of being refused")
-    m.add_argument("--namespace",
-                   help="prefix of this mount's keys in Redis (default HOST:MOUNTPOINT), so a "
-                        "remount finds its frontswap pools")
-    m.add_argument("--remote-timeout", type=float, default=2.0, metavar="SECONDS",
-                   help="deadline of each Redis call (default 2)")
-    m.add_argument("--max-pool", default=DEFAULT_MAX_POOL,
-                   help="memory budget: bytes with K/M/G, or N%% of RAM (default 20%%)")
-    m.add_argument("--max-pool-per-user", metavar="SIZE|N%|max",
-                   help="what the pools of one user (root excepted) may hold together: bytes "
-                        "with K/M/G, N%% of --max-pool, or max (default: "
-                        f"{DEFAULT_MAX_POOL_PER_USER.replace('%', '%%')} with --allow-other, "
-                        "else max)")
-    m.add_argument("--page-size", type=int, default=4096,
-                   help="page size in bytes, a power of two from 512 to 32768 (default 4096)")
-    m.add_argument("--reject-ratio", type=float, default=0.875,
-                   help="pages compressing worse than this are stored raw (default 0.875)")
-    m.add_argument("--reject-poor", action="store_true",
-                   help="refuse poorly compressing pages instead of storing them raw")
-    m.add_argument("--recompress-after", type=float, default=DEFAULT_RECOMPRESS_AFTER,
-                   metavar="SECONDS",
-                   help="lz4: recompress pages unused for this long in the background "
-                        f"(default {DEFAULT_RECOMPRESS_AFTER:g})")
-    m.add_argument("--recompress-codec", default=f"zstd:{DEFAULT_RECOMPRESS_LEVEL}",
-                   metavar="zstd[:LEVEL]",
-                   help="the codec of recompressed pages "
-                        f"(default zstd:{DEFAULT_RECOMPRESS_LEVEL})")
-    m.add_argument("--recompress-dict", action=argparse.BooleanOptionalAction, default=False,
-                   help="lz4: recompress with a zstd dictionary trained on the mount's own "
-                        "idle pages, once it holds 32 MiB of pages (default: off)")
-    m.add_argument("--no-recompress", action="store_true",
-                   help="keep every page in lz4 (no background recompression)")
-    m.add_argument("--exclusive-gets", action="store_true",
-                   help="a read of a frontswap or private cleancache page invalidates it")
-    m.add_argument("--allow-other", action="store_true",
-                   help="let other users in (permissions are then checked by mode bits)")
-    m.add_argument("--metrics", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    m.add_argument(
+        "--backend",
+        default="lz4",
+        help="lz4 (default), raw, or redis://HOST:PORT/DB, rediss://…, redis+cluster://HOST:PORT,…",
+    )
+    m.add_argument(
+        "--writeback",
+        metavar="TARGET",
+        help="a file path or redis URL under the local pool: when the budget is "
+        "full, the coldest frontswap pages move there instead of being refused",
+    )
+    m.add_argument(
+        "--namespace",
+        help="prefix of this mount's keys in Redis (default HOST:MOUNTPOINT), so a "
+        "remount finds its frontswap pools",
+    )
+    m.add_argument(
+        "--remote-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="deadline of each Redis call (default 2)",
+    )
+    m.add_argument(
+        "--max-pool",
+        default=DEFAULT_MAX_POOL,
+        help="memory budget: bytes with K/M/G, or N%% of RAM (default 20%%)",
+    )
+    m.add_argument(
+        "--max-pool-per-user",
+        metavar="SIZE|N%|max",
+        help="what the pools of one user (root excepted) may hold together: bytes "
+        "with K/M/G, N%% of --max-pool, or max (default: "
+        f"{DEFAULT_MAX_POOL_PER_USER.replace('%', '%%')} with --allow-other, "
+        "else max)",
+    )
+    m.add_argument(
+        "--page-size",
+        type=int,
+        default=4096,
+        help="page size in bytes, a power of two from 512 to 32768 (default 4096)",
+    )
+    m.add_argument(
+        "--reject-ratio",
+        type=float,
+        default=0.875,
+        help="pages compressing worse than this are stored raw (default 0.875)",
+    )
+    m.add_argument(
+        "--reject-poor",
+        action="store_true",
+        help="refuse poorly compressing pages instead of storing them raw",
+    )
+    m.add_argument(
+        "--recompress-after",
+        type=float,
+        default=DEFAULT_RECOMPRESS_AFTER,
+        metavar="SECONDS",
+        help="lz4: recompress pages unused for this long in the background "
+        f"(default {DEFAULT_RECOMPRESS_AFTER:g})",
+    )
+    m.add_argument(
+        "--recompress-codec",
+        default=f"zstd:{DEFAULT_RECOMPRESS_LEVEL}",
+        metavar="zstd[:LEVEL]",
+        help=f"the codec of recompressed pages (default zstd:{DEFAULT_RECOMPRESS_LEVEL})",
+    )
+    m.add_argument(
+        "--recompress-dict",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="lz4: recompress with a zstd dictionary trained on the mount's own "
+        "idle pages, once it holds 32 MiB of pages (default: off)",
+    )
+    m.add_argument(
+        "--no-recompress",
+        action="store_true",
+        help="keep every page in lz4 (no background recompression)",
+    )
+    m.add_argument(
+        "--exclusive-gets",
+        action="store_true",
+        help="a read of a frontswap or private cleancache page invalidates it",
+    )
+    m.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users in (permissions are then checked by mode bits)",
+    )
+    m.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     m.add_argument("--debug", action="store_true", help="log every request")
-    m.add_argument("--log", dest="log_file", metavar="FILE",
-                   help="log to FILE (default: stderr in the foreground, syslog as a daemon)")
+    m.add_argument(
+        "--log",
+        dest="log_file",
+        metavar="FILE",
+        help="log to FILE (default: stderr in the foreground, syslog as a daemon)",
+    )
 
     u = sub.add_parser("umount", help="unmount a tmemfs and wait for its daemon to exit")
     u.add_argument("mountpoint", type=Path)
@@ -104,18 +162,24 @@ def build_parser() -> Parser:
     s = sub.add_parser("stat", help="show the counters of a mounted tmemfs")
     s.add_argument("mountpoint", type=Path)
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--watch", type=float, metavar="N",
-                   help="redraw every N seconds, with stores/s and loads/s")
+    s.add_argument(
+        "--watch", type=float, metavar="N", help="redraw every N seconds, with stores/s and loads/s"
+    )
 
     w = sub.add_parser("swap", help="swap on a tmemfs image (without a subcommand: list it)")
     ws = w.add_subparsers(dest="swap_command", parser_class=Parser)
-    on = ws.add_parser("on", help="make the next frontswap/N.img, attach, mkswap, "
-                                  "swapon --discard; print the device")
+    on = ws.add_parser(
+        "on",
+        help="make the next frontswap/N.img, attach, mkswap, swapon --discard; print the device",
+    )
     on.add_argument("mountpoint", type=Path)
     on.add_argument("--size", help="image size with K/M/G (default: the size of RAM)")
     on.add_argument("--priority", type=int, help="swap priority (swapon -p)")
-    on.add_argument("--no-discard", action="store_true",
-                    help="swapon without --discard: freed slots stay stored (to compare)")
+    on.add_argument(
+        "--no-discard",
+        action="store_true",
+        help="swapon without --discard: freed slots stay stored (to compare)",
+    )
     off = ws.add_parser("off", help="swapoff, detach, remove the image and its pool")
     off.add_argument("target", type=Path, metavar="MOUNT|DEVICE")
     return parser
@@ -153,7 +217,8 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
     if not 0 < args.reject_ratio <= 1:
         parser.error("--reject-ratio must be in (0, 1]")
     per_user_text = args.max_pool_per_user or (
-        DEFAULT_MAX_POOL_PER_USER if args.allow_other else "max")
+        DEFAULT_MAX_POOL_PER_USER if args.allow_other else "max"
+    )
     try:
         max_pool_per_user = parse_limit(per_user_text, max_pool)
     except ValueError as exc:
@@ -162,8 +227,9 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
         parser.error("--recompress-after must be a positive number of seconds")
     codec, _, level = args.recompress_codec.partition(":")
     if codec != "zstd" or (level and not (level.isdigit() and 1 <= int(level) <= 19)):
-        parser.error(f"--recompress-codec takes zstd or zstd:LEVEL (1-19), "
-                     f"not {args.recompress_codec!r}")
+        parser.error(
+            f"--recompress-codec takes zstd or zstd:LEVEL (1-19), not {args.recompress_codec!r}"
+        )
     return MountOptions(
         mountpoint=args.mountpoint.absolute(),
         backend=args.backend,
@@ -181,7 +247,8 @@ def mount_options(args: argparse.Namespace, parser: Parser) -> MountOptions:
         debug=args.debug,
         log_file=args.log_file,
         writeback=str(Path(args.writeback).absolute())
-        if args.writeback and not is_redis_url(args.writeback) else args.writeback,
+        if args.writeback and not is_redis_url(args.writeback)
+        else args.writeback,
         namespace=args.namespace or f"{socket.gethostname()}:{args.mountpoint.absolute()}",
         remote_timeout=args.remote_timeout,
         metrics=metrics,
@@ -216,6 +283,7 @@ def read_stats(mountpoint: Path) -> dict[str, dict[str, int | None]]:
     """Every stats file of a mount: {"total": {...}, "frontswap/0": {...}, ...}.
 
     A limit that is `max` (none) in a pool's .stats is None here (null in --json)."""
+
     def load(path: Path) -> dict[str, int | None]:
         text = path.read_text()
         values: dict[str, int | None] = dict(statsfmt.counters(text))
@@ -243,8 +311,10 @@ def format_table(
     if rates is not None:
         columns += ["STORES/s", "LOADS/s"]
     rows = [columns]
-    for name, values in [*((k, v) for k, v in stats.items() if k != "total"),
-                         ("total", stats["total"])]:
+    for name, values in [
+        *((k, v) for k, v in stats.items() if k != "total"),
+        ("total", stats["total"]),
+    ]:
         row = []
         for title, key in _COLUMNS:
             if title == "POOL":
@@ -254,9 +324,13 @@ def format_table(
                 orig = values.get("orig_data_size", 0)
                 row.append(f"{orig / compr:.2f}" if compr else "-")
             elif title == "REJECTED":
-                row.append(str((values.get("reject_compress_poor") or 0)
-                               + (values.get("pool_limit_hit") or 0)
-                               + (values.get("reject_alloc_fail") or 0)))
+                row.append(
+                    str(
+                        (values.get("reject_compress_poor") or 0)
+                        + (values.get("pool_limit_hit") or 0)
+                        + (values.get("reject_alloc_fail") or 0)
+                    )
+                )
             elif title == "MAX":
                 row.append(_limit_cell(values))
             elif title == "WEIGHT":
@@ -276,26 +350,40 @@ def format_table(
 
 def format_codecs(total: dict[str, int]) -> str:
     """Pages and compressed bytes per codec (lz4 backend), and what recompression saved."""
-    names = sorted({k[len("codec_"):].rsplit("_", 1)[0] for k in total
-                    if k.startswith("codec_") and k.endswith("_pages")})
+    names = sorted(
+        {
+            k[len("codec_") :].rsplit("_", 1)[0]
+            for k in total
+            if k.startswith("codec_") and k.endswith("_pages")
+        }
+    )
     if not names:
         return ""
     rows = [["CODEC", "PAGES", "COMPR"]]
     for name in names:
-        rows.append([name, str(total.get(f"codec_{name}_pages", 0)),
-                     format_size(total.get(f"codec_{name}_data_size", 0))])
+        rows.append(
+            [
+                name,
+                str(total.get(f"codec_{name}_pages", 0)),
+                format_size(total.get(f"codec_{name}_data_size", 0)),
+            ]
+        )
     saved = format_size(total.get("recompress_saved_bytes", 0))
     dictionaries = total.get("codec_zstd_dict_dictionary_size", 0)
-    return (f"{_align(rows)}\nrecompressed {total.get('recompressed_pages', 0)} pages, "
-            f"saving {saved}"
-            + (f" (zstd dictionaries: {format_size(dictionaries)})" if dictionaries else ""))
+    return (
+        f"{_align(rows)}\nrecompressed {total.get('recompressed_pages', 0)} pages, "
+        f"saving {saved}"
+        + (f" (zstd dictionaries: {format_size(dictionaries)})" if dictionaries else "")
+    )
 
 
 def _align(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
         for row in rows
     )
 
@@ -330,8 +418,10 @@ def stat(mountpoint: Path, as_json: bool, watch: float | None = None) -> int:
         stats, now = _read(mountpoint), time.monotonic()
         elapsed = max(now - then, 1e-9)
         rates = {
-            name: tuple((values.get(k, 0) - previous.get(name, {}).get(k, 0)) / elapsed
-                        for k in ("stores", "loads"))
+            name: tuple(
+                (values.get(k, 0) - previous.get(name, {}).get(k, 0)) / elapsed
+                for k in ("stores", "loads")
+            )
             for name, values in stats.items()
         }
         if as_json:

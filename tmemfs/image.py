@@ -98,8 +98,9 @@ class ImageView:
         if len(self._reply) < count * psize:
             # A new buffer, never a resize: the last reply's view may still be alive.
             self._reply = bytearray(count * psize)
-        run = self.engine.load_run(pool_id, SWAP_OBJECT, first, count,
-                                   memoryview(self._reply)[: count * psize])
+        run = self.engine.load_run(
+            pool_id, SWAP_OBJECT, first, count, memoryview(self._reply)[: count * psize]
+        )
         if run is None:
             return None
         return memoryview(run)[start : start + end - off]

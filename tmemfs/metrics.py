@@ -39,7 +39,7 @@ _HELP = {
     "reject_compress_poor": "Stores refused for compressing poorly (--reject-poor)",
     "reject_alloc_fail": "Stores refused by the backend or tier (remote down or full)",
     "pool_limit_hit": "Stores refused because the budget, the pool's .max or its "
-                      "owner's --max-pool-per-user was full",
+    "owner's --max-pool-per-user was full",
     "written_back_pages": "Pages moved down to the writeback tier",
     "evicted_pages": "Cleancache pages evicted to make room",
     "lost_pages": "Frontswap pages a remote backend no longer had",
@@ -73,14 +73,19 @@ class EngineCollector(Collector):
                 family.add_metric([pool], values.get(name, 0))
             yield family
         shares = {str(pid): engine.pool_shares(pid) for pid in engine.pools}
-        limit = GaugeMetricFamily("tmemfs_pool_max_size_bytes",
-                                  "A pool's own limit (.max); +Inf when it has none",
-                                  labels=["pool"])
-        weight = GaugeMetricFamily("tmemfs_pool_weight", "A pool's weight (.weight)",
-                                   labels=["pool"])
-        charged = GaugeMetricFamily("tmemfs_pool_charged_size_bytes",
-                                    "Bytes a pool holds as its limits count them",
-                                    labels=["pool"])
+        limit = GaugeMetricFamily(
+            "tmemfs_pool_max_size_bytes",
+            "A pool's own limit (.max); +Inf when it has none",
+            labels=["pool"],
+        )
+        weight = GaugeMetricFamily(
+            "tmemfs_pool_weight", "A pool's weight (.weight)", labels=["pool"]
+        )
+        charged = GaugeMetricFamily(
+            "tmemfs_pool_charged_size_bytes",
+            "Bytes a pool holds as its limits count them",
+            labels=["pool"],
+        )
         for pool, values in shares.items():
             max_size = values["max_size"]
             limit.add_metric([pool], float("inf") if max_size is None else max_size)
@@ -88,24 +93,37 @@ class EngineCollector(Collector):
             charged.add_metric([pool], values["charged_size"] or 0)
         yield from (limit, weight, charged)
         totals = engine.stats()
-        yield GaugeMetricFamily("tmemfs_max_pool_size_bytes", "The memory budget (--max-pool)",
-                                value=totals["max_pool_size"])
-        yield GaugeMetricFamily("tmemfs_daemon_pool_total_size_bytes",
-                                "Bytes of memory this daemon holds for pages, all pools",
-                                value=totals["pool_total_size"])
+        yield GaugeMetricFamily(
+            "tmemfs_max_pool_size_bytes",
+            "The memory budget (--max-pool)",
+            value=totals["max_pool_size"],
+        )
+        yield GaugeMetricFamily(
+            "tmemfs_daemon_pool_total_size_bytes",
+            "Bytes of memory this daemon holds for pages, all pools",
+            value=totals["pool_total_size"],
+        )
         yield GaugeMetricFamily("tmemfs_pools", "Pools that exist now", value=totals["pools"])
         per_user = engine.max_pool_per_user
-        yield GaugeMetricFamily("tmemfs_max_pool_per_user_bytes",
-                                "What one user's pools may hold (--max-pool-per-user); +Inf: "
-                                "no such limit",
-                                value=float("inf") if per_user is None else per_user)
-        codecs = sorted({k[len("codec_"):].rsplit("_", 1)[0] for k in totals
-                         if k.startswith("codec_") and k.endswith("_pages")})
+        yield GaugeMetricFamily(
+            "tmemfs_max_pool_per_user_bytes",
+            "What one user's pools may hold (--max-pool-per-user); +Inf: no such limit",
+            value=float("inf") if per_user is None else per_user,
+        )
+        codecs = sorted(
+            {
+                k[len("codec_") :].rsplit("_", 1)[0]
+                for k in totals
+                if k.startswith("codec_") and k.endswith("_pages")
+            }
+        )
         if codecs:
-            pages = GaugeMetricFamily("tmemfs_codec_pages", "Stored pages by codec",
-                                      labels=["codec"])
-            sizes = GaugeMetricFamily("tmemfs_codec_compr_data_size_bytes",
-                                      "Compressed bytes by codec", labels=["codec"])
+            pages = GaugeMetricFamily(
+                "tmemfs_codec_pages", "Stored pages by codec", labels=["codec"]
+            )
+            sizes = GaugeMetricFamily(
+                "tmemfs_codec_compr_data_size_bytes", "Compressed bytes by codec", labels=["codec"]
+            )
             for codec in codecs:
                 pages.add_metric([codec], totals.get(f"codec_{codec}_pages", 0))
                 sizes.add_metric([codec], totals.get(f"codec_{codec}_data_size", 0))
@@ -137,12 +155,16 @@ async def serve_metrics(engine: Engine, listeners: list[trio.SocketListener]) ->
                         return
                     request += chunk
                 parts = request.split(b" ", 2)
-                if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (
-                    b"/metrics", b"/"
+                if (
+                    len(parts) >= 2
+                    and parts[0] == b"GET"
+                    and parts[1].split(b"?")[0] in (b"/metrics", b"/")
                 ):
                     body = render(engine)
-                    head = (b"HTTP/1.0 200 OK\r\n"
-                            b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n")
+                    head = (
+                        b"HTTP/1.0 200 OK\r\n"
+                        b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                    )
                 else:
                     body = b"not found: try /metrics\n"
                     head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"

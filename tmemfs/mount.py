@@ -86,10 +86,13 @@ class MountOptions:
             "page_size": str(self.page_size),
             "reject_ratio": str(self.reject_ratio),
             "reject_poor": str(int(self.reject_poor)),
-            "recompress": ("none" if self.recompress_after is None else
-                           f"zstd:{self.recompress_level}"
-                           f"{'+dict' if self.recompress_dict else ''} "
-                           f"after {self.recompress_after:g}s"),
+            "recompress": (
+                "none"
+                if self.recompress_after is None
+                else f"zstd:{self.recompress_level}"
+                f"{'+dict' if self.recompress_dict else ''} "
+                f"after {self.recompress_after:g}s"
+            ),
             "exclusive_gets": str(int(self.exclusive_gets)),
             "allow_other": str(int(self.allow_other)),
             "discard": "on" if discard_supported() else "off",
@@ -237,8 +240,13 @@ def serve(opts: MountOptions, ready: int | None) -> int:
         )
         tier = None
         if opts.writeback:
-            tier = open_tier(opts.writeback, page_size=opts.page_size, limiter=limiter,
-                             namespace=opts.namespace, timeout=opts.remote_timeout)
+            tier = open_tier(
+                opts.writeback,
+                page_size=opts.page_size,
+                limiter=limiter,
+                namespace=opts.namespace,
+                timeout=opts.remote_timeout,
+            )
         engine = Engine(
             backend,
             max_pool=opts.max_pool,
@@ -269,9 +277,13 @@ async def _serve_mounted(
     ready: int | None,
 ) -> None:
     """Mount, tell the parent, serve until unmounted or signalled, unmount."""
-    operations = TmemOperations(engine, daemon_info=info, on_first_image=lock_memory,
-                                invalidate_entry=_invalidate_entry,
-                                invalidate_entry_now=_invalidate_entry_now)
+    operations = TmemOperations(
+        engine,
+        daemon_info=info,
+        on_first_image=lock_memory,
+        invalidate_entry=_invalidate_entry,
+        invalidate_entry_now=_invalidate_entry_now,
+    )
     listeners = []
     if opts.metrics:
         host, port = opts.metrics
@@ -283,14 +295,20 @@ async def _serve_mounted(
         pyfuse3.init(operations, str(opts.mountpoint), fuse_options)
     except RuntimeError as exc:
         raise MountError(f"cannot mount {opts.mountpoint}: {exc}") from None
-    log.info("mounted %s: %s", opts.mountpoint,
-             ", ".join(f"{k} {v}" for k, v in info.items() if k != "mountpoint"))
+    log.info(
+        "mounted %s: %s",
+        opts.mountpoint,
+        ", ".join(f"{k} {v}" for k, v in info.items() if k != "mountpoint"),
+    )
     if discard_supported():
         log.info("discard: on (fallocate on an image invalidates the pages in its range)")
     else:
-        log.warning("discard: off: this pyfuse3 (%s) passes no fallocate on, so a swap image "
-                    "keeps every slot swap has used; examples/setup.sh builds it with "
-                    "patches/pyfuse3-3.5.0-fallocate.patch", pyfuse3.__version__)
+        log.warning(
+            "discard: off: this pyfuse3 (%s) passes no fallocate on, so a swap image "
+            "keeps every slot swap has used; examples/setup.sh builds it with "
+            "patches/pyfuse3-3.5.0-fallocate.patch",
+            pyfuse3.__version__,
+        )
     if not fast_path_supported():
         log.info(
             "fastpath: off: this pyfuse3 (%s) answers every request with a coroutine; "
@@ -391,8 +409,13 @@ def _plain_unmount(mountpoint: Path) -> str | None:
 
     For `tmemfs umount` and for the daemon's own signal handler alike.
     """
-    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        ["fusermount3", "-u", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if result.returncode == 0:
         return None
     reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
@@ -511,7 +534,9 @@ def lock_memory() -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
     if libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
-        log.warning("mlockall failed (%s); pages held by tmemfs may be swapped",
-                    os.strerror(ctypes.get_errno()))
+        log.warning(
+            "mlockall failed (%s); pages held by tmemfs may be swapped",
+            os.strerror(ctypes.get_errno()),
+        )
         return False
     return True

@@ -185,8 +185,7 @@ class PageFiles:
         key = handle.key
         if off != 0 or len(buf) != self.page_size:
             return None
-        if not self.engine.store_run_now(key.pool, key.object, key.index, buf,
-                                         room_for_worst=True):
+        if not self.engine.store_run_now(key.pool, key.object, key.index, buf, room_for_worst=True):
             return None
         handle.dirty = False
         handle.buffer = None
@@ -212,8 +211,9 @@ class PageFiles:
         """`_store_pending` when the page fits however it compresses; False if not."""
         key = handle.key
         page = handle.buffer if handle.buffer is not None else bytes(self.page_size)
-        if not self.engine.store_run_now(key.pool, key.object, key.index, page,
-                                         room_for_worst=True):
+        if not self.engine.store_run_now(
+            key.pool, key.object, key.index, page, room_for_worst=True
+        ):
             return False
         handle.dirty = False
         self._stop_creating(handle)

@@ -105,8 +105,11 @@ def swap_images() -> list[SwapImage]:
 def _next_image(mount: Path) -> Path:
     """frontswap/N.img for the smallest N with neither an image nor a pool yet."""
     frontswap = mount / "frontswap"
-    taken = {int(m.group(1)) for name in os.listdir(frontswap)
-             if (m := re.match(r"^(0|[1-9][0-9]*)(\.img)?$", name))}
+    taken = {
+        int(m.group(1))
+        for name in os.listdir(frontswap)
+        if (m := re.match(r"^(0|[1-9][0-9]*)(\.img)?$", name))
+    }
     n = next(i for i in range(len(taken) + 1) if i not in taken)
     return frontswap / f"{n}.img"
 
@@ -180,12 +183,22 @@ def swap_list() -> str:
             size = format_size(s.image.stat().st_size)
         except OSError:
             size = "-"
-        rows.append([
-            s.device, str(s.image), size,
-            format_size(s.swap_used) if s.swap_used is not None else "not swap",
-            str(s.priority) if s.priority is not None else "-", stored, held,
-        ])
+        rows.append(
+            [
+                s.device,
+                str(s.image),
+                size,
+                format_size(s.swap_used) if s.swap_used is not None else "not swap",
+                str(s.priority) if s.priority is not None else "-",
+                stored,
+                held,
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    )

@@ -40,8 +40,11 @@ class Notifier:
             self._sock.sendto("\n".join(fields).encode(), self._address)
         except OSError as exc:
             if not self._warned:  # systemd gone or the socket full: say it once
-                log.warning("cannot notify systemd at %s: %s", os.environ.get(
-                    "NOTIFY_SOCKET", self._address), exc.strerror)
+                log.warning(
+                    "cannot notify systemd at %s: %s",
+                    os.environ.get("NOTIFY_SOCKET", self._address),
+                    exc.strerror,
+                )
                 self._warned = True
             return False
         return True
@@ -68,5 +71,7 @@ def status_line(stats: dict[str, int]) -> str:
     compr = stats.get("compr_data_size", 0)
     total = stats.get("pool_total_size", 0)
     ratio = f"{orig / compr:.2f}" if compr else "-"
-    return (f"holding {pages} pages ({orig / 2**20:.1f} MiB) in "
-            f"{total / 2**20:.1f} MiB; compression ratio {ratio}")
+    return (
+        f"holding {pages} pages ({orig / 2**20:.1f} MiB) in "
+        f"{total / 2**20:.1f} MiB; compression ratio {ratio}"
+    )

@@ -41,8 +41,9 @@ FLUSH_ALLOWANCE = 8 << 20
 def barefs(path: Path, size: int) -> Iterator[Path]:
     """The bare pyfuse3 dict filesystem, mounted on `path` and unmounted whatever happens."""
     path.mkdir(parents=True, exist_ok=False)
-    proc = subprocess.Popen([sys.executable, "-m", "bench.barefs", str(path),
-                             "--size", str(size >> 20)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.barefs", str(path), "--size", str(size >> 20)]
+    )
     try:
         for _ in range(100):
             if os.path.ismount(path):
@@ -73,10 +74,12 @@ def run(ctx: Context) -> Section:
         f"Page files: `bench.pagefiles.store_and_load` on both filesystems. Memory: the "
         f"daemon's VmRSS before the write, after it, and 5 s after `rmdir frontswap/0`."
     )
-    rates: dict[str, dict[int, list[float]]] = {n: {32768: [], 4096: []}
-                                                for n in ("tmemfs", "bare", "zram")}
-    files: dict[str, dict[str, list[float]]] = {n: {"store": [], "load": []}
-                                                for n in ("tmemfs", "bare")}
+    rates: dict[str, dict[int, list[float]]] = {
+        n: {32768: [], 4096: []} for n in ("tmemfs", "bare", "zram")
+    }
+    files: dict[str, dict[str, list[float]]] = {
+        n: {"store": [], "load": []} for n in ("tmemfs", "bare")
+    }
     growth: list[float] = []
     marginal: list[float] = []
     warm = size // 8 // (1 << 20) * (1 << 20)
@@ -90,8 +93,11 @@ def run(ctx: Context) -> Section:
                 zram = stack.enter_context(devices.zram(size))
                 time.sleep(0.5)
                 start = vm_rss(mount.pid)
-                targets = {"tmemfs": mount.image(0, size), "bare": bare / "img",
-                           "zram": zram.device}
+                targets = {
+                    "tmemfs": mount.image(0, size),
+                    "bare": bare / "img",
+                    "zram": zram.device,
+                }
                 with opened(targets["tmemfs"], os.O_WRONLY) as fd:
                     write_at(fd, corpus.data, 0, warm, 0)
                 time.sleep(0.5)
@@ -109,10 +115,13 @@ def run(ctx: Context) -> Section:
                     for name in targets if r % 2 == 0 else reversed(targets):
                         bar.note(f"run {r + 1}: {block >> 10} KiB random reads on {name}")
                         rates[name][block].append(
-                            random_reads(targets[name], block, size, cfg.fio_seconds))
+                            random_reads(targets[name], block, size, cfg.fio_seconds)
+                        )
                 bar.step()
-                for name, root in (("tmemfs", mount.path / "frontswap" / "1"),
-                                   ("bare", bare / "pages")):
+                for name, root in (
+                    ("tmemfs", mount.path / "frontswap" / "1"),
+                    ("bare", bare / "pages"),
+                ):
                     store, load = store_and_load(root, pages)
                     files[name]["store"].append(store)
                     files[name]["load"].append(load)
@@ -122,31 +131,71 @@ def run(ctx: Context) -> Section:
                 time.sleep(5)
                 after_flush.append(vm_rss(mount.pid) - start)
                 bar.step()
-    section.rows.append(paired("32 KiB random read, one in flight (swap-in)", "reads/s",
-                               rates["tmemfs"][32768], rates["bare"][32768], SWAPIN_GOAL))
-    section.rows.append(paired("4 KiB random read, one in flight", "reads/s",
-                               rates["tmemfs"][4096], rates["bare"][4096]))
-    section.rows.append(paired("32 KiB random read against zram (context)", "reads/s",
-                               rates["tmemfs"][32768], rates["zram"][32768]))
-    for op, label in (("store", "page file store (open/write/close)"),
-                      ("load", "page file load (open/read/close)")):
-        section.rows.append(paired(label, "pages/s", files["tmemfs"][op], files["bare"][op],
-                                   PAGEFILE_GOAL))
+    section.rows.append(
+        paired(
+            "32 KiB random read, one in flight (swap-in)",
+            "reads/s",
+            rates["tmemfs"][32768],
+            rates["bare"][32768],
+            SWAPIN_GOAL,
+        )
+    )
+    section.rows.append(
+        paired(
+            "4 KiB random read, one in flight",
+            "reads/s",
+            rates["tmemfs"][4096],
+            rates["bare"][4096],
+        )
+    )
+    section.rows.append(
+        paired(
+            "32 KiB random read against zram (context)",
+            "reads/s",
+            rates["tmemfs"][32768],
+            rates["zram"][32768],
+        )
+    )
+    for op, label in (
+        ("store", "page file store (open/write/close)"),
+        ("load", "page file load (open/read/close)"),
+    ):
+        section.rows.append(
+            paired(label, "pages/s", files["tmemfs"][op], files["bare"][op], PAGEFILE_GOAL)
+        )
     ratio = median(marginal)
-    section.rows.append(Row("daemon RSS growth / pool_total_size, after the first eighth",
-                            "ratio", ratio, 1.0, ratio, GROWTH_GOAL))
+    section.rows.append(
+        Row(
+            "daemon RSS growth / pool_total_size, after the first eighth",
+            "ratio",
+            ratio,
+            1.0,
+            ratio,
+            GROWTH_GOAL,
+        )
+    )
     whole = median(growth)
-    section.rows.append(Row("daemon RSS growth / pool_total_size, from the empty image",
-                            "ratio", whole, 1.0, whole))
+    section.rows.append(
+        Row("daemon RSS growth / pool_total_size, from the empty image", "ratio", whole, 1.0, whole)
+    )
     flushed = median(after_flush)
-    section.rows.append(Row("RSS 5 s after rmdir, above the start", "MiB",
-                            None if flushed is None else flushed / (1 << 20),
-                            FLUSH_ALLOWANCE / (1 << 20),
-                            None if flushed is None else flushed / FLUSH_ALLOWANCE,
-                            Goal("≤ 1x the 8 MiB allowance", maximum=1.0)))
+    section.rows.append(
+        Row(
+            "RSS 5 s after rmdir, above the start",
+            "MiB",
+            None if flushed is None else flushed / (1 << 20),
+            FLUSH_ALLOWANCE / (1 << 20),
+            None if flushed is None else flushed / FLUSH_ALLOWANCE,
+            Goal("≤ 1x the 8 MiB allowance", maximum=1.0),
+        )
+    )
     section.notes.append(
         "Run after run: RSS growth/pool_total_size after the first eighth "
-        + ", ".join(f"{g:.3f}" for g in marginal) + ", from the empty image "
-        + ", ".join(f"{g:.3f}" for g in growth) + "; RSS above the start after the flush (MiB) "
-        + ", ".join(f"{a / (1 << 20):.1f}" for a in after_flush) + ".")
+        + ", ".join(f"{g:.3f}" for g in marginal)
+        + ", from the empty image "
+        + ", ".join(f"{g:.3f}" for g in growth)
+        + "; RSS above the start after the flush (MiB) "
+        + ", ".join(f"{a / (1 << 20):.1f}" for a in after_flush)
+        + "."
+    )
     return section

@@ -58,28 +58,34 @@ def run(ctx: Context) -> Section:
             runs.append(measure(ctx, base, points, r, bar))
     section.rows.extend(rows(runs, points))
     section.details.append(detail_table(runs, points))
-    rates = {"tmemfs": [_rate(runs, i, "tmemfs") for i in range(len(points))],
-             "zram": [_rate(runs, i, "zram") for i in range(len(points))]}
-    held = {"tmemfs pool_total_size": [_per_page(runs, i, "pool_total") for i in
-                                       range(len(points))],
-            "tmemfs daemon RSS growth": [_per_page(runs, i, "rss_growth") for i in
-                                         range(len(points))],
-            "zram mem_used_total": [_per_page(runs, i, "zram_used") for i in range(len(points))]}
+    rates = {
+        "tmemfs": [_rate(runs, i, "tmemfs") for i in range(len(points))],
+        "zram": [_rate(runs, i, "zram") for i in range(len(points))],
+    }
+    held = {
+        "tmemfs pool_total_size": [_per_page(runs, i, "pool_total") for i in range(len(points))],
+        "tmemfs daemon RSS growth": [_per_page(runs, i, "rss_growth") for i in range(len(points))],
+        "zram mem_used_total": [_per_page(runs, i, "zram_used") for i in range(len(points))],
+    }
     section.plots.append(plots.growth(ctx.plot_path("growth"), points, rates, held))
     if cfg.growth_runs == 1:
-        section.notes.append("One run (the 10^6-page run is the longest part of the bench): "
-                             "these figures are single measurements, not medians.")
+        section.notes.append(
+            "One run (the 10^6-page run is the longest part of the bench): "
+            "these figures are single measurements, not medians."
+        )
     return section
 
 
-def measure(ctx: Context, base: corpora.Corpus, points: tuple[int, ...], r: int,
-            bar: Progress) -> Run:
+def measure(
+    ctx: Context, base: corpora.Corpus, points: tuple[int, ...], r: int, bar: Progress
+) -> Run:
     size = points[-1] * PAGE
     result = Run()
     chunk = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
     with contextlib.ExitStack() as stack:
-        mount = stack.enter_context(devices.tmemfs(
-            ctx.tmp / f"growth-{r}", "--max-pool", ctx.config.growth_max_pool))
+        mount = stack.enter_context(
+            devices.tmemfs(ctx.tmp / f"growth-{r}", "--max-pool", ctx.config.growth_max_pool)
+        )
         image = mount.image(0, size)
         zram = stack.enter_context(devices.zram(size))
         rss0 = mount.rss()
@@ -96,9 +102,18 @@ def measure(ctx: Context, base: corpora.Corpus, points: tuple[int, ...], r: int,
                 t_zr += directio.write_at(zr_fd, chunk, 0, n * PAGE, done * PAGE)
                 done += n
             stats, mm = mount.stats(), zram.mm_stat()
-            result.points.append(Point(target, t_tm, t_zr, stats["pool_total_size"],
-                                       stats["compr_data_size"], mount.rss() - rss0,
-                                       mm["mem_used_total"], mm["compr_data_size"]))
+            result.points.append(
+                Point(
+                    target,
+                    t_tm,
+                    t_zr,
+                    stats["pool_total_size"],
+                    stats["compr_data_size"],
+                    mount.rss() - rss0,
+                    mm["mem_used_total"],
+                    mm["compr_data_size"],
+                )
+            )
             bar.step()
         bar.note("unmounting (freeing the pool)")
     return result
@@ -108,47 +123,85 @@ def rows(runs: list[Run], points: tuple[int, ...]) -> list[Row]:
     out = []
     for i, p in enumerate(points):
         added = p - (points[i - 1] if i else 0)
-        out.append(paired(f"store rate, pages {_segment(points, i)}", "pages/s",
-                          [added / run.points[i].tmemfs_seconds for run in runs],
-                          [added / run.points[i].zram_seconds for run in runs]))
+        out.append(
+            paired(
+                f"store rate, pages {_segment(points, i)}",
+                "pages/s",
+                [added / run.points[i].tmemfs_seconds for run in runs],
+                [added / run.points[i].zram_seconds for run in runs],
+            )
+        )
     for i, p in enumerate(points):
-        out.append(paired(f"memory per page at {_count(p)} (pool_total_size)", "B/page",
-                          [run.points[i].pool_total / p for run in runs],
-                          [run.points[i].zram_used / p for run in runs]))
+        out.append(
+            paired(
+                f"memory per page at {_count(p)} (pool_total_size)",
+                "B/page",
+                [run.points[i].pool_total / p for run in runs],
+                [run.points[i].zram_used / p for run in runs],
+            )
+        )
     for i, p in enumerate(points):
-        out.append(paired(f"memory per page at {_count(p)} (daemon RSS growth)", "B/page",
-                          [run.points[i].rss_growth / p for run in runs],
-                          [run.points[i].zram_used / p for run in runs]))
+        out.append(
+            paired(
+                f"memory per page at {_count(p)} (daemon RSS growth)",
+                "B/page",
+                [run.points[i].rss_growth / p for run in runs],
+                [run.points[i].zram_used / p for run in runs],
+            )
+        )
     # Flat means the cost of one more page does not grow with the store. Compare the last
     # segment with the one before it: the first segment also pays the fixed costs (worker
     # threads' stacks, which the daemon's mlockall makes resident).
     last, before = len(points) - 1, max(len(points) - 2, 0)
-    out.append(paired(f"overhead per page at {_count(points[last])} vs at "
-                      f"{_count(points[before])} (tmemfs vs tmemfs)", "B/page",
-                      [_overhead(run, last) for run in runs],
-                      [_overhead(run, before) for run in runs], FLAT))
-    out.append(paired(f"RSS per added page, {_segment(points, last)} vs "
-                      f"{_segment(points, before)} (tmemfs vs tmemfs)", "B/page",
-                      [_marginal_rss(run, last) for run in runs],
-                      [_marginal_rss(run, before) for run in runs], FLAT))
+    out.append(
+        paired(
+            f"overhead per page at {_count(points[last])} vs at "
+            f"{_count(points[before])} (tmemfs vs tmemfs)",
+            "B/page",
+            [_overhead(run, last) for run in runs],
+            [_overhead(run, before) for run in runs],
+            FLAT,
+        )
+    )
+    out.append(
+        paired(
+            f"RSS per added page, {_segment(points, last)} vs "
+            f"{_segment(points, before)} (tmemfs vs tmemfs)",
+            "B/page",
+            [_marginal_rss(run, last) for run in runs],
+            [_marginal_rss(run, before) for run in runs],
+            FLAT,
+        )
+    )
     return out
 
 
 def detail_table(runs: list[Run], points: tuple[int, ...]) -> Table:
-    table = Table(["pages", "tmemfs pool_total_size", "tmemfs compr_data_size",
-                   "tmemfs overhead B/page", "daemon RSS growth", "zram mem_used_total",
-                   "zram overhead B/page"], [])
+    table = Table(
+        [
+            "pages",
+            "tmemfs pool_total_size",
+            "tmemfs compr_data_size",
+            "tmemfs overhead B/page",
+            "daemon RSS growth",
+            "zram mem_used_total",
+            "zram overhead B/page",
+        ],
+        [],
+    )
     for i, p in enumerate(points):
         pts = [run.points[i] for run in runs]
-        table.rows.append([
-            _count(p),
-            _mib(median([x.pool_total for x in pts])),
-            _mib(median([x.compr for x in pts])),
-            _num(median([(x.pool_total - x.compr) / p for x in pts])),
-            _mib(median([x.rss_growth for x in pts])),
-            _mib(median([x.zram_used for x in pts])),
-            _num(median([(x.zram_used - x.zram_compr) / p for x in pts])),
-        ])
+        table.rows.append(
+            [
+                _count(p),
+                _mib(median([x.pool_total for x in pts])),
+                _mib(median([x.compr for x in pts])),
+                _num(median([(x.pool_total - x.compr) / p for x in pts])),
+                _mib(median([x.rss_growth for x in pts])),
+                _mib(median([x.zram_used for x in pts])),
+                _num(median([(x.zram_used - x.zram_compr) / p for x in pts])),
+            ]
+        )
     return table
 
 

@@ -43,11 +43,19 @@ def run(ctx: Context) -> Section:
                         bar.step()
     for job in fio.JOBS:
         goal = None if job.random else GOAL["write" if job.writes else "read"]
-        section.rows.append(paired(job.label, "MB/s", measured["tmemfs"][job],
-                                   measured["zram"][job], goal))
-    section.plots.append(plots.bars(
-        ctx.plot_path("image"), "Image vs zram: fio, direct I/O",
-        [row.measure for row in section.rows], "MB/s",
-        {"tmemfs image": [row.tmemfs for row in section.rows],
-         "zram (lz4)": [row.reference for row in section.rows]}))
+        section.rows.append(
+            paired(job.label, "MB/s", measured["tmemfs"][job], measured["zram"][job], goal)
+        )
+    section.plots.append(
+        plots.bars(
+            ctx.plot_path("image"),
+            "Image vs zram: fio, direct I/O",
+            [row.measure for row in section.rows],
+            "MB/s",
+            {
+                "tmemfs image": [row.tmemfs for row in section.rows],
+                "zram (lz4)": [row.reference for row in section.rows],
+            },
+        )
+    )
     return section

@@ -21,8 +21,11 @@ SAMPLES = 16  # points per curve in the memory plot
 # zram's mem_used_total (zsmalloc's own account, as pool_total_size is tmemfs'): files
 # 0.70x, real anonymous memory 0.85x, random pages no worse than zram. The lz4-only
 # figures and RSS growth (which also pays the daemon's one-time costs) are context.
-GOALS = {"files": at_most(0.70, "zram"), "anon": at_most(0.85, "zram"),
-         "random": at_most(1.0, "zram")}
+GOALS = {
+    "files": at_most(0.70, "zram"),
+    "anon": at_most(0.85, "zram"),
+    "random": at_most(1.0, "zram"),
+}
 # Background recompression: the daemon sweeps every this many seconds, and the bench
 # waits until recompressed_pages has not moved for SETTLE seconds (at most SETTLE_MAX).
 RECOMPRESS_AFTER = 2
@@ -77,17 +80,28 @@ def run(ctx: Context) -> Section:
     rows, details = summarise(runs, references)
     section.rows.extend(rows)
     section.details.append(details)
-    section.plots.append(plots.memory_curves(ctx.plot_path("memory"), {
-        name: {"tmemfs pool_total_size": (rs[0].pages, rs[0].pool_total),
-               "tmemfs daemon RSS growth": (rs[0].pages, rs[0].rss_growth),
-               "zram mem_used_total": (rs[0].pages, rs[0].zram_used)}
-        for name, rs in runs.items()}))
+    section.plots.append(
+        plots.memory_curves(
+            ctx.plot_path("memory"),
+            {
+                name: {
+                    "tmemfs pool_total_size": (rs[0].pages, rs[0].pool_total),
+                    "tmemfs daemon RSS growth": (rs[0].pages, rs[0].rss_growth),
+                    "zram mem_used_total": (rs[0].pages, rs[0].zram_used),
+                }
+                for name, rs in runs.items()
+            },
+        )
+    )
     section.notes.append(
         "Daemon RSS growth also counts costs paid once, not per page (such as worker "
         "threads started by the first store, whose stacks the daemon's mlockall makes "
-        "resident). The column 'RSS per added page after the first step' leaves them out.")
-    section.notes.append("The zero corpus costs zram nothing (same-filled pages are a flag in "
-                         "its table), so its ratios are undefined.")
+        "resident). The column 'RSS per added page after the first step' leaves them out."
+    )
+    section.notes.append(
+        "The zero corpus costs zram nothing (same-filled pages are a flag in "
+        "its table), so its ratios are undefined."
+    )
     return section
 
 
@@ -96,8 +110,11 @@ def measure(ctx: Context, corpus: corpora.Corpus, r: int) -> Run:
     size = corpus.size
     step = max(size // SAMPLES // 4096 * 4096, 4096)
     with contextlib.ExitStack() as stack:
-        mount = stack.enter_context(devices.tmemfs(ctx.tmp / f"memory-{corpus.name}-{r}",
-                                                   "--recompress-after", str(RECOMPRESS_AFTER)))
+        mount = stack.enter_context(
+            devices.tmemfs(
+                ctx.tmp / f"memory-{corpus.name}-{r}", "--recompress-after", str(RECOMPRESS_AFTER)
+            )
+        )
         image = mount.image(0, size)
         rss0 = mount.rss()
         with directio.opened(image, os.O_WRONLY) as fd:
@@ -142,8 +159,13 @@ def zstd_reference(corpus: corpora.Corpus, level: int = 3) -> int:
     """Bytes zram would hold for the corpus with zstd (libzstd through ctypes)."""
     lib = ctypes.CDLL("libzstd.so.1")
     lib.ZSTD_compress.restype = ctypes.c_size_t
-    lib.ZSTD_compress.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-                                  ctypes.c_size_t, ctypes.c_int]
+    lib.ZSTD_compress.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+    ]
     out = ctypes.create_string_buffer(2 * corpora.PAGE)
     total = 0
     for i in range(corpus.pages):
@@ -156,10 +178,21 @@ def zstd_reference(corpus: corpora.Corpus, level: int = 3) -> int:
 
 def summarise(runs: dict[str, list[Run]], references: dict[str, int]) -> tuple[list[Row], Table]:
     rows = []
-    table = Table(["corpus", "pages", "tmemfs pool_total_size B/page", "tmemfs RSS growth B/page",
-                   "tmemfs RSS per added page after the first step",
-                   "zram mem_used_total B/page", "tmemfs same_filled_pages", "zram same_pages",
-                   "tmemfs dedup_pages", "zram huge_pages"], [])
+    table = Table(
+        [
+            "corpus",
+            "pages",
+            "tmemfs pool_total_size B/page",
+            "tmemfs RSS growth B/page",
+            "tmemfs RSS per added page after the first step",
+            "zram mem_used_total B/page",
+            "tmemfs same_filled_pages",
+            "zram same_pages",
+            "tmemfs dedup_pages",
+            "zram huge_pages",
+        ],
+        [],
+    )
     for name, rs in runs.items():
         zram = [r.zram_stat["mem_used_total"] for r in rs]
         pool = [r.tmemfs_stats["pool_total_size"] for r in rs]
@@ -168,22 +201,43 @@ def summarise(runs: dict[str, list[Run]], references: dict[str, int]) -> tuple[l
         rows.append(paired(f"{name}: daemon RSS growth, lz4 only", "MiB", mib(rss), mib(zram)))
         cold = [r.recompressed_stats["pool_total_size"] for r in rs]
         cold_rss = [r.recompressed_rss for r in rs]
-        rows.append(paired(f"{name}: pool_total_size, recompressed", "MiB", mib(cold),
-                           mib(zram), GOALS.get(name)))
-        rows.append(paired(f"{name}: daemon RSS growth, recompressed", "MiB", mib(cold_rss),
-                           mib(zram)))
-        rows.append(paired(f"{name}: pool_total_size, recompressed, vs zstd", "MiB",
-                           mib(cold), mib([references[name]] * len(rs)), ZSTD_REFERENCE))
+        rows.append(
+            paired(
+                f"{name}: pool_total_size, recompressed",
+                "MiB",
+                mib(cold),
+                mib(zram),
+                GOALS.get(name),
+            )
+        )
+        rows.append(
+            paired(f"{name}: daemon RSS growth, recompressed", "MiB", mib(cold_rss), mib(zram))
+        )
+        rows.append(
+            paired(
+                f"{name}: pool_total_size, recompressed, vs zstd",
+                "MiB",
+                mib(cold),
+                mib([references[name]] * len(rs)),
+                ZSTD_REFERENCE,
+            )
+        )
         pages = rs[0].pages[-1]
         last = rs[-1]
-        table.rows.append([
-            name, str(pages), per_page(pool, pages), per_page(rss, pages),
-            _num(median([marginal_rss(r) for r in rs])), per_page(zram, pages),
-            str(last.tmemfs_stats.get("same_filled_pages", "?")),
-            str(last.zram_stat["same_pages"]),
-            str(last.tmemfs_stats.get("dedup_pages", "?")),
-            str(last.zram_stat["huge_pages"]),
-        ])
+        table.rows.append(
+            [
+                name,
+                str(pages),
+                per_page(pool, pages),
+                per_page(rss, pages),
+                _num(median([marginal_rss(r) for r in rs])),
+                per_page(zram, pages),
+                str(last.tmemfs_stats.get("same_filled_pages", "?")),
+                str(last.zram_stat["same_pages"]),
+                str(last.tmemfs_stats.get("dedup_pages", "?")),
+                str(last.zram_stat["huge_pages"]),
+            ]
+        )
     return rows, table
 
 

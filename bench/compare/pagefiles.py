@@ -28,7 +28,9 @@ def run(ctx: Context) -> Section:
         f"on tmemfs's `frontswap/N/` and on a tmpfs; runs alternate which goes first."
     )
     rates: dict[str, dict[str, list[float]]] = {
-        "tmemfs": {"store": [], "load": []}, "tmpfs": {"store": [], "load": []}}
+        "tmemfs": {"store": [], "load": []},
+        "tmpfs": {"store": [], "load": []},
+    }
     with contextlib.ExitStack() as stack:
         mount = stack.enter_context(devices.tmemfs(ctx.tmp / "pagefiles-tmemfs"))
         tmpfs = stack.enter_context(devices.tmpfs(ctx.tmp / "pagefiles-tmpfs"))
@@ -45,11 +47,17 @@ def run(ctx: Context) -> Section:
                     os.rmdir(pool) if name == "tmemfs" else shutil.rmtree(pool)
                     bar.step()
     for op, label in (("store", "store (open/write/close)"), ("load", "load (open/read/close)")):
-        section.rows.append(paired(label, "pages/s", rates["tmemfs"][op], rates["tmpfs"][op],
-                                   GOAL))
-    section.plots.append(plots.bars(
-        ctx.plot_path("pagefiles"), "Page files: Python open/write/close, open/read/close",
-        [row.measure for row in section.rows], "pages/s",
-        {"tmemfs": [row.tmemfs for row in section.rows],
-         "tmpfs": [row.reference for row in section.rows]}))
+        section.rows.append(paired(label, "pages/s", rates["tmemfs"][op], rates["tmpfs"][op], GOAL))
+    section.plots.append(
+        plots.bars(
+            ctx.plot_path("pagefiles"),
+            "Page files: Python open/write/close, open/read/close",
+            [row.measure for row in section.rows],
+            "pages/s",
+            {
+                "tmemfs": [row.tmemfs for row in section.rows],
+                "tmpfs": [row.reference for row in section.rows],
+            },
+        )
+    )
     return section

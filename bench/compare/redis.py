@@ -35,17 +35,18 @@ def run(ctx: Context) -> Section:
     with contextlib.ExitStack() as stack:
         port = stack.enter_context(devices.redis_server(ctx.tmp))
         mount = stack.enter_context(
-            devices.tmemfs(ctx.tmp / "redis", "--backend", f"redis://127.0.0.1:{port}/0"))
+            devices.tmemfs(ctx.tmp / "redis", "--backend", f"redis://127.0.0.1:{port}/0")
+        )
         with Progress("redis", cfg.runs * 2) as bar:
             for r in range(cfg.runs):
                 for side in ("tmemfs", "redis-benchmark")[:: 1 if r % 2 == 0 else -1]:
                     bar.note(f"run {r + 1}: {side}")
                     if side == "tmemfs":
                         image = mount.image(r, size)
-                        rates["store"].append(size / PAGE / directio.direct_write(
-                            image, corpus.data, size))
-                        rates["load"].append(size / PAGE / directio.direct_read(
-                            image, back, size))
+                        rates["store"].append(
+                            size / PAGE / directio.direct_write(image, corpus.data, size)
+                        )
+                        rates["load"].append(size / PAGE / directio.direct_read(image, back, size))
                         if back[:size] != corpus.data[:size]:
                             raise RuntimeError("the redis-backed image returned different data")
                     else:
@@ -54,16 +55,40 @@ def run(ctx: Context) -> Section:
                         rates["GET"].append(benchmark["GET"])
                     bar.step()
         memory = redis_bench.used_memory(port)
-    section.rows.append(paired("store (1 MiB image writes) vs SET", "pages/s vs requests/s",
-                               rates["store"], rates["SET"], GOAL))
-    section.rows.append(paired("load (1 MiB image reads) vs GET", "pages/s vs requests/s",
-                               rates["load"], rates["GET"], GOAL))
-    section.notes.append(f"Redis used_memory after all runs: {memory / (1 << 20):.1f} MiB for "
-                         f"{cfg.runs * size >> 20} MiB of pages stored (lz4-compressed by "
-                         f"tmemfs) plus redis-benchmark's keys.")
-    section.plots.append(plots.bars(
-        ctx.plot_path("redis"), "Redis backend vs redis-benchmark (same server)",
-        ["store vs SET", "load vs GET"], "pages/s or requests/s",
-        {"tmemfs on redis": [row.tmemfs for row in section.rows],
-         "redis-benchmark -P 32 -d 4096": [row.reference for row in section.rows]}, log=False))
+    section.rows.append(
+        paired(
+            "store (1 MiB image writes) vs SET",
+            "pages/s vs requests/s",
+            rates["store"],
+            rates["SET"],
+            GOAL,
+        )
+    )
+    section.rows.append(
+        paired(
+            "load (1 MiB image reads) vs GET",
+            "pages/s vs requests/s",
+            rates["load"],
+            rates["GET"],
+            GOAL,
+        )
+    )
+    section.notes.append(
+        f"Redis used_memory after all runs: {memory / (1 << 20):.1f} MiB for "
+        f"{cfg.runs * size >> 20} MiB of pages stored (lz4-compressed by "
+        f"tmemfs) plus redis-benchmark's keys."
+    )
+    section.plots.append(
+        plots.bars(
+            ctx.plot_path("redis"),
+            "Redis backend vs redis-benchmark (same server)",
+            ["store vs SET", "load vs GET"],
+            "pages/s or requests/s",
+            {
+                "tmemfs on redis": [row.tmemfs for row in section.rows],
+                "redis-benchmark -P 32 -d 4096": [row.reference for row in section.rows],
+            },
+            log=False,
+        )
+    )
     return section

@@ -44,8 +44,9 @@ def run(ctx: Context) -> Section:
     )
     stores = {
         "tmemfs": lambda: swap.on_tmemfs(limit, ws, cfg.swap_timeout),
-        "tmemfs+zstd": lambda: swap.on_tmemfs(limit, ws, cfg.swap_timeout,
-                                              recompress_after=RECOMPRESS_AFTER),
+        "tmemfs+zstd": lambda: swap.on_tmemfs(
+            limit, ws, cfg.swap_timeout, recompress_after=RECOMPRESS_AFTER
+        ),
         "zram": lambda: swap.on_zram(limit, ws, cfg.swap_timeout),
         "disk": lambda: swap.on_disk(ctx.tmp, limit, ws, cfg.swap_timeout),
     }
@@ -53,7 +54,7 @@ def run(ctx: Context) -> Section:
     outcomes: dict[str, list[swap.Outcome]] = {name: [] for name in names}
     with Progress("swap", cfg.runs * len(names)) as bar:
         for r in range(cfg.runs):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 bar.note(f"run {r + 1}: {ws >> 20} MiB in {limit >> 20} MiB on {name}")
                 outcome = stores[name]()
                 if not outcome.passed:
@@ -63,39 +64,86 @@ def run(ctx: Context) -> Section:
     wall = {name: [o.wall for o in outs] for name, outs in outcomes.items()}
     section.rows.append(paired("wall time vs zram swap", "s", wall["tmemfs"], wall["zram"], GOAL))
     section.rows.append(paired("wall time vs disk swap", "s", wall["tmemfs"], wall["disk"]))
-    section.rows.append(paired("wall time with recompression vs without", "s",
-                               wall["tmemfs+zstd"], wall["tmemfs"], RECOMPRESS_COST_GOAL))
-    memory = {name: [o.memory for o in outcomes[name]]
-              for name in ("tmemfs", "tmemfs+zstd", "zram")}
+    section.rows.append(
+        paired(
+            "wall time with recompression vs without",
+            "s",
+            wall["tmemfs+zstd"],
+            wall["tmemfs"],
+            RECOMPRESS_COST_GOAL,
+        )
+    )
+    memory = {
+        name: [o.memory for o in outcomes[name]] for name in ("tmemfs", "tmemfs+zstd", "zram")
+    }
     for name, how in (("tmemfs", ""), ("tmemfs+zstd", ", with recompression,")):
-        section.rows.append(paired(
-            f"memory held at the peak swap in use{how} vs zram swap", "MiB",
-            [m.held_at_peak / MiB for m in memory[name]],
-            [m.held_at_peak / MiB for m in memory["zram"]], MEMORY_GOAL))
-        section.rows.append(paired(
-            f"memory held, average over the run{how} vs zram swap", "MiB",
-            [m.held_average / MiB for m in memory[name]],
-            [m.held_average / MiB for m in memory["zram"]]))
-    section.details.append(Table(
-        ["swap on", "peak swap in use (MiB)", "held at that peak (MiB)", "held on average (MiB)",
-         "held after exit (MiB)", "stored pages / swap in use"],
-        [[name, *(", ".join(f"{getattr(m, a) / MiB:.1f}" for m in ms)
-                  for a in ("peak_used", "held_at_peak", "held_average", "held_after")),
-          ", ".join(f"{m.stored_ratio:.2f}x" for m in ms) if name != "zram" else "-"]
-         for name, ms in memory.items()]))
-    section.details.append(Table(
-        ["swap on", "wall time per run (s)", "pswpout per run", "pswpin per run"],
-        [[name, ", ".join(f"{o.wall:.1f}" for o in outs),
-          ", ".join(str(o.swapped_out) for o in outs),
-          ", ".join(str(o.swapped_in) for o in outs)] for name, outs in outcomes.items()]))
+        section.rows.append(
+            paired(
+                f"memory held at the peak swap in use{how} vs zram swap",
+                "MiB",
+                [m.held_at_peak / MiB for m in memory[name]],
+                [m.held_at_peak / MiB for m in memory["zram"]],
+                MEMORY_GOAL,
+            )
+        )
+        section.rows.append(
+            paired(
+                f"memory held, average over the run{how} vs zram swap",
+                "MiB",
+                [m.held_average / MiB for m in memory[name]],
+                [m.held_average / MiB for m in memory["zram"]],
+            )
+        )
+    section.details.append(
+        Table(
+            [
+                "swap on",
+                "peak swap in use (MiB)",
+                "held at that peak (MiB)",
+                "held on average (MiB)",
+                "held after exit (MiB)",
+                "stored pages / swap in use",
+            ],
+            [
+                [
+                    name,
+                    *(
+                        ", ".join(f"{getattr(m, a) / MiB:.1f}" for m in ms)
+                        for a in ("peak_used", "held_at_peak", "held_average", "held_after")
+                    ),
+                    ", ".join(f"{m.stored_ratio:.2f}x" for m in ms) if name != "zram" else "-",
+                ]
+                for name, ms in memory.items()
+            ],
+        )
+    )
+    section.details.append(
+        Table(
+            ["swap on", "wall time per run (s)", "pswpout per run", "pswpin per run"],
+            [
+                [
+                    name,
+                    ", ".join(f"{o.wall:.1f}" for o in outs),
+                    ", ".join(str(o.swapped_out) for o in outs),
+                    ", ".join(str(o.swapped_in) for o in outs),
+                ]
+                for name, outs in outcomes.items()
+            ],
+        )
+    )
     section.notes.append("pswpout and pswpin are /proc/vmstat deltas, system-wide.")
     section.details.append(readahead_sweep(cfg.swap_timeout, quick=cfg.runs == 1))
-    section.plots.append(plots.bars(
-        ctx.plot_path("swap"), f"Swap: {ws >> 20} MiB working set in {limit >> 20} MiB",
-        ["wall time (lower is better)"], "s",
-        {name: [median(wall[name])] for name in names}, log=False))
+    section.plots.append(
+        plots.bars(
+            ctx.plot_path("swap"),
+            f"Swap: {ws >> 20} MiB working set in {limit >> 20} MiB",
+            ["wall time (lower is better)"],
+            "s",
+            {name: [median(wall[name])] for name in names},
+            log=False,
+        )
+    )
     return section
-
 
 
 def readahead_sweep(timeout: int, *, quick: bool) -> Table:
@@ -113,10 +161,26 @@ def readahead_sweep(timeout: int, *, quick: bool) -> Table:
             PAGE_CLUSTER.write_text(str(cluster))
             tmem = swap.on_tmemfs(limit, ws, timeout, page_cluster="keep")
             zram = swap.on_zram(limit, ws, timeout)
-            rows.append([str(cluster), f"{1 << cluster}", f"{tmem.wall:.1f}", f"{zram.wall:.1f}",
-                         f"{tmem.wall / zram.wall:.2f}x" if zram.wall else "-",
-                         "PASS" if tmem.passed and zram.passed else "FAIL"])
+            rows.append(
+                [
+                    str(cluster),
+                    f"{1 << cluster}",
+                    f"{tmem.wall:.1f}",
+                    f"{zram.wall:.1f}",
+                    f"{tmem.wall / zram.wall:.2f}x" if zram.wall else "-",
+                    "PASS" if tmem.passed and zram.passed else "FAIL",
+                ]
+            )
     finally:
         PAGE_CLUSTER.write_text(saved)
-    return Table([f"vm.page-cluster ({ws >> 20} MiB in {limit >> 20} MiB)", "pages per read",
-                  "tmemfs (s)", "zram (s)", "ratio", "workload"], rows)
+    return Table(
+        [
+            f"vm.page-cluster ({ws >> 20} MiB in {limit >> 20} MiB)",
+            "pages per read",
+            "tmemfs (s)",
+            "zram (s)",
+            "ratio",
+            "workload",
+        ],
+        rows,
+    )

@@ -50,8 +50,9 @@ def check_backend(spec: str) -> None:
         except (ValueError, TypeError) as exc:
             raise BackendError(f"bad redis URL {mask_url(spec)}: {exc}") from None
         return
-    raise BackendError(f"unknown backend {spec!r} (lz4, raw, or a redis://, rediss:// or "
-                       "redis+cluster:// URL)")
+    raise BackendError(
+        f"unknown backend {spec!r} (lz4, raw, or a redis://, rediss:// or redis+cluster:// URL)"
+    )
 
 
 def open_backend(
@@ -69,12 +70,23 @@ def open_backend(
     """The backend named by a --backend value."""
     check_backend(spec)
     if is_redis_url(spec):
-        return RedisBackend(page_size, limiter, url=spec, namespace=namespace, timeout=timeout,
-                            reject_ratio=reject_ratio)
+        return RedisBackend(
+            page_size,
+            limiter,
+            url=spec,
+            namespace=namespace,
+            timeout=timeout,
+            reject_ratio=reject_ratio,
+        )
     if spec == "lz4":
-        return Lz4Backend(page_size, limiter, reject_ratio=reject_ratio,
-                          recompress_after=recompress_after, recompress_level=recompress_level,
-                          recompress_dict=recompress_dict)
+        return Lz4Backend(
+            page_size,
+            limiter,
+            reject_ratio=reject_ratio,
+            recompress_after=recompress_after,
+            recompress_level=recompress_level,
+            recompress_dict=recompress_dict,
+        )
     return _LOCAL[spec](page_size, limiter)
 
 

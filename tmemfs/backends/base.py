@@ -25,7 +25,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-
 @dataclass(slots=True)
 class Encoded:
     """A page ready to be kept: its representation, and what keeping it costs at most.

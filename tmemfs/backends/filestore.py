@@ -237,9 +237,7 @@ class FileStore(PageStore):
                 return _Planned(location, slot, payload, in_place=True)
         return _Planned(location, self._allocate(), payload, in_place=False)
 
-    def _write_slots(
-        self, fd: int, shrink_to: int | None, plan: Sequence[_Planned]
-    ) -> _Written:
+    def _write_slots(self, fd: int, shrink_to: int | None, plan: Sequence[_Planned]) -> _Written:
         """In a worker thread: cut off the free end if asked, then write in plan order."""
         shrunk = False
         if shrink_to is not None:
@@ -334,8 +332,7 @@ class FileStore(PageStore):
         while True:
             found = [self._lookup(location) for location in locations]
             if not self._rewriting or not any(
-                packed is not None and packed >> self._shift in self._rewriting
-                for packed in found
+                packed is not None and packed >> self._shift in self._rewriting for packed in found
             ):
                 return found
             await self._rewrite_done.wait()

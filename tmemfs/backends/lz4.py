@@ -58,7 +58,8 @@ try:
 except ImportError as exc:  # a broken install: `tmemfs mount` says so in one line
     MISSING: str | None = (
         f"tmemfs's compiled page store is missing ({exc}); reinstall with `pip install .` "
-        "(it needs Cython, gcc, liblz4-dev and libzstd-dev)")
+        "(it needs Cython, gcc, liblz4-dev and libzstd-dev)"
+    )
     RECORD_OVERHEAD = 0
 else:
     MISSING = None
@@ -84,11 +85,11 @@ DEFAULT_RECOMPRESS_LEVEL = 3
 # 0.967x; a 1 MiB sample 0.977x, 16 MiB 0.964x); on files 0.986x (112 KiB: 0.981x); on
 # random pages nothing.
 DICT_BYTES = 64 * 1024
-TRAIN_BATCH = 1024              # pages of the training batch: a 3 MiB sample, 1/4 held out
+TRAIN_BATCH = 1024  # pages of the training batch: a 3 MiB sample, 1/4 held out
 # A dictionary costs its bytes and decompression tables (about 92 KiB for 64 KiB); at
 # the 3% (30 B a page) it saves on anon it pays for itself from some 3000 pages.
 DICT_MIN_PAGES = 8192
-MAX_TRAIN_WAIT = 64             # sweeps
+MAX_TRAIN_WAIT = 64  # sweeps
 # Plain zstd's slots over the pages a sweep probed (every 8th it took) below which
 # its saving is too noisy to call a drift: some 40 pages of a process's memory.
 PROBE_MIN_BYTES = 32 * 1024
@@ -101,11 +102,16 @@ class Lz4Backend(Backend):
     #: Whole runs of pages go through `encode_run`/`keep_run`/`load_into` (the image path).
     batches = True
 
-    def __init__(self, *args: object, reject_ratio: float = 0.875, threads: int = 2,
-                 recompress_after: float | None = DEFAULT_RECOMPRESS_AFTER,
-                 recompress_level: int = DEFAULT_RECOMPRESS_LEVEL,
-                 recompress_dict: bool = False,
-                 **kwargs: object) -> None:
+    def __init__(
+        self,
+        *args: object,
+        reject_ratio: float = 0.875,
+        threads: int = 2,
+        recompress_after: float | None = DEFAULT_RECOMPRESS_AFTER,
+        recompress_level: int = DEFAULT_RECOMPRESS_LEVEL,
+        recompress_dict: bool = False,
+        **kwargs: object,
+    ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if not 0 < reject_ratio <= 1:
             raise ValueError("reject ratio must be in (0, 1]")
@@ -202,9 +208,12 @@ class Lz4Backend(Backend):
         """Sweep the store every `recompress_after` seconds, recompressing idle pages."""
         if self.recompress_after is None:
             return
-        log.info("recompressing pages idle for %gs with zstd level %d%s",
-                 self.recompress_after, self.recompress_level,
-                 " and a trained dictionary" if self.recompress_dict else "")
+        log.info(
+            "recompressing pages idle for %gs with zstd level %d%s",
+            self.recompress_after,
+            self.recompress_level,
+            " and a trained dictionary" if self.recompress_dict else "",
+        )
         try:
             while True:
                 started = trio.current_time()
@@ -223,10 +232,12 @@ class Lz4Backend(Backend):
         train = self._wants_training()
         probe_plain = probe_dict = 0
         while True:
-            batch = slabs.recompress_begin(TRAIN_BATCH if train else RECOMPRESS_BATCH,
-                                           self.recompress_level,
-                                           dictionary=self.recompress_dict,
-                                           train=DICT_BYTES if train else 0)
+            batch = slabs.recompress_begin(
+                TRAIN_BATCH if train else RECOMPRESS_BATCH,
+                self.recompress_level,
+                dictionary=self.recompress_dict,
+                train=DICT_BYTES if train else 0,
+            )
             if batch.count:
                 await self._run_idle(batch.run)
                 done = slabs.recompress_commit(batch)
@@ -266,8 +277,12 @@ class Lz4Backend(Backend):
             self._dict_saving = 1 - batch.probe_dict / max(batch.probe_plain, 1)
             self._retrain = False
             self._train_backoff = 1
-            log.info("trained a zstd dictionary of %d bytes: it saves %.1f%% on pages held "
-                     "out of its sample", len(batch.dictionary.data), 100 * self._dict_saving)
+            log.info(
+                "trained a zstd dictionary of %d bytes: it saves %.1f%% on pages held "
+                "out of its sample",
+                len(batch.dictionary.data),
+                100 * self._dict_saving,
+            )
             return
         self._train_wait = self._train_backoff
         self._train_backoff = min(2 * self._train_backoff, MAX_TRAIN_WAIT)
@@ -279,8 +294,11 @@ class Lz4Backend(Backend):
             return
         saving = 1 - probe_dict / probe_plain
         if saving < self._dict_saving / 2:
-            log.info("the zstd dictionary saves %.1f%%, down from %.1f%%: retraining",
-                     100 * saving, 100 * self._dict_saving)
+            log.info(
+                "the zstd dictionary saves %.1f%%, down from %.1f%%: retraining",
+                100 * saving,
+                100 * self._dict_saving,
+            )
             self._retrain = True
 
     async def _run_idle(self, func: Callable[[], T]) -> T:
@@ -342,9 +360,12 @@ class Lz4Backend(Backend):
         }
 
     def describe(self) -> str:
-        recompress = ("no recompression" if self.recompress_after is None else
-                      f"zstd:{self.recompress_level}{'+dict' if self.recompress_dict else ''} "
-                      f"after {self.recompress_after:g}s")
+        recompress = (
+            "no recompression"
+            if self.recompress_after is None
+            else f"zstd:{self.recompress_level}{'+dict' if self.recompress_dict else ''} "
+            f"after {self.recompress_after:g}s"
+        )
         return f"lz4 (reject ratio {self.reject_ratio}, compiled slabs, {recompress})"
 
 

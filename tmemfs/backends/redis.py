@@ -66,8 +66,13 @@ def mask_url(url: str) -> str:
 
 # The URL parameters of rediss:// (coredis's own names). The server's certificate is
 # verified against the system's CAs, or ssl_ca_certs, and must name the host in the URL.
-_TLS_PARAMETERS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_check_hostname", "ssl_certfile",
-                   "ssl_keyfile")
+_TLS_PARAMETERS = (
+    "ssl_ca_certs",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+    "ssl_certfile",
+    "ssl_keyfile",
+)
 _CERT_REQS = ("required", "optional", "none")
 _BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
@@ -97,8 +102,11 @@ def tls_options(url: str) -> dict[str, Any]:
         raise ValueError(f"ssl_check_hostname must be true or false, not {check!r}")
     if _BOOLEANS[check] and reqs == "none":
         raise ValueError("ssl_check_hostname=true needs ssl_cert_reqs optional or required")
-    options: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": reqs,
-                               "ssl_check_hostname": _BOOLEANS[check]}
+    options: dict[str, Any] = {
+        "ssl": True,
+        "ssl_cert_reqs": reqs,
+        "ssl_check_hostname": _BOOLEANS[check],
+    }
     for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
         if name in value:
             if not os.path.exists(value[name]):
@@ -248,6 +256,7 @@ class RedisStore(PageStore):
 
     async def drop_hashes(self, names: Sequence[bytes]) -> None:
         """Delete whole hashes (a flushed object or pool generation), by name."""
+
         def run(pipe: Any) -> None:
             for name in names:
                 pipe.delete([name])
@@ -270,6 +279,7 @@ class RedisStore(PageStore):
 
     async def save_image(self, pool: str, generation: int, size: int | None) -> None:
         """Record a pool's image size (None: it has none), and the pool with it."""
+
         def run(pipe: Any) -> None:
             if size is None:
                 pipe.hdel(self._images_key(), [pool.encode()])
@@ -297,7 +307,8 @@ class RedisStore(PageStore):
             name = self.hash_of(Location(pool, generation, "", chunk * CHUNK))
             fields = await self._call(self._client.hkeys(name))
             lengths = await self._pipeline(
-                lambda pipe, name=name, fields=fields: [pipe.hstrlen(name, f) for f in fields])
+                lambda pipe, name=name, fields=fields: [pipe.hstrlen(name, f) for f in fields]
+            )
             for field, length in zip(fields, lengths, strict=True):
                 pages[int(field)] = int(length)
             self._registered.add((pool, generation, chunk))
@@ -311,8 +322,9 @@ class RedisStore(PageStore):
         return f"tmemfs:{self._space(pool)}:objects:{pool}".encode()
 
     async def shared_objects(self, pool: str) -> list[str]:
-        return sorted(m.decode() for m in
-                      await self._call(self._client.smembers(self._objects_key(pool))))
+        return sorted(
+            m.decode() for m in await self._call(self._client.smembers(self._objects_key(pool)))
+        )
 
     async def publish_object(self, loc: Location) -> None:
         await self._call(self._client.sadd(self._objects_key(loc.pool), [loc.object.encode()]))
@@ -399,8 +411,9 @@ class RedisBackend(Backend):
             pages = await self.store_.pool_pages(pool, generation)
             for length in pages.values():
                 self._account(length, +1)
-            restored.append(RestoredPool(PoolId(PoolKind.PERSISTENT, name), generation, pages,
-                                         images.get(pool)))
+            restored.append(
+                RestoredPool(PoolId(PoolKind.PERSISTENT, name), generation, pages, images.get(pool))
+            )
         return restored
 
     async def save_image(self, pool: str, generation: int, size: int | None) -> None:

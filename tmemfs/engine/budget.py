@@ -84,8 +84,7 @@ class Budget:
             while sum(p.charged + p.reserved for p in theirs) + cost > per_user:
                 victim = pick_victim(theirs)
                 if victim is None:
-                    return (f"--max-pool-per-user {format_size(per_user)} "
-                            f"of uid {pool.owner.uid}")
+                    return f"--max-pool-per-user {format_size(per_user)} of uid {pool.owner.uid}"
                 self._evict(victim)
         return None
 
@@ -95,9 +94,14 @@ class Budget:
         if pool.max_size is not None and pool.charged + pool.reserved + cost > pool.max_size:
             return f"{pool.id}/.max"
         per_user = self.user_limit(pool)
-        if per_user is not None and cost + sum(
-                p.charged + p.reserved for p in self.pools.values()
-                if p.owner.uid == pool.owner.uid) > per_user:
+        if (
+            per_user is not None
+            and cost
+            + sum(
+                p.charged + p.reserved for p in self.pools.values() if p.owner.uid == pool.owner.uid
+            )
+            > per_user
+        ):
             return "--max-pool-per-user"
         return None
 
@@ -148,5 +152,12 @@ def pick_victim(pools: Iterable[Pool]) -> Pool | None:
     return min(over, key=lambda p: next(iter(p.order.values())))
 
 
-__all__ = ["DEFAULT_WEIGHT", "ENTRY_OVERHEAD", "MAX_WEIGHT", "MIN_WEIGHT", "Budget", "check_weight",
-           "pick_victim"]
+__all__ = [
+    "DEFAULT_WEIGHT",
+    "ENTRY_OVERHEAD",
+    "MAX_WEIGHT",
+    "MIN_WEIGHT",
+    "Budget",
+    "check_weight",
+    "pick_victim",
+]

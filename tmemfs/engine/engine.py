@@ -100,9 +100,13 @@ class Engine:
         self.accept_threshold = accept_threshold
         self.pools: dict[PoolId, Pool] = {}
         # --max-pool, --max-pool-per-user, the pools' .max and .weight (budget.py).
-        self._budget = Budget(self.pools, max_pool=max_pool,
-                             max_pool_per_user=max_pool_per_user,
-                             total=self.pool_total_size, evict=self._evict)
+        self._budget = Budget(
+            self.pools,
+            max_pool=max_pool,
+            max_pool_per_user=max_pool_per_user,
+            total=self.pool_total_size,
+            evict=self._evict,
+        )
         # Moves the coldest frontswap pages down when full (writeback.py).
         self._tier = WritebackTier(writeback, self) if writeback is not None else None
         # The remote's and the tier's copies of released pages (copies.py).
@@ -204,7 +208,8 @@ class Engine:
         if pool.persistent or obj in pool.objects:
             raise PoolExists(f"{pool_id}/{obj}")
         return pool.objects.setdefault(
-            obj, TmemObject(owner or Owner(), obj, PageTable(self._index)))
+            obj, TmemObject(owner or Owner(), obj, PageTable(self._index))
+        )
 
     # -- fair shares: limits and weights --------------------------------------------------
 
@@ -316,8 +321,7 @@ class Engine:
             dropped = await self._drop_object(pool, obj, remote=not pool.shared)
             if self._remote_shared(pool):
                 try:
-                    await self.backend.unpublish_object(
-                        location_of(pool, pool.objects[obj], 0))
+                    await self.backend.unpublish_object(location_of(pool, pool.objects[obj], 0))
                 except StoreUnavailable as exc:
                     log.warning("could not invalidate shared %s/%s: %s", pool_id, obj, exc)
             del pool.objects[obj]
@@ -368,16 +372,26 @@ class Engine:
                     self._admit(pool, tobj, PageKey(pool_id, obj, index), enc)
                     for (index, _), enc in zip(run_pages, run_encoded, strict=True)
                 ]
-                reserved = sum(enc.cost + ENTRY_OVERHEAD for enc, d
-                               in zip(run_encoded, decisions, strict=True) if d is Decision.KEEP)
+                reserved = sum(
+                    enc.cost + ENTRY_OVERHEAD
+                    for enc, d in zip(run_encoded, decisions, strict=True)
+                    if d is Decision.KEEP
+                )
                 try:
                     kept += await self._keep(pool, tobj, run_pages, run_encoded, decisions, now)
                 finally:
                     self._budget.release(pool, reserved)
             if not all(kept):
                 # A refused store leaves no page, not even the old one.
-                self._gone(pool, tobj, [index for (index, _), k in zip(pages, kept, strict=True)
-                                        if not k and index not in tobj.pages])
+                self._gone(
+                    pool,
+                    tobj,
+                    [
+                        index
+                        for (index, _), k in zip(pages, kept, strict=True)
+                        if not k and index not in tobj.pages
+                    ],
+                )
             return kept
 
     async def store_run(
@@ -437,8 +451,14 @@ class Engine:
             # Only the compiled store's handles are on this path: no marker to skip.
             pool.charged -= len(old) * ENTRY_OVERHEAD + backend.charge_many(old)
             backend.invalidate_many(old)
-        self._insert_many(pool, tobj, range(first, first + count), backend.keep_run(batch),
-                          self._stamp(), charged=cost)
+        self._insert_many(
+            pool,
+            tobj,
+            range(first, first + count),
+            backend.keep_run(batch),
+            self._stamp(),
+            charged=cost,
+        )
         return True
 
     def _batch_fits(self, pool: Pool, cost: int) -> bool:
@@ -480,8 +500,9 @@ class Engine:
         need = enc.cost + ENTRY_OVERHEAD
         # (A same-filled page, whose encoded value is its word as an int, costs only its
         # index entry and stays here.)
-        lowerable = (self.writeback is not None and pool.persistent
-                     and not isinstance(enc.value, int))
+        lowerable = (
+            self.writeback is not None and pool.persistent and not isinstance(enc.value, int)
+        )
         limit = self._budget.make_room_within_limits(pool, need)
         if limit is not None:
             if lowerable:
@@ -495,8 +516,7 @@ class Engine:
                 assert self._tier is not None
                 self._tier.wake()
                 return Decision.LOWER
-            self._refused(pool, "pool_limit_hit",
-                          why=f"--max-pool {format_size(self.max_pool)}")
+            self._refused(pool, "pool_limit_hit", why=f"--max-pool {format_size(self.max_pool)}")
             return Decision.REFUSE
         self._budget.reserve(pool, need)
         return Decision.KEEP
@@ -516,8 +536,9 @@ class Engine:
         kept = [d is Decision.KEEP for d in decisions]
         if keep:
             # Locations name pages outside this process; a local backend needs none.
-            locations = (locations_of(pool, tobj, [pages[i][0] for i in keep])
-                         if self.backend.remote else [])
+            locations = (
+                locations_of(pool, tobj, [pages[i][0] for i in keep]) if self.backend.remote else []
+            )
             self._copies.about_to_write(locations)
             try:
                 handles = await self.backend.store_many(locations, [encoded[i] for i in keep])
@@ -531,8 +552,9 @@ class Engine:
                 self._insert_many(pool, tobj, [pages[i][0] for i in keep], handles, now)
         if lower:
             assert self.writeback is not None
-            items = [(location_of(pool, tobj, pages[i][0]), payload_of(encoded[i].value))
-                     for i in lower]
+            items = [
+                (location_of(pool, tobj, pages[i][0]), payload_of(encoded[i].value)) for i in lower
+            ]
             self._copies.about_to_write([loc for loc, _ in items])
             try:
                 await self.writeback.put_many(items)
@@ -540,16 +562,27 @@ class Engine:
                 log.debug("writeback of %d pages refused: %s", len(lower), exc)
                 self._refused(pool, "reject_alloc_fail", len(lower))
             else:
-                self._insert_many(pool, tobj, [pages[i][0] for i in lower],
-                                  [Lowered(len(payload)) for _, payload in items], now)
+                self._insert_many(
+                    pool,
+                    tobj,
+                    [pages[i][0] for i in lower],
+                    [Lowered(len(payload)) for _, payload in items],
+                    now,
+                )
                 for i in lower:
                     kept[i] = True
                 self._count(pool, "written_back_pages", len(lower))
         return kept
 
     def _insert_many(
-        self, pool: Pool, tobj: TmemObject, indexes: Sequence[int], handles: Sequence[Handle],
-        now: int, *, charged: int | None = None,
+        self,
+        pool: Pool,
+        tobj: TmemObject,
+        indexes: Sequence[int],
+        handles: Sequence[Handle],
+        now: int,
+        *,
+        charged: int | None = None,
     ) -> None:
         """Index stored pages. The hot path of every store: kept lean on purpose.
 
@@ -632,7 +665,11 @@ class Engine:
         return page
 
     def load_run(
-        self, pool_id: PoolId, obj: str, first: int, count: int,
+        self,
+        pool_id: PoolId,
+        obj: str,
+        first: int,
+        count: int,
         into: bytearray | memoryview | None = None,
     ) -> bytearray | memoryview | None:
         """Consecutive pages in one buffer, zeros where nothing is stored (an image read):
@@ -702,8 +739,11 @@ class Engine:
                 self._put_back(pool, tobj, obj, hits)
             raise
         if exclusive:
-            gone = [(PageKey(pool_id, obj, i), e) for (i, e), d in zip(hits, data, strict=True)
-                    if d is not None]
+            gone = [
+                (PageKey(pool_id, obj, i), e)
+                for (i, e), d in zip(hits, data, strict=True)
+                if d is not None
+            ]
             for _key, entry in gone:
                 # Already out of the index and its counts (_take); release the rest.
                 if held_here(entry.handle):
@@ -729,17 +769,20 @@ class Engine:
         data: list[bytes | None] = [None] * len(hits)
         try:
             if here:
-                locations = (locations_of(pool, tobj, [i for _, i, _ in here])
-                             if self.backend.remote else [])
+                locations = (
+                    locations_of(pool, tobj, [i for _, i, _ in here]) if self.backend.remote else []
+                )
                 pages = await self.backend.load_many(locations, [e.handle for _, _, e in here])
                 for (n, _, _), page in zip(here, pages, strict=True):
                     data[n] = page
             if below:
                 assert self.writeback is not None
                 payloads = await self.writeback.get_many(
-                    locations_of(pool, tobj, [i for _, i, _ in below]))
-                present = [(n, p) for (n, _, _), p in zip(below, payloads, strict=True)
-                           if p is not None]
+                    locations_of(pool, tobj, [i for _, i, _ in below])
+                )
+                present = [
+                    (n, p) for (n, _, _), p in zip(below, payloads, strict=True) if p is not None
+                ]
                 pages = decode_payloads([p for _, p in present], self.page_size)
                 for (n, _), page in zip(present, pages, strict=True):
                     data[n] = page
@@ -774,8 +817,7 @@ class Engine:
             # An ephemeral page the remote evicted: a miss from now on.
             del tobj.pages[index]
             pool.charged -= self._charge(entry.handle)
-            self._release_here(pool, PageKey(pool.id, tobj.name, index),
-                               Entry(LOST, 0))
+            self._release_here(pool, PageKey(pool.id, tobj.name, index), Entry(LOST, 0))
             self._gone(pool, tobj, (index,))
 
     def _take(self, pool: Pool, tobj: TmemObject, key: PageKey) -> Entry | None:
@@ -822,8 +864,10 @@ class Engine:
         async with self._mutating(pool_id):
             pool = self.pool(pool_id)
             tobj = self.get_object(pool_id, obj)
-            gone = [(PageKey(pool_id, obj, i), tobj.pages.pop(i))
-                    for i in [i for i in tobj.pages if i >= start]]
+            gone = [
+                (PageKey(pool_id, obj, i), tobj.pages.pop(i))
+                for i in [i for i in tobj.pages if i >= start]
+            ]
             self._gone(pool, tobj, [key.index for key, _ in gone])
             await self._release_many(pool, tobj, gone)
             self._count(pool, "invalidates", len(gone))
@@ -952,8 +996,13 @@ class Engine:
         self._refusals += n
         now = time.monotonic()
         if now - self._refusals_logged >= REFUSAL_LOG_INTERVAL:
-            log.warning("%d stores refused since the last report (latest: %s in %s%s)",
-                        self._refusals, reason, pool.id, f", by {why}" if why else "")
+            log.warning(
+                "%d stores refused since the last report (latest: %s in %s%s)",
+                self._refusals,
+                reason,
+                pool.id,
+                f", by {why}" if why else "",
+            )
             self._refusals, self._refusals_logged = 0, now
 
     def _charge(self, handle: Handle) -> int:
@@ -999,5 +1048,14 @@ def _distinct_runs(indexes: Sequence[int]) -> list[range]:
     return runs
 
 
-__all__ = ["DEFAULT_WEIGHT", "ENTRY_OVERHEAD", "MAX_WEIGHT", "MIN_WEIGHT", "SWAP_OBJECT",
-           "Engine", "Lost", "Lowered", "PoolKind"]
+__all__ = [
+    "DEFAULT_WEIGHT",
+    "ENTRY_OVERHEAD",
+    "MAX_WEIGHT",
+    "MIN_WEIGHT",
+    "SWAP_OBJECT",
+    "Engine",
+    "Lost",
+    "Lowered",
+    "PoolKind",
+]

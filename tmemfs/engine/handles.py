@@ -57,5 +57,4 @@ def is_lost(handle: Handle) -> TypeGuard[Lost]:
     return isinstance(handle, Lost)
 
 
-__all__ = ["LOST", "BackendHandle", "Handle", "Lost", "Lowered", "held_here", "in_tier",
-           "is_lost"]
+__all__ = ["LOST", "BackendHandle", "Handle", "Lost", "Lowered", "held_here", "in_tier", "is_lost"]

@@ -69,8 +69,11 @@ def pool_stats(engine: Engine, pool_id: PoolId) -> dict[str, int]:
         "dedup_pages": shared,
         "recompressed_pages": recompressed,
         # The pool's share of what recompression saves, pro rata by its pages.
-        "recompress_saved_bytes": _share(totals.get("recompress_saved_bytes", 0),
-                                         recompressed, totals.get("recompressed_pages", 0)),
+        "recompress_saved_bytes": _share(
+            totals.get("recompress_saved_bytes", 0),
+            recompressed,
+            totals.get("recompressed_pages", 0),
+        ),
     }
     return gauges | pool.counters
 
@@ -90,13 +93,18 @@ def engine_stats(engine: Engine) -> dict[str, int]:
         "recompress_saved_bytes": backend.get("recompress_saved_bytes", 0),
     }
     codecs = {name: value for name, value in backend.items() if name.startswith("codec_")}
-    return gauges | engine.counters | codecs | {
-        "max_pool_size": engine.max_pool,
-        "page_size": engine.page_size,
-        "pools": len(engine.pools),
-        # What the page index really holds (pool_total_size charges ENTRY_OVERHEAD a page).
-        "index_size": engine.index_size,
-    }
+    return (
+        gauges
+        | engine.counters
+        | codecs
+        | {
+            "max_pool_size": engine.max_pool,
+            "page_size": engine.page_size,
+            "pools": len(engine.pools),
+            # What the page index really holds (pool_total_size charges ENTRY_OVERHEAD a page).
+            "index_size": engine.index_size,
+        }
+    )
 
 
 def _share(total: int, part: int, whole: int) -> int:

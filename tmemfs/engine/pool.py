@@ -13,8 +13,9 @@ from tmemfs.engine.stats import new_counters
 try:
     from tmemfs._pagetable import Entry, IndexMemory, PageTable
 except ImportError as exc:  # pragma: no cover - a broken install
-    raise ImportError(f"tmemfs: the compiled page index is missing ({exc}); "
-                      "reinstall with `pip install -e .`") from None
+    raise ImportError(
+        f"tmemfs: the compiled page index is missing ({exc}); reinstall with `pip install -e .`"
+    ) from None
 
 
 @dataclass(slots=True)

@@ -54,5 +54,4 @@ def parse(text: str) -> dict[str, str]:
 
 def counters(text: str) -> dict[str, int]:
     """The numeric lines of a stats file, as integers (for `tmemfs stat`, tests, bench)."""
-    return {name: int(value) for name, value in parse(text).items()
-            if value.lstrip("-").isdigit()}
+    return {name: int(value) for name, value in parse(text).items() if value.lstrip("-").isdigit()}

@@ -62,8 +62,10 @@ class WritebackTier:
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()
-            while (engine.pool_total_size() > engine.accept_threshold * engine.max_pool
-                   and self._movable()):
+            while (
+                engine.pool_total_size() > engine.accept_threshold * engine.max_pool
+                and self._movable()
+            ):
                 try:
                     moved = await self.write_back(WRITEBACK_BATCH)
                 except StoreUnavailable as exc:
@@ -127,8 +129,11 @@ class WritebackTier:
 def writeback_order(pools: Iterable[Pool], limit: int) -> list[PageKey]:
     """Up to `limit` pages to move down: the coldest of the pool furthest over its
     weighted share first (bytes held here per unit of weight), then the next."""
-    held = sorted((p for p in pools if p.persistent and p.order),
-                  key=lambda p: p.charged / p.weight, reverse=True)
+    held = sorted(
+        (p for p in pools if p.persistent and p.order),
+        key=lambda p: p.charged / p.weight,
+        reverse=True,
+    )
     keys: list[PageKey] = []
     for pool in held:
         keys += itertools.islice(pool.order, limit - len(keys))
