@@ -659,6 +659,31 @@ def test_compaction_frees_sparse_chunks_and_keeps_every_page() -> None:
         assert store.load(handles[i]) == batch[i]
 
 
+def test_compaction_waits_until_it_would_give_back_enough() -> None:
+    """compact(min_gain): the pass over the records is made only when the chunks it
+    would empty hold at least min_gain bytes (the periodic compaction asks 1/64 of the
+    chunk memory); until then nothing moves and every page stays."""
+    batch = [ordinary(seed) for seed in range(2000)]
+    keep = set(range(0, 2000, 10))
+
+    def sparse() -> tuple[SlabStore, list[int]]:
+        store = SlabStore(PAGE, LIMIT, 2)
+        handles = store.keep_all(store.encode(b"".join(batch)))
+        store.release_many([h for i, h in enumerate(handles) if i not in keep])
+        return store, handles
+
+    reference, _ = sparse()
+    gain = reference.compact()
+    assert gain > 0
+    store, handles = sparse()
+    spread = store.chunk_bytes
+    assert store.compact(min_gain=gain + 1) == 0
+    assert store.chunk_bytes == spread
+    assert all(store.load(handles[i]) == batch[i] for i in keep)
+    assert store.compact(min_gain=gain) == gain
+    assert all(store.load(handles[i]) == batch[i] for i in keep)
+
+
 def fewest_chunk_bytes(store: SlabStore, handles: list[int]) -> int:
     """The memory of as few chunks per size class as hold the distinct payloads."""
     slots: Counter[int] = Counter()

@@ -1621,18 +1621,23 @@ cdef class SlabStore:
 
     # -- housekeeping --------------------------------------------------------------------
 
-    def compact(self) -> int:
+    def compact(self, long min_gain=0) -> int:
         """Move payloads out of the sparsest chunks of each class into fuller ones, so at
-        most about one chunk per class is partly empty; returns the bytes given back."""
+        most about one chunk per class is partly empty; returns the bytes given back.
+
+        The moves are one pass over every record, so they are made only if the chunks
+        they would empty hold at least `min_gain` bytes: the periodic compaction passes
+        a share of the chunk memory, so that its cost follows what it gives back."""
         cdef long before = self.chunk_bytes
+        cdef long gain = 0
         cdef int c
-        cdef bint moving = False
         with nogil:
             for c in range(self.nclasses):
-                moving |= self._plan_class(&self.classes[c])
+                if self._plan_class(&self.classes[c]):
+                    gain += <long>self.classes[c].nsources * self.classes[c].chunk_bytes
             # No slot knows its record: one pass over the records finds those to move,
             # and only when some class has a chunk to empty.
-            if moving:
+            if gain and gain >= min_gain:
                 self._move_sources()
             for c in range(self.nclasses):
                 self._relist_class(&self.classes[c])
@@ -1647,7 +1652,7 @@ cdef class SlabStore:
     cdef bint _plan_class(self, SizeClass* sc) noexcept nogil:
         """Sort a class's live partial chunks, fullest last, and mark as sources the
         sparsest ones whose slots all fit in the others' room; whether there is one."""
-        cdef uint32_t i, j, chunk, n = 0
+        cdef uint32_t i, chunk, n = 0
         cdef long moved = 0, room = 0
         sc.nsources = 0
         sc.sources = NULL
@@ -1668,12 +1673,11 @@ cdef class SlabStore:
         sc.npartial = n
         if n < 2:
             return False
-        # Sort by use, fullest last (insertion sort: partial lists are short).
-        for i in range(1, n):
-            j = i
-            while j > 0 and sc.chunks[sc.partial[j - 1]].used > sc.chunks[sc.partial[j]].used:
-                sc.partial[j - 1], sc.partial[j] = sc.partial[j], sc.partial[j - 1]
-                j -= 1
+        # Sort by use, fullest last. A counting sort: after random releases over 10^6
+        # pages a class lists thousands of partial chunks, and an insertion sort of
+        # them is quadratic.
+        if not self._sort_by_use(sc, n):
+            return False        # no memory for the sort: this class waits for the next
         for i in range(n):
             room += sc.per_chunk - sc.chunks[sc.partial[i]].used
         # Take sources from the sparsest while what they hold fits in the rest's room:
@@ -1694,6 +1698,30 @@ cdef class SlabStore:
             chunk = sc.partial[i]
             sc.sources[chunk >> 6] |= 1ULL << (chunk & 63)
         sc.fill = n - 1
+        return True
+
+    cdef bint _sort_by_use(self, SizeClass* sc, uint32_t n) noexcept nogil:
+        """Sort partial[:n] by their chunks' use, fewest slots used first (stable)."""
+        cdef uint32_t* counts = <uint32_t*>calloc(sc.per_chunk + 1, sizeof(uint32_t))
+        cdef uint32_t* order = <uint32_t*>malloc(max(n, 1) * sizeof(uint32_t))
+        cdef uint32_t i, used, at = 0, count
+        if counts == NULL or order == NULL:
+            free(counts)
+            free(order)
+            return False
+        for i in range(n):
+            counts[sc.chunks[sc.partial[i]].used] += 1
+        for used in range(sc.per_chunk + 1):
+            count = counts[used]
+            counts[used] = at
+            at += count
+        for i in range(n):
+            used = sc.chunks[sc.partial[i]].used
+            order[counts[used]] = sc.partial[i]
+            counts[used] += 1
+        memcpy(sc.partial, order, n * sizeof(uint32_t))
+        free(counts)
+        free(order)
         return True
 
     cdef void _move_sources(self) noexcept nogil:
