@@ -142,22 +142,23 @@ class PageFiles:
     # -- page files: read, write, flush, release ------------------------------------------
 
     async def read(self, handle: OpenPage, off: int, size: int) -> bytes:
-        if off >= self.page_size:
-            return b""
-        if handle.dirty and handle.buffer is not None:
-            # A writer reads back what it wrote, as it would from the page cache.
-            return bytes(handle.buffer[off : off + size])
-        if off == 0 or handle.loaded is None:
-            # A read from the start is a fresh get; later offsets continue the same copy.
-            page = await self.engine.load(handle.key)
-            if page is None:
-                if not (handle.created or handle.key in self._closed_creations):
-                    raise NoSuchNode(handle.key)
-                # A new page, empty: zeros for its creator, and for everyone once the
-                # creator has closed it (its store lands at release).
-                page = bytes(self.page_size)
-            handle.loaded = page
-        return handle.loaded[off : off + size]
+        data = self.read_now(handle, off, size)
+        if data is not None:
+            return data
+        # read_now declines only when the load must wait (a remote backend, a tier,
+        # an exclusive get): the same read, with that wait.
+        return self._loaded(handle, await self.engine.load(handle.key))[off : off + size]
+
+    def _loaded(self, handle: OpenPage, page: bytes | None) -> bytes:
+        """What a read from the start got, kept for the later offsets of the same copy."""
+        if page is None:
+            if not (handle.created or handle.key in self._closed_creations):
+                raise NoSuchNode(handle.key)
+            # A new page, empty: zeros for its creator, and for everyone once the
+            # creator has closed it (its store lands at release).
+            page = bytes(self.page_size)
+        handle.loaded = page
+        return page
 
     # The fast path (fs.py's read_now and write_now): the same reads and whole-page
     # writes, answered without waiting when the engine can (every page held in this
@@ -168,16 +169,13 @@ class PageFiles:
         if off >= self.page_size:
             return b""
         if handle.dirty and handle.buffer is not None:
+            # A writer reads back what it wrote, as it would from the page cache.
             return bytes(handle.buffer[off : off + size])
         if off == 0 or handle.loaded is None:
+            # A read from the start is a fresh get; later offsets continue the same copy.
             if not self.engine.loads_now(handle.key.pool):
                 return None
-            page = self.engine.load_now(handle.key)
-            if page is None:
-                if not (handle.created or handle.key in self._closed_creations):
-                    raise NoSuchNode(handle.key)
-                page = bytes(self.page_size)
-            handle.loaded = page
+            return self._loaded(handle, self.engine.load_now(handle.key))[off : off + size]
         return handle.loaded[off : off + size]
 
     def write_now(self, handle: OpenPage, off: int, buf: memoryview) -> int | None:
