@@ -291,7 +291,7 @@ def test_systemd_analyze_verifies_an_instance(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed")
     tmemfs = Path(sys.executable).parent / "tmemfs"
     if not tmemfs.exists():
-        pytest.skip(f"no tmemfs command next to {sys.executable}")
+        pytest.fail(f"no tmemfs command next to {sys.executable}: run examples/setup.sh")
     # An instance for /mnt/tmem, running the tmemfs that exists here.
     instance = tmp_path / "tmemfs@mnt-tmem.service"
     instance.write_text(UNIT.read_text().replace("/usr/local/bin/tmemfs", str(tmemfs)))

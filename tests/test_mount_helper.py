@@ -45,7 +45,7 @@ def install(
 def helper_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A directory with the helper installed by install.sh, as it would be in /sbin."""
     if not TMEMFS_COMMAND.exists():
-        pytest.skip(f"no tmemfs command next to {sys.executable}")
+        pytest.fail(f"no tmemfs command next to {sys.executable}: run examples/setup.sh")
     directory = tmp_path_factory.mktemp("sbin")
     install(directory)
     yield directory
@@ -78,7 +78,7 @@ def test_install_bakes_in_the_absolute_tmemfs_path(helper_dir: Path) -> None:
 
 def test_uninstall_removes_only_its_own_file(tmp_path: Path) -> None:
     if not TMEMFS_COMMAND.exists():
-        pytest.skip(f"no tmemfs command next to {sys.executable}")
+        pytest.fail(f"no tmemfs command next to {sys.executable}: run examples/setup.sh")
     install(tmp_path)
     assert (tmp_path / "mount.fuse.tmemfs").exists()
     assert "removed" in install(tmp_path, "--uninstall").stdout
