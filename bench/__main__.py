@@ -33,6 +33,7 @@ from bench.system import (
     terminate_as_interrupt,
     versions,
 )
+from tmemfs.build import stale_message, stale_modules
 
 RESULTS = ROOT / "bench" / "results"
 # In report order; each is bench/compare/NAME.py, imported only once the checks pass
@@ -82,6 +83,11 @@ def run_comparison(ctx: Context, module: ModuleType) -> Section:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    stale = stale_modules()
+    if stale:
+        # A broken setup, not a machine that cannot run the bench: an error, not SKIP.
+        print(f"bench: {stale_message(stale)}", file=sys.stderr)
+        return 1
     try:
         check_can_run()
     except CannotRun as exc:

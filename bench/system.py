@@ -20,8 +20,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from tmemfs.build import stale_message, stale_modules
-
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = 77
 ZRAM_SYS = Path("/sys/block/zram0")
@@ -53,9 +51,6 @@ def check_can_run() -> None:
     disksize = int((ZRAM_SYS / "disksize").read_text())
     if disksize != 0 or "/dev/zram0" in Path("/proc/swaps").read_text():
         raise CannotRun(f"zram0 is in use (disksize {disksize}); the bench only uses an idle one")
-    stale = stale_modules()
-    if stale:
-        raise CannotRun(stale_message(stale))
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         raise CannotRun(f"command not found: {', '.join(missing)}")
