@@ -413,6 +413,7 @@ async def test_lz4_backend_accounting_directly() -> None:
         "codec_zstd_dict_pages": 0,
         "codec_zstd_dict_data_size": 0,
         "codec_zstd_dict_dictionary_size": 0,
+        "recompressed_loads": 0,
     }
     assert backend.is_shared(handles[0]) and backend.is_shared(handles[1])
     assert backend.is_same_filled(handles[2]) and not backend.is_shared(handles[2])

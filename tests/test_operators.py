@@ -84,6 +84,8 @@ def test_metrics_endpoint_has_every_counter_by_pool(mount_factory) -> None:  # t
     ):
         assert f"\ntmemfs_{name}{{" in text, name
     assert re.search(r"^tmemfs_max_pool_size_bytes \d", text, re.MULTILINE)
+    # Mount-wide only (lz4): loads that met a recompressed page; none here.
+    assert re.search(r"^tmemfs_recompressed_loads_total 0", text, re.MULTILINE)
     # A second scrape sees what changed in between.
     (tmem.path / "frontswap" / "0" / "1").unlink()
     assert sample(scrape(port), "tmemfs_stored_pages", "frontswap/0") == 2

@@ -89,9 +89,13 @@ async def test_idle_pages_are_recompressed_and_load_back() -> None:
     pool = engine.pool_stats(SWAP0)
     assert pool["recompressed_pages"] == 300
     assert pool["recompress_saved_bytes"] == saved
-    # Both load paths: page by page, and the image's run into one buffer.
+    # Both load paths: page by page, and the image's run into one buffer. Each load
+    # of a recompressed page is counted (the same-filled ones are not in zstd).
+    assert after["recompressed_loads"] == 0
     assert await load_all(engine, len(PAGES)) == PAGES
+    assert engine.stats()["recompressed_loads"] == 300
     assert engine.load_run(SWAP0, SWAP_OBJECT, 0, len(PAGES)) == b"".join(PAGES)
+    assert engine.stats()["recompressed_loads"] == 600
     # Loaded, they stay in zstd; invalidated, the counters go back to nothing.
     assert engine.stats()["recompressed_pages"] == 300
     assert await engine.invalidate_range(SWAP0, SWAP_OBJECT, 0) == len(PAGES)
@@ -288,6 +292,8 @@ def test_mount_recompresses_cold_pages_and_serves_them_byte_for_byte(mount_facto
     ).stdout
     assert back == data
     assert (mount.path / "frontswap" / "0" / "5").read_bytes() == data[5 * PAGE : 6 * PAGE]
+    # Every recompressed page was read back at least once, and counted.
+    assert mount.stats()["recompressed_loads"] >= stats["recompressed_pages"]
     # The operator's view: a per-codec table, and the same in JSON.
     table = subprocess.run(
         [*TMEMFS, "stat", str(mount.path)], check=True, capture_output=True, text=True, timeout=60
@@ -295,6 +301,7 @@ def test_mount_recompresses_cold_pages_and_serves_them_byte_for_byte(mount_facto
     zstd_row = next(line.split() for line in table.splitlines() if line.startswith("zstd "))
     assert zstd_row[1] == str(stats["recompressed_pages"])
     assert f"recompressed {stats['recompressed_pages']} pages" in table
+    assert "loads met a recompressed page" in table
     as_json = json.loads(
         subprocess.run(
             [*TMEMFS, "stat", "--json", str(mount.path)],

@@ -272,6 +272,14 @@ cdef inline void give_back(char* base, size_t length) noexcept nogil:
         madvise(base, length, MADV_DONTNEED)
 
 
+cdef extern from *:
+    """
+    #define tmemfs_atomic_add(p, n) __atomic_fetch_add((p), (n), __ATOMIC_RELAXED)
+    """
+    # Loads run on both cores at once (prange): a plain += would lose counts.
+    void atomic_add "tmemfs_atomic_add"(long* counter, long n) noexcept nogil
+
+
 cdef inline size_t populated_bytes(SizeClass* sc, uint32_t slots) noexcept nogil:
     """What a chunk whose first `slots` slots were used has faulted in: whole steps."""
     cdef size_t steps = (<size_t>slots * sc.size + POPULATE_STEP - 1) // POPULATE_STEP
@@ -691,6 +699,9 @@ cdef class SlabStore:
     cdef readonly long recompressed_pages
     cdef readonly long zstd_payload_bytes
     cdef readonly long recompress_saved_bytes   # compressed bytes: lz4's less zstd's
+    # Loads of pages held in zstd: recompressed pages that came back (an event count;
+    # the sweep backs off when most of what it recompresses does).
+    cdef readonly long recompressed_loads
     cdef uint32_t sweep_cursor          # the next record a sweep visits
     # Dictionaries: slot k's pages have codec CODEC_DICT + k. A slot is given back once
     # no record uses it and it is not the current one (the one new batches use).
@@ -1318,6 +1329,7 @@ cdef class SlabStore:
             return 0
         if r.live_flags & CODEC_MASK != CODEC_NATIVE:
             # A loaded page stays in zstd until it is stored again.
+            atomic_add(&self.recompressed_loads, 1)
             return 0 if self._unzstd(r, out) else 1
         if r.length == ps:
             memcpy(out, self._slot_ptr(r), ps)

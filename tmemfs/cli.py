@@ -374,6 +374,7 @@ def format_codecs(total: dict[str, int]) -> str:
         f"{_align(rows)}\nrecompressed {total.get('recompressed_pages', 0)} pages, "
         f"saving {saved}"
         + (f" (zstd dictionaries: {format_size(dictionaries)})" if dictionaries else "")
+        + f"; {total.get('recompressed_loads', 0)} loads met a recompressed page"
     )
 
 

@@ -129,6 +129,12 @@ class EngineCollector(Collector):
                 sizes.add_metric([codec], totals.get(f"codec_{codec}_data_size", 0))
             yield pages
             yield sizes
+        if "recompressed_loads" in totals:
+            yield CounterMetricFamily(
+                "tmemfs_recompressed_loads",
+                "Loads that met a page held in zstd (recompressed pages that came back)",
+                value=totals["recompressed_loads"],
+            )
 
 
 def render(engine: Engine) -> bytes:

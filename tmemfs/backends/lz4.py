@@ -362,6 +362,8 @@ class Lz4Backend(Backend):
             "codec_zstd_dict_data_size": slabs.dict_payload_bytes,
             # The dictionaries kept, with their decompression tables (in pool_total_size).
             "codec_zstd_dict_dictionary_size": slabs.dictionary_bytes,
+            # Loads that met a page held in zstd (an event count).
+            "recompressed_loads": slabs.recompressed_loads,
         }
 
     def describe(self) -> str:

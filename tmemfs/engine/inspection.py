@@ -92,10 +92,17 @@ def engine_stats(engine: Engine) -> dict[str, int]:
         "recompressed_pages": backend.get("recompressed_pages", 0),
         "recompress_saved_bytes": backend.get("recompress_saved_bytes", 0),
     }
+    # Mount-wide only: loads of pages held in zstd (no pool owns a shared payload).
+    reloads = (
+        {"recompressed_loads": backend["recompressed_loads"]}
+        if "recompressed_loads" in backend
+        else {}
+    )
     codecs = {name: value for name, value in backend.items() if name.startswith("codec_")}
     return (
         gauges
         | engine.counters
+        | reloads
         | codecs
         | {
             "max_pool_size": engine.max_pool,
