@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tmemfs.backends import Encoded, open_backend
+from tmemfs.backends.lz4 import Lz4Backend
 from tmemfs.backends.raw import RawBackend
 from tmemfs.backends.store import Location
 from tmemfs.engine import (
@@ -632,6 +633,36 @@ async def test_stats_names_and_gauges() -> None:
         <= 1
     )
     check_invariants(engine)
+
+
+async def test_a_pool_holding_most_pages_reads_its_gauges_from_what_the_others_leave() -> None:
+    """The store's counters are sums over every page, so the gauges of a pool holding
+    most pages are the totals less the other pools' (the `.stats` of a 10^6-page image
+    then costs the small pools' pages): they must equal its own pages' sums, with pages
+    shared within and across pools, same-filled pages and pages recompressed in zstd."""
+    engine = with_pools(make_engine("lz4"), FS)
+    swap_pages = [(i, bytes(PAGE) if i % 7 == 0 else page(i % 40)) for i in range(120)]
+    await engine.store_many(SWAP0, SWAP_OBJECT, swap_pages)
+    for i in range(10):  # shares pages 0-4 with the image, and one same-filled page
+        await engine.store(eph(i), page(i % 5) if i < 5 else bytes(PAGE) if i == 5 else noise(i))
+    backend = engine.backend
+    assert isinstance(backend, Lz4Backend)
+    backend.recompress_after = 1.0
+    await backend.recompress_sweep()
+    assert await backend.recompress_sweep() > 0
+    await engine.store_many(SWAP0, SWAP_OBJECT, [(200 + i, page(i)) for i in range(3)])
+    for pool_id in (SWAP0, FS):
+        pool = engine.pool(pool_id)
+        handles = [e.handle for tobj in pool.objects.values() for e in tobj.pages.values()]
+        same, shared, compressed, zstd = backend.summarize(handles)
+        stats = engine.pool_stats(pool_id)
+        assert stats["stored_pages"] == len(handles)
+        assert stats["same_filled_pages"] == same > 0
+        assert stats["dedup_pages"] == shared > 0
+        assert stats["compr_data_size"] == round(compressed)
+        assert stats["recompressed_pages"] == zstd
+    assert engine.pool(SWAP0).page_count() * 2 > engine.stats()["stored_pages"]
+    assert engine.pool_stats(FS)["recompressed_pages"] > 0
 
 
 async def test_single_pool_total_equals_global() -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import statistics
+import time
+import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import corpora, devices, directio, plots
 from bench.config import Context
@@ -13,10 +17,17 @@ from bench.directio import CHUNK
 from bench.model import Goal, Row, Section, Table, median, paired
 from bench.pagefiles import PAGE
 from bench.progress import Progress
+from bench.redis import free_port
 
 NUMBER = 6
 TITLE = "Growth"
 FLAT = Goal("flat (≤ 1.1x)", maximum=1.1)
+# Introspection is timed from the bench's side: a FUSE round trip (or an HTTP one) of
+# some 100 µs that the machine's noise moves by tens of µs, so "the same" is 1.25x.
+SAME_COST = Goal("the same (≤ 1.25x)", maximum=1.25)
+INTROSPECTION = ("reading the pool's .stats", "stat of its image", "a metrics scrape")
+PROBE_TRIES = 15
+PROBE_AT = 10**3
 
 
 @dataclass
@@ -31,11 +42,15 @@ class Point:
     rss_growth: int
     zram_used: int
     zram_compr: int
+    # Seconds each of INTROSPECTION took (the median of PROBE_TRIES).
+    introspection: tuple[float, ...] = ()
 
 
 @dataclass
 class Run:
     points: list[Point] = field(default_factory=list)
+    # INTROSPECTION's seconds at PROBE_AT pages, the small store they are compared with.
+    small: tuple[float, ...] = ()
 
 
 def run(ctx: Context) -> Section:
@@ -50,7 +65,10 @@ def run(ctx: Context) -> Section:
         f"bytes so none is a duplicate. At {', '.join(_count(p) for p in points)} pages: the "
         f"store rate of the segment just written (pages/s, write calls only) and the bytes "
         f"of memory held per page. Overhead is what is held beyond the compressed payload "
-        f"(pool_total_size - compr_data_size; zram: mem_used_total - compr_data_size)."
+        f"(pool_total_size - compr_data_size; zram: mem_used_total - compr_data_size). "
+        f"Introspection, at {_count(PROBE_AT)} pages and at each point: the median of "
+        f"{PROBE_TRIES} times of {', '.join(INTROSPECTION)} (the mount's `--metrics`), "
+        f"timed by the bench."
     )
     runs = []
     with Progress("growth", cfg.growth_runs * len(points)) as bar:
@@ -83,8 +101,15 @@ def measure(
     result = Run()
     chunk = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
     with contextlib.ExitStack() as stack:
+        port = free_port()
         mount = stack.enter_context(
-            devices.tmemfs(ctx.tmp / f"growth-{r}", "--max-pool", ctx.config.growth_max_pool)
+            devices.tmemfs(
+                ctx.tmp / f"growth-{r}",
+                "--max-pool",
+                ctx.config.growth_max_pool,
+                "--metrics",
+                f"127.0.0.1:{port}",
+            )
         )
         image = mount.image(0, size)
         zram = stack.enter_context(devices.zram(size))
@@ -96,7 +121,9 @@ def measure(
             bar.note(f"run {r + 1}: writing pages {done}-{target}")
             t_tm = t_zr = 0.0
             while done < target:
-                n = min(CHUNK // PAGE, target - done)
+                if done == PROBE_AT:
+                    result.small = introspection(mount.path, image, port)
+                n = min(CHUNK // PAGE, target - done, max(PROBE_AT - done, 0) or CHUNK // PAGE)
                 corpora.stamp_unique(base, done, chunk)
                 t_tm += directio.write_at(tm_fd, chunk, 0, n * PAGE, done * PAGE)
                 t_zr += directio.write_at(zr_fd, chunk, 0, n * PAGE, done * PAGE)
@@ -112,11 +139,34 @@ def measure(
                     mount.rss() - rss0,
                     mm["mem_used_total"],
                     mm["compr_data_size"],
+                    introspection(mount.path, image, port),
                 )
             )
             bar.step()
         bar.note("unmounting (freeing the pool)")
     return result
+
+
+def introspection(mount: Path, image: Path, port: int) -> tuple[float, ...]:
+    """Seconds to read the image pool's .stats, to stat the image and to scrape the
+    metrics: the median of PROBE_TRIES each."""
+    stats = mount / "frontswap" / image.stem / ".stats"
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scrape() -> None:
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            reply.read()
+
+    probes = (stats.read_bytes, lambda: os.stat(image), scrape)
+    out = []
+    for probe in probes:
+        times = []
+        for _ in range(PROBE_TRIES):
+            start = time.perf_counter()
+            probe()
+            times.append(time.perf_counter() - start)
+        out.append(statistics.median(times))
+    return tuple(out)
 
 
 def rows(runs: list[Run], points: tuple[int, ...]) -> list[Row]:
@@ -173,6 +223,18 @@ def rows(runs: list[Run], points: tuple[int, ...]) -> list[Row]:
             FLAT,
         )
     )
+    if all(run.small for run in runs):
+        for k, name in enumerate(INTROSPECTION):
+            out.append(
+                paired(
+                    f"{name} at {_count(points[last])} vs at {_count(PROBE_AT)} pages "
+                    "(tmemfs vs tmemfs)",
+                    "ms",
+                    [run.points[last].introspection[k] * 1e3 for run in runs],
+                    [run.small[k] * 1e3 for run in runs],
+                    SAME_COST,
+                )
+            )
     return out
 
 
