@@ -11,10 +11,12 @@ the async path as before, and every request reads back the same bytes either way
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pyfuse3
 import pytest
 from conftest import Mount
 from tmemfs_testlib import PAGE, pread, random_page, text_page
@@ -39,6 +41,16 @@ def image(mount: Mount, size: int = 4 * MiB) -> Path:
 
 def answered_now(mount: Mount) -> int:
     return statsfmt.counters((mount.path / ".daemon").read_text())["fastpath_requests"]
+
+
+def fast_path_counters(mount: Mount) -> dict[str, int]:
+    counters = statsfmt.counters((mount.path / ".daemon").read_text())
+    return {name: value for name, value in counters.items() if name.startswith("fastpath_")}
+
+
+# A --debug daemon logs each request's handler: `lookup_now(...)` on the fast path,
+# `lookup(...)` when the async handler answers it.
+_ASYNC_METADATA = re.compile(r"\b(lookup|getattr|open|create)\(")
 
 
 def pwrite(path: Path, off: int, data: bytes) -> None:
@@ -147,3 +159,36 @@ def test_page_files_are_answered_now_and_only_writers_flush(mount_factory: Mount
     assert flushes(mount) == 2
     assert (pool / "1").read_bytes() == b"x" * 100 + random_page(1)[100:]
     assert mount.stats("frontswap/0")["stores"] == 2
+
+
+def test_page_file_lookups_getattrs_opens_and_creates_are_answered_now(
+    mount_factory: MountFactory,
+) -> None:
+    """A page file's store and load send no request to an async handler at all."""
+    assert hasattr(pyfuse3.Operations, "create_now"), "an older fastpath patch: run setup.sh"
+    mount = mount_factory("--debug")
+    pool = mount.path / "frontswap" / "0"
+    pool.mkdir()
+    before = fast_path_counters(mount)
+    pages = 20
+    for i in range(pages):
+        with open(pool / str(i), "wb", buffering=0) as f:
+            f.write(random_page(i))
+    for i in range(pages):
+        with open(pool / str(i), "rb", buffering=0) as f:
+            assert f.read() == random_page(i)
+    assert (pool / "3").stat().st_size == PAGE
+    after = fast_path_counters(mount)
+    log = mount.log_text()
+    assert _ASYNC_METADATA.findall(log) == []
+    # Each store's LOOKUP (ENOENT) went the fast way too: an errno is a reply.
+    assert log.count("lookup_now(") >= pages
+    assert after["fastpath_creates"] - before["fastpath_creates"] == pages
+    # Every open of a page, and the open of .daemon that read `before`.
+    assert after["fastpath_opens"] - before["fastpath_opens"] == pages + 1
+    assert after["fastpath_getattrs"] - before["fastpath_getattrs"] >= pages
+    assert after["fastpath_requests"] - before["fastpath_requests"] == pages + 2 * pages
+
+    # An image is made by waiting on the engine: its CREATE takes the async handler.
+    image(mount)
+    assert _ASYNC_METADATA.findall(mount.log_text()) == ["create"]

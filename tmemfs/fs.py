@@ -278,7 +278,7 @@ class TmemOperations(pyfuse3.Operations):
             daemon_info,
             on_first_image,
             forget_names=self._forget_names if invalidate_entry is not None else None,
-            daemon_counters=lambda: {"fastpath_requests": self.answered_now},
+            daemon_counters=self._fast_path_counters,
         )
         self.image = ImageView(engine)
         self.pages = self.tree.files
@@ -289,6 +289,23 @@ class TmemOperations(pyfuse3.Operations):
         # (read_now, write_now): `.daemon` shows it, as fastpath_requests. Flushes and
         # releases answered there are not counted: every close would move it.
         self.answered_now = 0
+        # Lookups, getattrs, opens and creates answered there (lookup_now, ...), each
+        # counted apart: reading `.daemon` itself sends some of them (a LOOKUP only when
+        # the kernel's entry has expired), which must not blur the count of reads and
+        # writes.
+        self.answered_lookups = 0
+        self.answered_getattrs = 0
+        self.answered_opens = 0
+        self.answered_creates = 0
+
+    def _fast_path_counters(self) -> dict[str, int]:
+        return {
+            "fastpath_requests": self.answered_now,
+            "fastpath_lookups": self.answered_lookups,
+            "fastpath_getattrs": self.answered_getattrs,
+            "fastpath_opens": self.answered_opens,
+            "fastpath_creates": self.answered_creates,
+        }
 
     # -- the kernel's name cache ---------------------------------------------------------
 
@@ -337,11 +354,27 @@ class TmemOperations(pyfuse3.Operations):
 
     # -- lookup, getattr, setattr --------------------------------------------------------
 
+    # Each of lookup, getattr, open and create has a fast path (`lookup_now`, ...;
+    # patches/pyfuse3-3.5.0-fastpath.patch) that pyfuse3 calls first, with no
+    # coroutine: the tree answers it when nothing must be waited for (`Tree.lookup_now`
+    # and the others), and None sends the request to the async handler. Both ends
+    # take the same tree code, so they give the same answers and the same errnos.
+
     @translate_errors
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         node = await self.tree.lookup(self.tree.node(parent_inode), name)
+        return self._entry_reply(node)
+
+    @translate_errors_now
+    def lookup_now(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes | None:
+        node = self.tree.lookup_now(self.tree.node(parent_inode), name)
+        if node is None:
+            return None
+        self.answered_lookups += 1
         return self._entry_reply(node)
 
     @translate_errors
@@ -351,6 +384,16 @@ class TmemOperations(pyfuse3.Operations):
 
     @translate_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._getattr(inode)
+
+    @translate_errors_now
+    def getattr_now(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        # Attributes never wait: every getattr is answered here.
+        attr = self._getattr(inode)
+        self.answered_getattrs += 1
+        return attr
+
+    def _getattr(self, inode: int) -> pyfuse3.EntryAttributes:
         try:
             node = self.tree.node(inode)
         except NoSuchNode:
@@ -441,6 +484,32 @@ class TmemOperations(pyfuse3.Operations):
             exclusive=bool(flags & os.O_EXCL),
             truncate=bool(flags & os.O_TRUNC),
         )
+        return self._created(node, handle)
+
+    @translate_errors_now
+    def create_now(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes] | None:
+        made = self.tree.create_now(
+            self.tree.node(parent_inode),
+            name,
+            _new_owner(ctx, mode),
+            exclusive=bool(flags & os.O_EXCL),
+            truncate=bool(flags & os.O_TRUNC),
+        )
+        if made is None:
+            return None
+        self.answered_creates += 1
+        return self._created(*made)
+
+    def _created(
+        self, node: Node, handle: OpenFile
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fh = self._new_handle(handle)
         return _file_info(fh, handle), self._entry_reply(node)
 
@@ -452,6 +521,21 @@ class TmemOperations(pyfuse3.Operations):
             truncate=bool(flags & os.O_TRUNC),
             caller_uid=ctx.uid,
         )
+        return _file_info(self._new_handle(handle), handle)
+
+    @translate_errors_now
+    def open_now(
+        self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo | None:
+        handle = self.tree.open_now(
+            inode,
+            writable=(flags & os.O_ACCMODE) != os.O_RDONLY,
+            truncate=bool(flags & os.O_TRUNC),
+            caller_uid=ctx.uid,
+        )
+        if handle is None:
+            return None
+        self.answered_opens += 1
         return _file_info(self._new_handle(handle), handle)
 
     # The fast path (patches/pyfuse3-3.5.0-fastpath.patch): pyfuse3 calls these first,

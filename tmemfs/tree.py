@@ -267,9 +267,27 @@ class Tree:
         if directory.kind in (Kind.POOL, Kind.OBJECT) and directory.pool is not None:
             await self.engine.refresh_shared(directory.pool, directory.object)
 
+    def _refreshes(self, directory: Node) -> bool:
+        """Whether `refresh_shared` of this directory waits on the remote."""
+        return (
+            directory.kind in (Kind.POOL, Kind.OBJECT)
+            and directory.pool is not None
+            and self.engine.refreshes_shared(directory.pool)
+        )
+
     async def lookup(self, parent: Node, name: bytes) -> Node:
         """The existing node `name` in `parent`."""
         await self.refresh_shared(parent)
+        return self._existing(parent, name)
+
+    def lookup_now(self, parent: Node, name: bytes) -> Node | None:
+        """`lookup` without waiting; None when it must wait: in a shared pool on a remote
+        backend, whose contents are asked of the remote first."""
+        if self._refreshes(parent):
+            return None
+        return self._existing(parent, name)
+
+    def _existing(self, parent: Node, name: bytes) -> Node:
         node = self.named(parent, name)
         if not self.exists(node):
             raise NoSuchNode(name)
@@ -658,6 +676,16 @@ class Tree:
     ) -> tuple[Node, OpenFile]:
         """open(O_CREAT) of a name the kernel did not know: a page, a staged copy or an
         image. `owner` carries the caller's ids and the mode asked for (umask applied)."""
+        made = self.create_now(parent, name, owner, exclusive, truncate)
+        if made is not None:
+            return made
+        # Only an image waits: it is made, or truncated, by the engine.
+        return await self._create_image(self.child(parent, name), owner, exclusive, truncate)
+
+    def create_now(
+        self, parent: Node, name: bytes, owner: Owner, exclusive: bool, truncate: bool
+    ) -> tuple[Node, OpenFile] | None:
+        """`create` without waiting: a page or a staged copy; None for an image."""
         if parent.kind is Kind.OBJECT or (
             parent.kind is Kind.POOL and parent.pool and parent.pool.kind is PoolKind.PERSISTENT
         ):
@@ -667,7 +695,7 @@ class Tree:
             if node.kind is Kind.STAGED:
                 return node, self.files.create_staged(node, owner, exclusive, truncate)
         elif parent.kind is Kind.FRONTSWAP and name.endswith(IMAGE_SUFFIX):
-            return await self._create_image(self.child(parent, name), owner, exclusive, truncate)
+            return None
         else:
             raise NotPermitted(name)
         key = node.page_key
@@ -694,6 +722,19 @@ class Tree:
 
     async def open(self, inode: int, writable: bool, truncate: bool, caller_uid: int) -> OpenFile:
         """open(2) of an existing node (or of a page that went since its lookup)."""
+        handle = self.open_now(inode, writable, truncate, caller_uid)
+        if handle is not None:
+            return handle
+        # Only an image opened to be truncated waits: the engine empties it.
+        node = self.node(inode)
+        assert node.kind is Kind.IMAGE and node.pool is not None
+        await self.engine.resize_image(node.pool, 0)
+        return OpenImage(node.pool)
+
+    def open_now(
+        self, inode: int, writable: bool, truncate: bool, caller_uid: int
+    ) -> OpenFile | None:
+        """`open` without waiting; None for an image opened to be truncated."""
         vanished = self.inodes.node(inode)
         if (
             writable
@@ -717,9 +758,7 @@ class Tree:
             return OpenText(self.text(node))
         if node.kind is Kind.IMAGE:
             assert node.pool is not None
-            if writable and truncate:
-                await self.engine.resize_image(node.pool, 0)
-            return OpenImage(node.pool)
+            return None if writable and truncate else OpenImage(node.pool)
         if node.kind is Kind.STAGED:
             if writable and truncate:
                 self.files.staged[node].data.clear()

@@ -242,6 +242,12 @@ class Engine:
     def _remote_shared(self, pool: Pool) -> bool:
         return self.backend.remote and pool.shared
 
+    def refreshes_shared(self, pool_id: PoolId) -> bool:
+        """Whether `refresh_shared` of this pool asks the remote (and so waits): a
+        shared pool on a remote backend. Any other pool's index is all there is."""
+        pool = self.pools.get(pool_id)
+        return pool is not None and self._remote_shared(pool)
+
     async def publish_object(self, pool_id: PoolId, obj: str) -> None:
         """After mkdir of an object in a shared pool: the other mounts see it too."""
         pool = self.pool(pool_id)
