@@ -7,10 +7,11 @@ GIL released, on both cores when the batch is large (as pyfuse3 and S3QL do thei
 paths in Cython). It is the zsmalloc of tmemfs:
 
 - A payload lives in a slot of its size class (16-byte steps up to a page, as
-  zsmalloc's for 4 KiB pages). A class
-  takes memory in chunks of 4 to 8 pages, chosen per class to waste the least, carved
-  from 2 MiB arenas reserved with mmap. A chunk whose last slot is freed goes back to
-  the system at once (a fresh mapping over it), so a flush lowers RSS, not a free list.
+  zsmalloc's for 4 KiB pages). A class takes memory in chunks of 4 to 32 pages, chosen
+  per class to waste the least, carved from 2 MiB arenas reserved with mmap and faulted
+  in 16 KiB at a time as their slots are first used. A chunk whose last slot is freed
+  goes back to the system at once (a fresh mapping over it), so a flush lowers RSS, not
+  a free list.
 - A slot's owner is not kept anywhere: a free slot holds the next free slot of its
   chunk in its first 4 bytes (slots are at least 16), and `compact` finds the records
   it moves with one pass over the records. So a page costs its record and nothing per
