@@ -29,6 +29,7 @@ from tmemfs.engine import (
     PoolKind,
     StoreRejected,
 )
+from tmemfs.engine.inspection import page_cost
 from tmemfs.image import ImageView
 
 pytest_plugins = ["redis_servers"]
@@ -126,6 +127,14 @@ async def test_batched_image_path_keeps_and_returns_what_the_page_path_does(
             == (engine.pool_stats(SWAP1)["same_filled_pages"])
         )
         assert engine.pool_stats(SWAP0)["stored_pages"] == pages
+        # Summed in one call as the page-by-page look would.
+        entries = list(engine.get_object(SWAP0, SWAP_OBJECT).pages.values())
+        assert engine.pool_stats(SWAP0)["compr_data_size"] == sum(
+            page_cost(engine, e) for e in entries
+        )
+        assert engine.pool_stats(SWAP0)["same_filled_pages"] == sum(
+            engine.backend.is_same_filled(e.handle) for e in entries
+        )
         # An overwrite replaces every page: the old copies are not counted twice.
         again = image_data(pages, 2)
         await view.write(SWAP0, PAGE, again)

@@ -197,7 +197,8 @@ class Backend(ABC):
 
     def summarize(self, handles: Sequence[Any] | bytes) -> tuple[int, int, float, int]:
         """Same-filled pages, shared pages, payload bytes charged to them and recompressed
-        pages (backends with `batches` only); `handles` may be native int64s in bytes
+        pages (backends with `batches` or `stores_runs` only); `handles` may be native
+        int64s in bytes
         (PageTable.handle_bytes)."""
         raise NotImplementedError
 

@@ -16,6 +16,7 @@ from tmemfs.engine.pool import Entry
 
 if TYPE_CHECKING:
     from tmemfs.engine.engine import Engine
+    from tmemfs.engine.pool import Pool
 
 
 def page_cost(engine: Engine, entry: Entry) -> float:
@@ -26,20 +27,34 @@ def page_cost(engine: Engine, entry: Entry) -> float:
     return handle.size if in_tier(handle) else 0
 
 
+def _int_handles(engine: Engine, pool: Pool) -> bytes | None:
+    """Every handle of the pool as native int64s, when each is the backend's own int (the
+    compiled store's record, a remote payload's size) and the backend sums them in one
+    call; None when some are not (a tier's, a lost page's): then they are looked at
+    one by one."""
+    backend = engine.backend
+    if not (backend.batches or backend.stores_runs) or engine.writeback is not None:
+        return None
+    try:
+        return b"".join(tobj.pages.handle_bytes() for tobj in pool.objects.values())
+    except TypeError:
+        return None
+
+
 def pool_stats(engine: Engine, pool_id: PoolId) -> dict[str, int]:
     """A pool's counters. The gauges are summed over its pages when asked."""
     pool = engine.pool(pool_id)
     backend = engine.backend
     stored = same = shared = recompressed = 0
     compressed = here = 0.0
-    if backend.batches and engine.writeback is None:
-        # Every handle is the compiled store's: one call sums them, over native int64s
-        # from the page tables (a 1 GiB image's 262,144 pages in 5 ms; a list of
-        # Python ints took 42 ms, a Python loop most of a second).
-        handles = b"".join(tobj.pages.handle_bytes() for tobj in pool.objects.values())
+    handles = _int_handles(engine, pool)
+    if handles is not None:
+        # One call sums them, over native int64s from the page tables (a 1 GiB image's
+        # 262,144 pages in 5 ms; a list of Python ints took 42 ms, a Python loop most of
+        # a second: an image's every lookup and stat asks this).
         stored = len(handles) // 8
         same, shared, compressed, recompressed = backend.summarize(handles)
-        here = compressed
+        here = 0 if backend.remote else compressed
     else:
         for tobj in pool.objects.values():
             for entry in tobj.pages.values():
