@@ -383,6 +383,20 @@ cdef class EncodedBatch:
             return PyBytes_FromStringAndSize(<char*>&word, WORD)
         return PyBytes_FromStringAndSize(self.scratch + <size_t>i * self.bound, self.lengths[i])
 
+    def payloads(self) -> list:
+        """Every page's payload (`payload`), in one call: a remote store's whole batch."""
+        cdef list out = [None] * self.count
+        cdef uint64_t word
+        cdef int i
+        for i in range(self.count):
+            if self.lengths[i] == 0:
+                word = self.hashes[i]
+                out[i] = PyBytes_FromStringAndSize(<char*>&word, WORD)
+            else:
+                out[i] = PyBytes_FromStringAndSize(self.scratch + <size_t>i * self.bound,
+                                                   self.lengths[i])
+        return out
+
     def total_length(self) -> int:
         cdef long total = 0
         cdef int i
@@ -393,9 +407,12 @@ cdef class EncodedBatch:
 
 cdef int decode_payload(const char* payload, Py_ssize_t length, int ps,
                         char* out) noexcept nogil:
-    """One payload in the codec's format into a page; 1 if it is corrupt."""
+    """One payload in the codec's format into a page (NULL: zeros); 1 if it is corrupt."""
     cdef uint64_t word
     cdef int i
+    if payload == NULL:
+        memset(out, 0, ps)
+        return 0
     if length == WORD:
         memcpy(&word, payload, WORD)
         i = 0
@@ -411,11 +428,14 @@ cdef int decode_payload(const char* payload, Py_ssize_t length, int ps,
 
 def decode_payloads(payloads, int page_size, uint8_t[::1] out not None, int threads=2) -> None:
     """Pages from payloads in the codec's format (Redis's, a writeback tier's), written
-    into one buffer, page i at i * page_size; the GIL released, both cores for many."""
+    into one buffer, page i at i * page_size; the GIL released, both cores for many.
+    A None payload (a page the store did not have: an HMGET reply's hole) is a page
+    of zeros."""
     cdef Py_ssize_t n = len(payloads)
     cdef Py_ssize_t i
     cdef int bad = 0
     cdef bytes payload
+    cdef object item
     if out.shape[0] < n * page_size:
         raise ValueError("the buffer is too small")
     cdef const char** data = <const char**>malloc(max(n, 1) * sizeof(char*))
@@ -426,7 +446,11 @@ def decode_payloads(payloads, int page_size, uint8_t[::1] out not None, int thre
         raise MemoryError()
     try:
         for i in range(n):
-            payload = payloads[i]  # the list keeps every payload alive meanwhile
+            item = payloads[i]
+            if item is None:
+                data[i], lengths[i] = NULL, 0
+                continue
+            payload = item  # the list keeps every payload alive meanwhile
             data[i] = PyBytes_AS_STRING(payload)
             lengths[i] = len(payload)
         if n >= PARALLEL_MIN and threads > 1:

@@ -73,10 +73,13 @@ class ImageView:
         self.engine = engine
         self.page_size = engine.page_size
         self._reply = bytearray()
+        # Reply buffers of `read`s that wait (one per read in flight at once).
+        self._waiting_replies: list[bytearray] = []
 
     def drop_reply_buffer(self) -> None:
-        """Give read_now's reply buffer back (no image is open)."""
+        """Give the reply buffers back (no image is open)."""
         self._reply = bytearray()
+        self._waiting_replies = []
 
     def read_now(self, pool_id: PoolId, off: int, size: int) -> bytes | memoryview | None:
         """`read` without waiting, when the engine loads the run in one call (`load_run`:
@@ -110,17 +113,25 @@ class ImageView:
         data = self.read_now(pool_id, off, size)
         if data is not None:
             return data
-        # Pages elsewhere (a remote backend, the writeback tier): loaded page by page.
+        # Pages elsewhere (a remote backend, the writeback tier): loaded into a reply
+        # buffer of this request's own, the pages written into it where they land.
         psize = self.page_size
         end = min(off + size, self.engine.pool(pool_id).image_size or 0)
         first, last = off // psize, (end - 1) // psize
         start = off - first * psize
-        pages = await self.engine.load_many(
-            pool_id, SWAP_OBJECT, range(first, last + 1), exclusive=False
-        )
-        zero = bytes(psize)
-        data = b"".join(zero if page is None else page for page in pages)
-        return data[start : start + end - off]
+        count = last - first + 1
+        spares = self._waiting_replies
+        reply = spares.pop() if spares else bytearray()
+        if len(reply) < count * psize:
+            reply = bytearray(count * psize)
+        try:
+            view = memoryview(reply)[: count * psize]
+            await self.engine.load_run_into(pool_id, SWAP_OBJECT, first, count, view)
+        finally:
+            # Back for the next request only now, with no wait left before the reply
+            # (as read_now's buffer): no other request runs before it is sent.
+            spares.append(reply)
+        return view[start : start + end - off]
 
     def write_now(self, pool_id: PoolId, off: int, buf: bytes | memoryview) -> int | None:
         """`write` without waiting: whole pages, kept as one batch

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 import trio
 
 if TYPE_CHECKING:
+    from tmemfs._pagestore import EncodedBatch
     from tmemfs.backends.store import Location
     from tmemfs.engine.keys import PoolId
 
@@ -65,6 +66,9 @@ class Backend(ABC):
     #: run_cost, charge_many, load_into): the engine's image path then decides once per
     #: request.
     batches: ClassVar[bool] = False
+    #: A remote backend keeps a whole run of pages in one call (encode_run,
+    #: store_batch): the engine's image path then decides once per request.
+    stores_runs: ClassVar[bool] = False
 
     def __init__(self, page_size: int, limiter: trio.CapacityLimiter) -> None:
         self.page_size = page_size
@@ -94,11 +98,33 @@ class Backend(ABC):
         """Keep encoded pages, returning their handles; StoreUnavailable if it cannot."""
         return [self.store(e) for e in encoded]
 
+    def encode_run(self, data: bytes | bytearray | memoryview) -> EncodedBatch:
+        """Compress whole pages from one buffer in one compiled call (backends with
+        `batches` or `stores_runs` only)."""
+        raise NotImplementedError
+
+    async def store_batch(self, locations: Sequence[Location], batch: EncodedBatch) -> list[Any]:
+        """Keep every page of a batch at its location, returning their handles;
+        StoreUnavailable if not all were kept (backends with `stores_runs` only)."""
+        raise NotImplementedError
+
     @abstractmethod
     async def load_many(
         self, locations: Sequence[Location], handles: Sequence[Any]
     ) -> list[bytes | None]:
         """The full pages behind the handles, in order; None where a page is gone."""
+
+    async def load_many_into(
+        self, locations: Sequence[Location], handles: Sequence[Any], out: memoryview
+    ) -> list[bool]:
+        """`load_many` written into one buffer, page n at n * page_size (zeros where a
+        page is gone); whether each page was there. A remote backend decodes a whole
+        reply in one compiled call, with no bytes object per page."""
+        pages = await self.load_many(locations, handles)
+        psize = self.page_size
+        for n, page in enumerate(pages):
+            out[n * psize : (n + 1) * psize] = bytes(psize) if page is None else page
+        return [page is not None for page in pages]
 
     @abstractmethod
     def invalidate(self, handle: Any) -> None:
@@ -171,7 +197,8 @@ class Backend(ABC):
 
     def summarize(self, handles: Sequence[Any] | bytes) -> tuple[int, int, float, int]:
         """Same-filled pages, shared pages, payload bytes charged to them and recompressed
-        pages (backends with `batches` only); `handles` may be native int64s in bytes
+        pages (backends with `batches` or `stores_runs` only); `handles` may be native
+        int64s in bytes
         (PageTable.handle_bytes)."""
         raise NotImplementedError
 

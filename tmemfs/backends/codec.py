@@ -60,3 +60,13 @@ def decode_payloads(payloads: Sequence[bytes], page_size: int) -> list[bytes]:
     decode_into(list(payloads), page_size, out)
     view = memoryview(out)
     return [bytes(view[i * page_size : (i + 1) * page_size]) for i in range(len(payloads))]
+
+
+def decode_payloads_into(
+    payloads: Sequence[bytes | None], page_size: int, out: bytearray | memoryview
+) -> None:
+    """Full pages from payloads into one buffer, page n at n * page_size, zeros for a
+    None (a page the store did not have), in one compiled call."""
+    from tmemfs._pagestore import decode_payloads as decode_into
+
+    decode_into(payloads, page_size, out)

@@ -413,7 +413,59 @@ class Engine:
         """
         if self.store_run_now(pool_id, obj, first, data):
             return True
-        return await self._store_pages(pool_id, obj, first, data, len(data) // self.page_size)
+        count = len(data) // self.page_size
+        if self.backend.stores_runs and self.writeback is None and not self.reject_poor:
+            stored = await self._store_run_remote(pool_id, obj, first, data, count)
+            if stored is not None:
+                return stored
+        return await self._store_pages(pool_id, obj, first, data, count)
+
+    async def _store_run_remote(
+        self, pool_id: PoolId, obj: str, first: int, data: bytes | memoryview, count: int
+    ) -> bool | None:
+        """`store_run` on a remote backend, decided once for the batch: every page kept
+        or (the store failing) none; None, with nothing changed, when the batch does not
+        fit as a whole (eviction and refusal are decided page by page, in store_many).
+
+        What `_admit` and `_keep` do page by page, done per batch: a remote page costs
+        only its index entry, so the batch's cost is known before it is compressed.
+        """
+        self.get_object(pool_id, obj)
+        batch = self.backend.encode_run(data)
+        async with self._mutating(pool_id):
+            # The pool may have been flushed (or flushed and made anew) while we encoded.
+            tobj = self.get_object(pool_id, obj)
+            pool = self.pools[pool_id]
+            cost = count * ENTRY_OVERHEAD  # a remote page costs its pool only its entry
+            if not self._batch_fits(pool, cost):
+                return None
+            # The duplicate-store rule: the old copies go first (the new ones replace
+            # their remote copies in place, or, refused, take them away).
+            indexes = range(first, first + count)
+            old = tobj.pages.pop_run(first, count)
+            if old:
+                self._count(pool, "duplicate_entry", len(old))
+                self._count(pool, "invalidates", len(old))
+                for handle in old:
+                    if held_here(handle):
+                        pool.charged -= self._charge(handle)
+                        self.backend.invalidate(handle)
+            locations = locations_of(pool, tobj, indexes)
+            self._copies.about_to_write(locations)
+            self._budget.reserve(pool, cost)
+            try:
+                handles = await self.backend.store_batch(locations, batch)
+            except StoreUnavailable as exc:
+                log.debug("store of %d pages refused: %s", count, exc)
+                self._refused(pool, "reject_alloc_fail", count)
+                await self._copies.forget_remote(locations)
+                # A refused store leaves no page, not even the old one.
+                self._gone(pool, tobj, [i for i in indexes if i not in tobj.pages])
+                return False
+            finally:
+                self._budget.release(pool, cost)
+            self._insert_many(pool, tobj, indexes, handles, self._stamp(), charged=cost)
+            return True
 
     def store_run_now(
         self,
@@ -763,6 +815,61 @@ class Engine:
         self._count(pool, "loads", hit_count)
         self._count(pool, "load_misses", len(result) - hit_count)
         return result
+
+    async def load_run_into(
+        self, pool_id: PoolId, obj: str, first: int, count: int, into: memoryview
+    ) -> None:
+        """`load_many(range(first, first + count), exclusive=False)` written into one
+        buffer of `count` pages, zeros where nothing is stored: an image read of pages
+        held remotely, decided once per request. PageLost as load_many.
+
+        The backend writes the pages into `into` itself (`load_many_into`), so a
+        request makes no bytes object per page. With a writeback tier, pages may be in
+        two places: that takes load_many.
+        """
+        psize = self.page_size
+        if self.writeback is not None:
+            pages = await self.load_many(pool_id, obj, range(first, first + count), exclusive=False)
+            for n, page in enumerate(pages):
+                into[n * psize : (n + 1) * psize] = bytes(psize) if page is None else page
+            return
+        pool = self.pool(pool_id)
+        tobj = self.get_object(pool_id, obj)
+        get = tobj.pages.get
+        hits = [(i, e) for i in range(first, first + count) if (e := get(i)) is not None]
+        if pool.order:
+            for index, _ in hits:
+                self._use(pool, PageKey(pool_id, obj, index), only_if_present=True)
+        if pool.persistent and any(is_lost(e.handle) for _, e in hits):
+            raise PageLost(f"{pool.id}: a page the remote no longer has")
+        # With no tier, every page not lost is held by the backend.
+        here = [(i, e) for i, e in hits if held_here(e.handle)]
+        whole = len(here) == count
+        out = into if whole else memoryview(bytearray(len(here) * psize))
+        locations = locations_of(pool, tobj, [i for i, _ in here]) if self.backend.remote else []
+        try:
+            found = await self.backend.load_many_into(locations, [e.handle for _, e in here], out)
+        except StoreUnavailable as exc:
+            if pool.persistent:
+                raise PageLost(f"{pool.id}: {exc}") from None
+            log.debug("remote load missed: %s", exc)
+            found = [False] * len(here)
+            into[:] = bytes(len(into))
+        else:
+            if not whole:
+                into[:] = bytes(len(into))
+                for n, (index, _) in enumerate(here):
+                    at = (index - first) * psize
+                    into[at : at + psize] = out[n * psize : (n + 1) * psize]
+            if not all(found):
+                for (index, entry), present in zip(here, found, strict=True):
+                    if not present and not is_lost(entry.handle):
+                        self._lost(pool, tobj, index, entry)
+                if pool.persistent:
+                    raise PageLost(f"{pool.id}: a page the remote no longer has")
+        loads = found.count(True)
+        self._count(pool, "loads", loads)
+        self._count(pool, "load_misses", count - loads)
 
     async def _fetch(
         self, pool: Pool, tobj: TmemObject, hits: Sequence[tuple[int, Entry]]

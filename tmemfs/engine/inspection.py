@@ -27,6 +27,20 @@ def page_cost(engine: Engine, entry: Entry) -> float:
     return handle.size if in_tier(handle) else 0
 
 
+def _int_handles(engine: Engine, pool: Pool) -> bytes | None:
+    """Every handle of the pool as native int64s, when each is the backend's own int (the
+    compiled store's record, a remote payload's size) and the backend sums them in one
+    call; None when some are not (a tier's, a lost page's): then they are looked at
+    one by one."""
+    backend = engine.backend
+    if not (backend.batches or backend.stores_runs) or engine.writeback is not None:
+        return None
+    try:
+        return b"".join(tobj.pages.handle_bytes() for tobj in pool.objects.values())
+    except TypeError:
+        return None
+
+
 def pool_stats(engine: Engine, pool_id: PoolId) -> dict[str, int]:
     """A pool's counters. The gauges are summed over its pages when asked (over the
     other pools' pages when it holds most of them: see `_compiled_gauges`)."""
@@ -35,9 +49,16 @@ def pool_stats(engine: Engine, pool_id: PoolId) -> dict[str, int]:
     stored = same = shared = recompressed = 0
     compressed = here = 0.0
     if backend.batches and engine.writeback is None:
+        # The compiled store: its own counters are sums over every page.
         stored = pool.page_count()
         same, shared, compressed, recompressed = _compiled_gauges(engine, pool, stored)
         here = compressed
+    elif (handles := _int_handles(engine, pool)) is not None:
+        # A remote backend's payload sizes: one call sums them, over native int64s from
+        # the page tables (an image's every lookup and stat asks this).
+        stored = len(handles) // 8
+        same, shared, compressed, recompressed = backend.summarize(handles)
+        here = 0 if backend.remote else compressed
     else:
         for tobj in pool.objects.values():
             for entry in tobj.pages.values():
