@@ -22,7 +22,7 @@ from test_pagestore import ordinary
 
 from bench.pagefiles import usr_lib_pages
 from tmemfs.backends import lz4, open_backend
-from tmemfs.backends.lz4 import Lz4Backend
+from tmemfs.backends.lz4 import MAX_PUT_OFF, Lz4Backend
 from tmemfs.engine import Engine, PageKey
 from tmemfs.engine.keys import SWAP_OBJECT
 
@@ -151,6 +151,47 @@ async def test_the_background_task_runs_beside_stores_loads_and_invalidates() ->
         nursery.cancel_scope.cancel()
     got = await engine.load_many(SWAP0, SWAP_OBJECT, sorted(expect), exclusive=False)
     assert got == [expect[i] for i in sorted(expect)]
+
+
+async def test_the_sweep_is_put_off_while_the_mount_is_busy() -> None:
+    """While pages move faster than BUSY_PAGES_PER_SECOND the sweep waits (pages that
+    swap keeps cycling would come back and pay zstd's decode); once the mount is quiet,
+    the pages idle through the burst are recompressed."""
+    engine = lz4_engine(after=0.1)
+    assert await engine.store_run(SWAP0, SWAP_OBJECT, 0, b"".join(PAGES))
+    backend = slabs(engine)
+    moved = [0]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.run_recompress, lambda: moved[0])
+        # 0.3 s at 10,000 pages a second: three intervals, fewer than MAX_PUT_OFF.
+        for _ in range(30):
+            moved[0] += 100
+            await trio.sleep(0.01)
+        assert engine.stats()["recompressed_pages"] == 0
+        with trio.fail_after(30):
+            while engine.stats()["recompressed_pages"] < 300:
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert await load_all(engine, len(PAGES)) == PAGES
+
+
+async def test_a_mount_that_is_never_quiet_still_recompresses() -> None:
+    """The sweep is put off at most MAX_PUT_OFF times in a row: the first one marks the
+    pages idle, and the one after the put-offs recompresses them."""
+    after = 0.02
+    engine = lz4_engine(after=after)
+    assert await engine.store_run(SWAP0, SWAP_OBJECT, 0, b"".join(PAGES))
+    backend = slabs(engine)
+    moved = [0]
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.run_recompress, lambda: moved[0])
+        with trio.fail_after(30):
+            while engine.stats()["recompressed_pages"] < 300:
+                moved[0] += 1000
+                await trio.sleep(0.005)
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - started >= MAX_PUT_OFF * after
 
 
 async def test_a_trained_dictionary_is_used_retrained_and_old_ones_kept(monkeypatch) -> None:  # type: ignore[no-untyped-def]

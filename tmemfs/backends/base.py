@@ -11,7 +11,7 @@ that releases the GIL and uses both cores.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
@@ -202,8 +202,9 @@ class Backend(ABC):
         (PageTable.handle_bytes)."""
         raise NotImplementedError
 
-    async def run_recompress(self) -> None:  # noqa: B027 - optional hook
-        """Recompress cold pages in the background, forever (lz4 with zstd)."""
+    async def run_recompress(self, activity: Callable[[], int] | None = None) -> None:  # noqa: B027 - optional hook
+        """Recompress cold pages in the background, forever (lz4 with zstd); `activity`
+        counts the pages stored and loaded so far (the sweep waits while they move)."""
 
     def is_recompressed(self, handle: Any) -> bool:
         """Whether the page was recompressed in the background (held in zstd)."""

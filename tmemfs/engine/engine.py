@@ -160,7 +160,8 @@ class Engine:
 
     async def run_recompress(self) -> None:
         """Recompress cold pages in the background, if the backend does (lz4: zstd)."""
-        await self.backend.run_recompress()
+        counters = self.counters
+        await self.backend.run_recompress(lambda: counters["stores"] + counters["loads"])
 
     @property
     def max_pool(self) -> int:
