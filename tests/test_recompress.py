@@ -175,6 +175,26 @@ async def test_the_sweep_is_put_off_while_the_mount_is_busy() -> None:
     assert await load_all(engine, len(PAGES)) == PAGES
 
 
+async def test_the_sweep_resumes_the_interval_after_a_burst_ends() -> None:
+    """Busy means the last interval, not the time since the last sweep: a burst of a
+    million pages puts the sweep off once, not MAX_PUT_OFF times."""
+    after = 0.2
+    engine = lz4_engine(after=after)
+    assert await engine.store_run(SWAP0, SWAP_OBJECT, 0, b"".join(PAGES))
+    backend = slabs(engine)
+    moved = [0]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.run_recompress, lambda: moved[0])
+        await trio.sleep(after / 2)
+        moved[0] += 1_000_000
+        burst_over = trio.current_time()
+        with trio.fail_after(30):
+            while engine.stats()["recompressed_pages"] < 300:
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - burst_over < MAX_PUT_OFF * after
+
+
 async def test_a_mount_that_is_never_quiet_still_recompresses() -> None:
     """The sweep is put off at most MAX_PUT_OFF times in a row: the first one marks the
     pages idle, and the one after the put-offs recompresses them."""

@@ -80,7 +80,7 @@ RECOMPRESS_BATCH = 256
 # is what the swapped-out process does not touch (see the issue note for figures).
 DEFAULT_RECOMPRESS_AFTER = 60.0
 # A sweep is put off while the mount is busy, more than BUSY_PAGES_PER_SECOND pages
-# stored and loaded a second since the last one, at most MAX_PUT_OFF times in a row
+# stored and loaded a second over the last interval, at most MAX_PUT_OFF times in a row
 # (so a mount that is never idle still recompresses). Under swap the pages it would
 # take come back before long: in the bench's swap experiment (512 MiB in 256 MiB,
 # some 40,000 pages a second) at --recompress-after 2, 107,771 pages were
@@ -240,12 +240,14 @@ class Lz4Backend(Backend):
                 started = trio.current_time()
                 now = activity() if activity else 0
                 rate = (now - moved) / max(started - since, 1e-3)
+                # The rate over the last interval alone: measured since the last sweep,
+                # one burst would keep the mount "busy" long after it went quiet.
+                moved, since = now, started
                 if rate > BUSY_PAGES_PER_SECOND and put_off < MAX_PUT_OFF:
                     put_off += 1
                 else:
                     put_off = 0
                     await self.recompress_sweep()
-                    moved, since = now, started
                 await trio.sleep_until(started + interval)
         finally:
             if self._idle_thread is not None:
