@@ -8,6 +8,7 @@ import os
 import statistics
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from bench.model import Goal, Row, Section, Table, median, paired
 from bench.pagefiles import PAGE
 from bench.progress import Progress
 from bench.redis import free_port
+from tmemfs.engine import stats as statsfmt
 
 NUMBER = 6
 TITLE = "Growth"
@@ -28,6 +30,12 @@ SAME_COST = Goal("the same (≤ 1.25x)", maximum=1.25)
 INTROSPECTION = ("reading the pool's .stats", "stat of its image", "a metrics scrape")
 PROBE_TRIES = 15
 PROBE_AT = 10**3
+# The pool's .stats and its image's stat are also timed against a second pool of
+# PROBE_AT pages (pool WITNESS), probe for probe in turn: on this shared host the same
+# probe of an idle daemon drifted from 0.30 to 0.47 ms over 30 s with 2,000 pages
+# stored, as much as 10^3 against 10^6 pages ever moved it, so only a reference timed
+# in the same seconds says whether the cost grows with the pages.
+WITNESS = 1
 
 
 @dataclass
@@ -42,7 +50,8 @@ class Point:
     rss_growth: int
     zram_used: int
     zram_compr: int
-    # Seconds each of INTROSPECTION took (the median of PROBE_TRIES).
+    # Seconds each of INTROSPECTION took (the median of PROBE_TRIES), then the
+    # witness pool's .stats and image stat, timed in turn with the first two.
     introspection: tuple[float, ...] = ()
 
 
@@ -68,7 +77,10 @@ def run(ctx: Context) -> Section:
         f"(pool_total_size - compr_data_size; zram: mem_used_total - compr_data_size). "
         f"Introspection, at {_count(PROBE_AT)} pages and at each point: the median of "
         f"{PROBE_TRIES} times of {', '.join(INTROSPECTION)} (the mount's `--metrics`), "
-        f"timed by the bench."
+        f"timed by the bench; the first two also against a second pool of "
+        f"{_count(PROBE_AT)} pages written before the first point, probed in turn with "
+        f"them (the memory figures are the grown pool's own, and RSS growth starts "
+        f"after the second pool was written)."
     )
     runs = []
     with Progress("growth", cfg.growth_runs * len(points)) as bar:
@@ -112,6 +124,13 @@ def measure(
             )
         )
         image = mount.image(0, size)
+        witness = mount.image(WITNESS, PROBE_AT * PAGE)
+        with directio.opened(witness, os.O_WRONLY) as fd:
+            for first in range(0, PROBE_AT, CHUNK // PAGE):
+                n = min(CHUNK // PAGE, PROBE_AT - first)
+                corpora.stamp_unique(base, points[-1] + first, chunk)  # not a duplicate
+                directio.write_at(fd, chunk, 0, n * PAGE, first * PAGE)
+        pool_stats = mount.path / "frontswap" / image.stem / ".stats"
         zram = stack.enter_context(devices.zram(size))
         rss0 = mount.rss()
         tm_fd = stack.enter_context(directio.opened(image, os.O_WRONLY))
@@ -122,13 +141,13 @@ def measure(
             t_tm = t_zr = 0.0
             while done < target:
                 if done == PROBE_AT:
-                    result.small = introspection(mount.path, image, port)
+                    result.small = introspection(image, witness, port)
                 n = min(CHUNK // PAGE, target - done, max(PROBE_AT - done, 0) or CHUNK // PAGE)
                 corpora.stamp_unique(base, done, chunk)
                 t_tm += directio.write_at(tm_fd, chunk, 0, n * PAGE, done * PAGE)
                 t_zr += directio.write_at(zr_fd, chunk, 0, n * PAGE, done * PAGE)
                 done += n
-            stats, mm = mount.stats(), zram.mm_stat()
+            stats, mm = statsfmt.counters(pool_stats.read_text()), zram.mm_stat()
             result.points.append(
                 Point(
                     target,
@@ -139,7 +158,7 @@ def measure(
                     mount.rss() - rss0,
                     mm["mem_used_total"],
                     mm["compr_data_size"],
-                    introspection(mount.path, image, port),
+                    introspection(image, witness, port),
                 )
             )
             bar.step()
@@ -147,26 +166,43 @@ def measure(
     return result
 
 
-def introspection(mount: Path, image: Path, port: int) -> tuple[float, ...]:
+def introspection(image: Path, witness: Path, port: int) -> tuple[float, ...]:
     """Seconds to read the image pool's .stats, to stat the image and to scrape the
-    metrics: the median of PROBE_TRIES each."""
-    stats = mount / "frontswap" / image.stem / ".stats"
+    metrics, then the witness pool's .stats and image stat: the median of PROBE_TRIES
+    each, a witness probe after each of its counterpart's."""
     url = f"http://127.0.0.1:{port}/metrics"
 
     def scrape() -> None:
         with urllib.request.urlopen(url, timeout=30) as reply:
             reply.read()
 
-    probes = (stats.read_bytes, lambda: os.stat(image), scrape)
-    out = []
-    for probe in probes:
-        times = []
-        for _ in range(PROBE_TRIES):
-            start = time.perf_counter()
-            probe()
-            times.append(time.perf_counter() - start)
+    def stats_of(path: Path) -> Callable[[], bytes]:
+        return (path.parent / path.stem / ".stats").read_bytes
+
+    probes = (
+        (stats_of(image), stats_of(witness)),
+        (lambda: os.stat(image), lambda: os.stat(witness)),
+        (scrape, None),
+    )
+    out, against = [], []
+    for probe, reference in probes:
+        times, ref_times = [], []
+        for i in range(PROBE_TRIES):
+            if reference is not None and i % 2:  # either goes first as often
+                ref_times.append(_timed(reference))
+            times.append(_timed(probe))
+            if reference is not None and not i % 2:
+                ref_times.append(_timed(reference))
         out.append(statistics.median(times))
-    return tuple(out)
+        if ref_times:
+            against.append(statistics.median(ref_times))
+    return (*out, *against)
+
+
+def _timed(probe: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    probe()
+    return time.perf_counter() - start
 
 
 def rows(runs: list[Run], points: tuple[int, ...]) -> list[Row]:
@@ -223,6 +259,17 @@ def rows(runs: list[Run], points: tuple[int, ...]) -> list[Row]:
             FLAT,
         )
     )
+    for k, (name, witness) in enumerate(zip(INTROSPECTION[:2], ("pool's", "image's"), strict=True)):
+        out.append(
+            paired(
+                f"{name} at {_count(points[last])} pages vs a {_count(PROBE_AT)}-page "
+                f"{witness}, timed in turn (tmemfs vs tmemfs)",
+                "ms",
+                [run.points[last].introspection[k] * 1e3 for run in runs],
+                [run.points[last].introspection[len(INTROSPECTION) + k] * 1e3 for run in runs],
+                SAME_COST,
+            )
+        )
     if all(run.small for run in runs):
         for k, name in enumerate(INTROSPECTION):
             out.append(
@@ -232,7 +279,8 @@ def rows(runs: list[Run], points: tuple[int, ...]) -> list[Row]:
                     "ms",
                     [run.points[last].introspection[k] * 1e3 for run in runs],
                     [run.small[k] * 1e3 for run in runs],
-                    SAME_COST,
+                    # Minutes apart, so context beside the witness for the first two.
+                    SAME_COST if k == len(INTROSPECTION) - 1 else None,
                 )
             )
     return out
