@@ -10,6 +10,9 @@ leaves no page (the old copies go too), a read of a persistent page is PageLost.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import lz4.block
 import pytest
 import trio
@@ -84,6 +87,18 @@ async def redis_engine(url: str, *, max_pool: int = 64 << 20, timeout: float = 2
     return engine
 
 
+@contextlib.asynccontextmanager
+async def swap_image(url: str, pages: int, *, timeout: float = 2.0) -> AsyncIterator[ImageView]:
+    """A redis engine with pool SWAP0's image of `pages` pages, closed on the way out."""
+    engine = await redis_engine(url, timeout=timeout)
+    try:
+        engine.create_pool(SWAP0)
+        await engine.resize_image(SWAP0, pages * PAGE)
+        yield ImageView(engine)
+    finally:
+        await engine.close()
+
+
 def image_data(pages: int, seed: int) -> bytes:
     """Pages of each kind, as an image holds them."""
     kinds = (lambda i: bytes(PAGE), lambda i: bytes([i % 256]) * PAGE, random_page)
@@ -149,11 +164,8 @@ async def test_a_write_into_a_hung_redis_leaves_no_page_and_a_read_is_lost(
     redis_factory: RedisFactory,
 ) -> None:
     server = redis_factory()
-    engine = await redis_engine(server.url, timeout=0.5)
-    try:
-        view = ImageView(engine)
-        engine.create_pool(SWAP0)
-        await engine.resize_image(SWAP0, 64 * PAGE)
+    async with swap_image(server.url, 64, timeout=0.5) as view:
+        engine = view.engine
         first = image_data(64, 3)
         await view.write(SWAP0, 0, first)
         server.pause()
@@ -169,17 +181,12 @@ async def test_a_write_into_a_hung_redis_leaves_no_page_and_a_read_is_lost(
         assert engine.pool_stats(SWAP0)["reject_alloc_fail"] == 32
         got = await view.read(SWAP0, 0, 64 * PAGE)
         assert bytes(got) == bytes(32 * PAGE) + first[32 * PAGE :]
-    finally:
-        await engine.close()
 
 
 async def test_a_page_redis_lost_makes_the_image_read_lost(redis_factory: RedisFactory) -> None:
     server = redis_factory()
-    engine = await redis_engine(server.url)
-    try:
-        view = ImageView(engine)
-        engine.create_pool(SWAP0)
-        await engine.resize_image(SWAP0, 16 * PAGE)
+    async with swap_image(server.url, 16) as view:
+        engine = view.engine
         await view.write(SWAP0, 0, image_data(16, 5))
         server.cli("flushall")
         with pytest.raises(PageLost):
@@ -187,8 +194,6 @@ async def test_a_page_redis_lost_makes_the_image_read_lost(redis_factory: RedisF
         assert engine.pool_stats(SWAP0)["lost_pages"] == 16
         with pytest.raises(PageLost):  # lost stays lost
             await view.read(SWAP0, 0, PAGE)
-    finally:
-        await engine.close()
 
 
 async def test_a_batch_that_does_not_fit_is_decided_page_by_page(
@@ -196,15 +201,10 @@ async def test_a_batch_that_does_not_fit_is_decided_page_by_page(
 ) -> None:
     """Under a budget too small for the whole batch, store_many keeps what fits."""
     server = redis_factory()
-    engine = await redis_engine(server.url)
-    try:
-        view = ImageView(engine)
-        engine.create_pool(SWAP0)
-        await engine.resize_image(SWAP0, 64 * PAGE)
+    async with swap_image(server.url, 64) as view:
+        engine = view.engine
         engine.max_pool = engine.pool_total_size() + 10 * ENTRY_OVERHEAD  # room for 10 pages
         with pytest.raises(StoreRejected):
             await view.write(SWAP0, 0, image_data(64, 6))
         assert engine.pool_stats(SWAP0)["stored_pages"] == 10
         assert engine.pool_stats(SWAP0)["pool_limit_hit"] == 54
-    finally:
-        await engine.close()
