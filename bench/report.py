@@ -16,7 +16,7 @@ and undoes all of it when it ends, Ctrl-C included):
 
 ```sh
 .venv/bin/pip install -e '.[bench]'      # matplotlib, for the plots
-.venv/bin/python -m bench                 # the full run, under 10 minutes on 2 cores
+.venv/bin/python -m bench                 # the full run, 9-12 minutes on 2 cores
 .venv/bin/python -m bench --quick --out /tmp/bench   # a smoke test, about a minute
 ```
 
