@@ -169,7 +169,7 @@ def measure(
 def introspection(image: Path, witness: Path, port: int) -> tuple[float, ...]:
     """Seconds to read the image pool's .stats, to stat the image and to scrape the
     metrics, then the witness pool's .stats and image stat: the median of PROBE_TRIES
-    each, a witness probe after each of its counterpart's."""
+    each, a witness probe beside each of its counterpart's, either first as often."""
     url = f"http://127.0.0.1:{port}/metrics"
 
     def scrape() -> None:
