@@ -30,11 +30,13 @@ SAME_COST = Goal("the same (≤ 1.25x)", maximum=1.25)
 INTROSPECTION = ("reading the pool's .stats", "stat of its image", "a metrics scrape")
 PROBE_TRIES = 15
 PROBE_AT = 10**3
-# The pool's .stats and its image's stat are also timed against a second pool of
-# PROBE_AT pages (pool WITNESS), probe for probe in turn: on this shared host the same
-# probe of an idle daemon drifted from 0.30 to 0.47 ms over 30 s with 2,000 pages
-# stored, as much as 10^3 against 10^6 pages ever moved it, so only a reference timed
-# in the same seconds says whether the cost grows with the pages.
+# Each probe is also timed against a witness of PROBE_AT pages, probe for probe in
+# turn: the pool's .stats and its image's stat against a second pool (WITNESS) of the
+# same mount, the scrape against a second mount holding two such pools (as the grown
+# mount holds two, so the scrapes list as many). On this shared host the same probe of
+# an idle daemon drifted from 0.30 to 0.47 ms over 30 s with 2,000 pages stored, as
+# much as 10^3 against 10^6 pages ever moved it, so only a reference timed in the same
+# seconds says whether the cost grows with the pages.
 WITNESS = 1
 
 
@@ -50,8 +52,8 @@ class Point:
     rss_growth: int
     zram_used: int
     zram_compr: int
-    # Seconds each of INTROSPECTION took (the median of PROBE_TRIES), then the
-    # witness pool's .stats and image stat, timed in turn with the first two.
+    # Seconds each of INTROSPECTION took (the median of PROBE_TRIES), then each one's
+    # witness, timed in turn with it.
     introspection: tuple[float, ...] = ()
 
 
@@ -77,10 +79,10 @@ def run(ctx: Context) -> Section:
         f"(pool_total_size - compr_data_size; zram: mem_used_total - compr_data_size). "
         f"Introspection, at {_count(PROBE_AT)} pages and at each point: the median of "
         f"{PROBE_TRIES} times of {', '.join(INTROSPECTION)} (the mount's `--metrics`), "
-        f"timed by the bench; the first two also against a second pool of "
-        f"{_count(PROBE_AT)} pages written before the first point, probed in turn with "
-        f"them (the memory figures are the grown pool's own, and RSS growth starts "
-        f"after the second pool was written)."
+        f"timed by the bench, each in turn with a witness of {_count(PROBE_AT)} pages: "
+        f"a second pool of the mount, written before the first point (the memory "
+        f"figures are the grown pool's own, and RSS growth starts after it was "
+        f"written); for the scrape, a second mount holding two such pools."
     )
     runs = []
     with Progress("growth", cfg.growth_runs * len(points)) as bar:
@@ -125,11 +127,17 @@ def measure(
         )
         image = mount.image(0, size)
         witness = mount.image(WITNESS, PROBE_AT * PAGE)
-        with directio.opened(witness, os.O_WRONLY) as fd:
-            for first in range(0, PROBE_AT, CHUNK // PAGE):
-                n = min(CHUNK // PAGE, PROBE_AT - first)
-                corpora.stamp_unique(base, points[-1] + first, chunk)  # not a duplicate
-                directio.write_at(fd, chunk, 0, n * PAGE, first * PAGE)
+        witness_port = free_port()
+        small = stack.enter_context(
+            devices.tmemfs(
+                ctx.tmp / f"growth-{r}-witness", "--metrics", f"127.0.0.1:{witness_port}"
+            )
+        )
+        # Stamps past the grown image's, so no witness page is a duplicate of another.
+        for k, path in enumerate(
+            (witness, small.image(0, PROBE_AT * PAGE), small.image(WITNESS, PROBE_AT * PAGE))
+        ):
+            _fill(path, base, points[-1] + k * PROBE_AT, chunk)
         pool_stats = mount.path / "frontswap" / image.stem / ".stats"
         zram = stack.enter_context(devices.zram(size))
         rss0 = mount.rss()
@@ -141,7 +149,7 @@ def measure(
             t_tm = t_zr = 0.0
             while done < target:
                 if done == PROBE_AT:
-                    result.small = introspection(image, witness, port)
+                    result.small = introspection(image, witness, port, witness_port)
                 n = min(CHUNK // PAGE, target - done, max(PROBE_AT - done, 0) or CHUNK // PAGE)
                 corpora.stamp_unique(base, done, chunk)
                 t_tm += directio.write_at(tm_fd, chunk, 0, n * PAGE, done * PAGE)
@@ -158,7 +166,7 @@ def measure(
                     mount.rss() - rss0,
                     mm["mem_used_total"],
                     mm["compr_data_size"],
-                    introspection(image, witness, port),
+                    introspection(image, witness, port, witness_port),
                 )
             )
             bar.step()
@@ -166,15 +174,28 @@ def measure(
     return result
 
 
-def introspection(image: Path, witness: Path, port: int) -> tuple[float, ...]:
-    """Seconds to read the image pool's .stats, to stat the image and to scrape the
-    metrics, then the witness pool's .stats and image stat: the median of PROBE_TRIES
-    each, a witness probe beside each of its counterpart's, either first as often."""
-    url = f"http://127.0.0.1:{port}/metrics"
+def _fill(image: Path, base: corpora.Corpus, first_stamp: int, chunk: mmap.mmap) -> None:
+    """Write every page of a small image, stamped from `first_stamp` on."""
+    pages = image.stat().st_size // PAGE
+    with directio.opened(image, os.O_WRONLY) as fd:
+        for first in range(0, pages, CHUNK // PAGE):
+            n = min(CHUNK // PAGE, pages - first)
+            corpora.stamp_unique(base, first_stamp + first, chunk)
+            directio.write_at(fd, chunk, 0, n * PAGE, first * PAGE)
 
-    def scrape() -> None:
-        with urllib.request.urlopen(url, timeout=30) as reply:
-            reply.read()
+
+def introspection(image: Path, witness: Path, port: int, witness_port: int) -> tuple[float, ...]:
+    """Seconds to read the image pool's .stats, to stat the image and to scrape the
+    metrics, then the same for their witnesses: the median of PROBE_TRIES each, a
+    witness probe beside each of its counterpart's, either first as often."""
+
+    def scrape_of(port: int) -> Callable[[], None]:
+        def scrape() -> None:
+            url = f"http://127.0.0.1:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=30) as reply:
+                reply.read()
+
+        return scrape
 
     def stats_of(path: Path) -> Callable[[], bytes]:
         return (path.parent / path.stem / ".stats").read_bytes
@@ -182,20 +203,20 @@ def introspection(image: Path, witness: Path, port: int) -> tuple[float, ...]:
     probes = (
         (stats_of(image), stats_of(witness)),
         (lambda: os.stat(image), lambda: os.stat(witness)),
-        (scrape, None),
+        (scrape_of(port), scrape_of(witness_port)),
     )
     out, against = [], []
     for probe, reference in probes:
         times, ref_times = [], []
         for i in range(PROBE_TRIES):
-            if reference is not None and i % 2:  # either goes first as often
+            if i % 2:  # either goes first as often
                 ref_times.append(_timed(reference))
-            times.append(_timed(probe))
-            if reference is not None and not i % 2:
+                times.append(_timed(probe))
+            else:
+                times.append(_timed(probe))
                 ref_times.append(_timed(reference))
         out.append(statistics.median(times))
-        if ref_times:
-            against.append(statistics.median(ref_times))
+        against.append(statistics.median(ref_times))
     return (*out, *against)
 
 
@@ -259,11 +280,13 @@ def rows(runs: list[Run], points: tuple[int, ...]) -> list[Row]:
             FLAT,
         )
     )
-    for k, (name, witness) in enumerate(zip(INTROSPECTION[:2], ("pool's", "image's"), strict=True)):
+    at = _count(PROBE_AT)
+    witnesses = (f"a {at}-page pool's", f"a {at}-page image's", f"a mount's of two {at}-page pools")
+    for k, (name, witness) in enumerate(zip(INTROSPECTION, witnesses, strict=True)):
         out.append(
             paired(
-                f"{name} at {_count(points[last])} pages vs a {_count(PROBE_AT)}-page "
-                f"{witness}, timed in turn (tmemfs vs tmemfs)",
+                f"{name} at {_count(points[last])} pages vs {witness}, timed in turn "
+                "(tmemfs vs tmemfs)",
                 "ms",
                 [run.points[last].introspection[k] * 1e3 for run in runs],
                 [run.points[last].introspection[len(INTROSPECTION) + k] * 1e3 for run in runs],
@@ -279,8 +302,7 @@ def rows(runs: list[Run], points: tuple[int, ...]) -> list[Row]:
                     "ms",
                     [run.points[last].introspection[k] * 1e3 for run in runs],
                     [run.small[k] * 1e3 for run in runs],
-                    # Minutes apart, so context beside the witness for the first two.
-                    SAME_COST if k == len(INTROSPECTION) - 1 else None,
+                    None,  # minutes apart: context beside the witnesses
                 )
             )
     return out
