@@ -138,7 +138,6 @@ def measure(
             (witness, small.image(0, PROBE_AT * PAGE), small.image(WITNESS, PROBE_AT * PAGE))
         ):
             _fill(path, base, points[-1] + k * PROBE_AT, chunk)
-        pool_stats = mount.path / "frontswap" / image.stem / ".stats"
         zram = stack.enter_context(devices.zram(size))
         rss0 = mount.rss()
         tm_fd = stack.enter_context(directio.opened(image, os.O_WRONLY))
@@ -155,7 +154,7 @@ def measure(
                 t_tm += directio.write_at(tm_fd, chunk, 0, n * PAGE, done * PAGE)
                 t_zr += directio.write_at(zr_fd, chunk, 0, n * PAGE, done * PAGE)
                 done += n
-            stats, mm = statsfmt.counters(pool_stats.read_text()), zram.mm_stat()
+            stats, mm = statsfmt.counters(_stats_file(image).read_text()), zram.mm_stat()
             result.points.append(
                 Point(
                     target,
@@ -197,11 +196,8 @@ def introspection(image: Path, witness: Path, port: int, witness_port: int) -> t
 
         return scrape
 
-    def stats_of(path: Path) -> Callable[[], bytes]:
-        return (path.parent / path.stem / ".stats").read_bytes
-
     probes = (
-        (stats_of(image), stats_of(witness)),
+        (_stats_file(image).read_bytes, _stats_file(witness).read_bytes),
         (lambda: os.stat(image), lambda: os.stat(witness)),
         (scrape_of(port), scrape_of(witness_port)),
     )
@@ -218,6 +214,11 @@ def introspection(image: Path, witness: Path, port: int, witness_port: int) -> t
         out.append(statistics.median(times))
         against.append(statistics.median(ref_times))
     return (*out, *against)
+
+
+def _stats_file(image: Path) -> Path:
+    """The .stats of an image's pool: frontswap/N.img is pool frontswap/N."""
+    return image.parent / image.stem / ".stats"
 
 
 def _timed(probe: Callable[[], object]) -> float:
