@@ -634,6 +634,27 @@ def test_a_batch_that_did_not_run_cannot_be_committed() -> None:
     assert sweep(store) == 1
 
 
+def test_a_committed_batch_can_be_neither_run_nor_committed_again() -> None:
+    """A commit hands the batch's buffers to the next batch of the sweep."""
+    store = SlabStore(PAGE, LIMIT, 2)
+    pages = [ordinary(seed) for seed in range(600)]
+    handles = store.keep_all(store.encode(b"".join(pages)))
+    sweep(store)
+    first = store.recompress_begin(256, 3)
+    first.run()
+    assert store.recompress_commit(first) == 256
+    with pytest.raises(ValueError, match="committed"):
+        first.run()
+    with pytest.raises(ValueError, match="committed"):
+        store.recompress_commit(first)
+    # The next batches run in the buffers the first one gave back, and hold their own
+    # pages, not its.
+    assert sweep(store) == 344
+    out = bytearray(600 * PAGE)
+    store.load_into(handles, out)
+    assert bytes(out) == b"".join(pages)
+
+
 def test_incompressible_pages_are_tried_once() -> None:
     store = SlabStore(PAGE, LIMIT, 2)
     handles = store.keep_all(store.encode(b"".join(incompressible(s) for s in range(20))))
