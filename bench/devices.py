@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.pagefiles import stats as read_stats
 from bench.redis import TMEMFS
-from bench.system import ZRAM_SYS, run, try_run, vm_rss, warn
+from bench.system import ZRAM_SYS, cpu_seconds, run, try_run, vm_rss, warn
 from tmemfs.mount import daemon_pid
 
 ZRAM_DEV = Path("/dev/zram0")
@@ -47,6 +47,10 @@ class TmemMount:
 
     def rss(self) -> int:
         return vm_rss(self.pid)
+
+    def cpu(self) -> float:
+        """Seconds of CPU the daemon has used."""
+        return cpu_seconds(self.pid)
 
     def image(self, pool: int, size: int) -> Path:
         """Create frontswap/POOL.img of `size` bytes (and pool POOL)."""

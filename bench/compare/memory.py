@@ -52,6 +52,7 @@ class Run:
     # After background recompression has settled.
     recompressed_stats: dict[str, int] = field(default_factory=dict)
     recompressed_rss: int = 0
+    recompress_cpu: float = 0.0  # daemon CPU seconds while it settled (the sweeps)
 
 
 def run(ctx: Context) -> Section:
@@ -132,7 +133,9 @@ def measure(ctx: Context, corpus: corpora.Corpus, r: int) -> Run:
         result.tmemfs_stats = mount.stats()
         if directio.read_all(image, size)[:] != corpus.data[:]:
             raise RuntimeError(f"the image returned different data for the {corpus.name} corpus")
+        cpu0 = mount.cpu()
         result.recompressed_stats = settle_recompression(mount)
+        result.recompress_cpu = mount.cpu() - cpu0
         result.recompressed_rss = mount.rss() - rss0
         if directio.read_all(image, size)[:] != corpus.data[:]:
             raise RuntimeError(f"after recompression the {corpus.name} corpus read back wrong")
@@ -197,6 +200,7 @@ def summarise(runs: dict[str, list[Run]], references: dict[str, int]) -> tuple[l
             "zram same_pages",
             "tmemfs dedup_pages",
             "zram huge_pages",
+            "daemon CPU per recompressed page (us)",
         ],
         [],
     )
@@ -243,9 +247,17 @@ def summarise(runs: dict[str, list[Run]], references: dict[str, int]) -> tuple[l
                 str(last.zram_stat["same_pages"]),
                 str(last.tmemfs_stats.get("dedup_pages", "?")),
                 str(last.zram_stat["huge_pages"]),
+                _num(median([c for r in rs if (c := recompress_cpu_per_page(r)) is not None])),
             ]
         )
     return rows, table
+
+
+def recompress_cpu_per_page(run: Run) -> float | None:
+    """Microseconds of daemon CPU per page recompressed while recompression settled;
+    None where nothing was (random and same-filled pages)."""
+    pages = run.recompressed_stats.get("recompressed_pages", 0)
+    return run.recompress_cpu * 1e6 / pages if pages else None
 
 
 def marginal_rss(run: Run) -> float:
