@@ -56,6 +56,9 @@ class Memory:
     held_average: float = float("nan")
     stored_ratio: float = float("nan")  # stored pages / swap in use, average (tmemfs)
     held_after: float = float("nan")  # bytes held once the workload has exited
+    # tmemfs: the most pages held in zstd at any sample, and loads that met one
+    recompressed_most: int | None = None
+    recompressed_loads: int | None = None
 
 
 def summarize(samples: list[tuple[int, int]], after: float) -> Memory:
@@ -347,6 +350,13 @@ def script_memory(output: str) -> Memory:
     after = re.search(r"^tmemfs holds after exit:\s+([\d.]+) MiB", output, re.MULTILINE)
     if after:
         memory.held_after = float(after.group(1)) * MiB
+    recompressed = re.search(
+        r"^recompressed:\s+at most (\d+) pages in zstd at any sample; \+(-?\d+) loads",
+        output,
+        re.MULTILINE,
+    )
+    if recompressed:
+        memory.recompressed_most, memory.recompressed_loads = map(int, recompressed.groups())
     return memory
 
 

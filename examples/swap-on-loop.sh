@@ -64,7 +64,9 @@ no loop device, no swap support, no memory cgroup), 124 timed out,
 130/143 interrupted. Swap is used with --discard, so slots that swap frees are
 invalidated in tmemfs (tmemfs(5), Discard; needs the patched pyfuse3 of setup.sh).
 Twice a second it samples the pool's stored_pages against the swap in use; the
-summary gives their ratio (average and peak) and what stays stored after exit.
+summary gives their ratio (average and peak) and what stays stored after exit,
+and, with the lz4 backend, the most pages held in zstd at any sample and the loads
+that met one (what background recompression did during the run, and cost).
 EOF
 }
 
@@ -344,8 +346,10 @@ progress_loop() {
         stored=$(pool_stored)
         orig=$(stat_get orig_data_size "$st")
         compr=$(stat_get compr_data_size "$st")
-        # KiB of swap in use, pages stored in our pool, bytes the backend holds
-        echo "$used $stored $(stat_get pool_total_size "$st")" >>"$TMPD/samples"
+        # KiB of swap in use, pages stored in our pool, bytes the backend holds, pages
+        # it holds in zstd (recompressed; 0 without the lz4 backend's recompression)
+        rec=$(stat_get recompressed_pages "$st")
+        echo "$used $stored $(stat_get pool_total_size "$st") ${rec:-0}" >>"$TMPD/samples"
         (( ++tick % 2 )) && continue
         printf -v line '[%6ss] swap used %s stored %s (%s pages, %sx) | pswpout +%d pswpin +%d | tmemfs stores +%s loads +%s compression %s | cgroup mem %s' \
             "$(elapsed "$T0")" "$(mib $(( used * 1024 )))" "$(mib $(( stored * PAGE )))" \
@@ -408,6 +412,12 @@ summary() {
                           if (used[i] && used[i] * 10 >= u) { n++; h += held[i] }
                       printf "%.1f MiB (pool_total_size) at the peak swap in use, %.1f MiB = %.0f%%; average %.1f MiB",
                              t / 1048576, u / 1024, (u ? 100 * t / (u * 1024) : 0), (n ? h / n / 1048576 : 0) }' "$TMPD/samples")"
+            # What background recompression did while the workload ran, and what it cost
+            # the page faults: the loads that had to decode zstd.
+            rloads=$(stat_get recompressed_loads "$st")
+            if [[ -n $rloads ]]; then
+                row "recompressed:" "at most $(awk '$4 > m { m = $4 } END { print m + 0 }' "$TMPD/samples") pages in zstd at any sample; +$(( rloads - RLOADS0 )) loads met one since swapon"
+            fi
         fi
         if [[ -n ${STORED_AFTER:-} ]]; then
             row "stored after exit:" "$STORED_AFTER"
@@ -493,6 +503,7 @@ say "cgroup v$CG_VERSION $CG: memory limit $(mib "$LIMIT_BYTES")"
 st=$(read_stats)
 STORES0=$(stat_get stores "$st"); STORES0=${STORES0:-0}
 LOADS0=$(stat_get loads "$st"); LOADS0=${LOADS0:-0}
+RLOADS0=$(stat_get recompressed_loads "$st"); RLOADS0=${RLOADS0:-0}
 OUT0=$(vmstat_get pswpout)
 IN0=$(vmstat_get pswpin)
 T0=$(now)

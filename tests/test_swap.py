@@ -90,6 +90,16 @@ def test_kernel_swaps_through_tmemfs(tmp_path: Path) -> None:
     after = re.search(r"stored after exit:\s+(\d+) pages \([\d.]+% of the peak (\d+)\)", output)
     assert after, output[-2000:]
     assert int(after.group(1)) < int(after.group(2)) / 10, output[-2000:]
+    # The summary says what background recompression did meanwhile: under the default
+    # --recompress-after (60 s) a run this short holds no page in zstd and no page
+    # fault pays for a zstd decode.
+    recompressed = re.search(
+        r"^recompressed:\s+at most (\d+) pages in zstd at any sample; \+(\d+) loads",
+        output,
+        re.MULTILINE,
+    )
+    assert recompressed, output[-2000:]
+    assert recompressed.groups() == ("0", "0"), output[-2000:]
     # Nothing is left behind: no swap, no loop device, no mount of ours.
     assert Path("/proc/sys/vm/page-cluster").read_text() == page_cluster  # put back
     assert str(tmp_path) not in _swaps()

@@ -103,6 +103,7 @@ def run(ctx: Context) -> Section:
                 "held on average (MiB)",
                 "held after exit (MiB)",
                 "stored pages / swap in use",
+                "most pages in zstd / loads that met one",
             ],
             [
                 [
@@ -112,6 +113,7 @@ def run(ctx: Context) -> Section:
                         for a in ("peak_used", "held_at_peak", "held_average", "held_after")
                     ),
                     ", ".join(f"{m.stored_ratio:.2f}x" for m in ms) if name != "zram" else "-",
+                    ", ".join(_recompressed(m) for m in ms) if name != "zram" else "-",
                 ]
                 for name, ms in memory.items()
             ],
@@ -132,6 +134,11 @@ def run(ctx: Context) -> Section:
         )
     )
     section.notes.append("pswpout and pswpin are /proc/vmstat deltas, system-wide.")
+    section.notes.append(
+        "'most pages in zstd' is the largest recompressed_pages over swap-on-loop.sh's "
+        "samples (every 0.5 s); 'loads that met one' is recompressed_loads over the run: "
+        "page faults that decoded zstd."
+    )
     section.details.append(readahead_sweep(cfg.swap_timeout, quick=cfg.runs == 1))
     section.plots.append(
         plots.bars(
@@ -184,3 +191,10 @@ def readahead_sweep(timeout: int, *, quick: bool) -> Table:
         ],
         rows,
     )
+
+
+def _recompressed(memory: swap.Memory) -> str:
+    """What recompression did during one run, as the script's summary gives it."""
+    if memory.recompressed_most is None:
+        return "?"
+    return f"{memory.recompressed_most} / {memory.recompressed_loads}"
