@@ -577,7 +577,7 @@ cdef class RecompressBatch:
         cdef int i, good = 0, shrunk = 0
         cdef size_t n, m, trained_size = 0
         cdef char* pages = self.pages
-        cdef uint8_t* ok = <uint8_t*>calloc(max(self.count, 1), 1)
+        cdef uint8_t* ok = NULL
         cdef char* sample = NULL
         cdef size_t* sizes = NULL
         cdef char* dict_buffer = NULL
@@ -585,8 +585,8 @@ cdef class RecompressBatch:
         cdef ZSTD_CCtx* cctx
         cdef const ZSTD_CDict* cdict = NULL
         if self.committed:
-            free(ok)
             raise ValueError("the batch was committed: its pages went back to the store")
+        ok = <uint8_t*>calloc(max(self.count, 1), 1)
         try:
             if ok == NULL:
                 raise MemoryError()
