@@ -364,7 +364,7 @@ progress_loop() {
 
 # summary RC|- RESULT: print the summary once, after the workload ended (-: stopped).
 summary() {
-    local rc=$1 result=$2 st out in stored orig compr total same stores loads peak swapped oom
+    local rc=$1 result=$2 st out in stored orig compr total same stores loads rloads peak swapped oom
     SUMMARY_DONE=1
     out=$(( $(vmstat_get pswpout) - OUT0 ))
     in=$(( $(vmstat_get pswpin) - IN0 ))
