@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.pagefiles import stats as read_stats
 from bench.redis import TMEMFS
-from bench.system import ZRAM_SYS, cpu_seconds, run, try_run, vm_rss, warn
+from bench.system import ZRAM_SYS, cpu_seconds, proc_stat, run, try_run, vm_rss, warn
 from tmemfs.mount import daemon_pid
 
 ZRAM_DEV = Path("/dev/zram0")
@@ -102,7 +102,7 @@ def stop_daemon(pid: int, timeout: float = 30) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = proc_stat(pid)[0]
     except (OSError, IndexError):
         return False
     return state != "Z"
